@@ -1,0 +1,187 @@
+"""The self-adaptive auxiliary loss (SAAL, Eq. 5-10) and baselines with the same interface.
+
+Every loss maps (heads, labels, saal_params, mask) to (total, per_head): `heads`
+is the model's tuple of (B, C) logit arrays, `labels` (B,) integer classes,
+`saal_params` the `params['saal']` subtree (ignored by the baselines) and
+`mask` optional per-example weights (padded eval examples get 0). `total` is
+the sum over heads of each head's batch mean (Eq. 2). All computation is in
+float32 whatever the model's compute dtype.
+
+`make_loss` validates the class counts k_n once, outside any trace, and
+returns a jit-compiled function with them baked in as constants.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LossFn = Callable[..., tuple[jax.Array, jax.Array]]
+LOSS_NAMES = ("saal", "ce", "focal", "cb", "sce")
+
+
+def init_saal_params(rng: jax.Array, num_heads: int, stddev: float = 1.0) -> dict[str, jax.Array]:
+  """Raw (pre-sigmoid) alpha and beta_1..num_heads, drawn N(0, stddev) as in Algorithm 1."""
+  a_rng, b_rng = jax.random.split(rng)
+  return {
+      "alpha": stddev * jax.random.normal(a_rng, (), jnp.float32),
+      "beta": stddev * jax.random.normal(b_rng, (num_heads,), jnp.float32),
+  }
+
+
+def check_class_counts(class_counts: Sequence[float], class_names: Sequence[str] | None = None) -> np.ndarray:
+  """k_n as a float32 vector; a class with fewer than one training example is an error."""
+  counts = np.asarray(class_counts, dtype=np.float64)
+  if counts.ndim != 1 or counts.size < 2:
+    raise ValueError(f"class_counts must be a vector with one count per class (>= 2 classes), got {class_counts!r}.")
+  for n, k in enumerate(counts):
+    if not k >= 1:
+      name = f"class {n}" + (f" ({class_names[n]!r})" if class_names else "")
+      raise ValueError(
+          f"{name} has {k:g} training examples; every class needs at least 1 for the effective-number "
+          "weights. Check the dataset split and the COVID fraction of the imbalance protocol.")
+  return counts.astype(np.float32)
+
+
+def effective_number_weights(alpha_raw: jax.Array, class_counts: jax.Array) -> jax.Array:
+  """w_n = (1 - alpha) / (1 - alpha^k_n) with alpha = sigmoid(alpha_raw), without underflow.
+
+  (1 - alpha) = sigmoid(-raw) and 1 - alpha^k = -expm1(k log sigmoid(raw)), so
+  neither alpha^k (k ~ 1e5) nor 1 - alpha (alpha ~ 1) is ever formed directly.
+  """
+  return jax.nn.sigmoid(-alpha_raw) / -jnp.expm1(class_counts * jax.nn.log_sigmoid(alpha_raw))
+
+
+def _check_shapes(heads: Sequence[jax.Array], labels: jax.Array, num_classes: int) -> None:
+  if not heads:
+    raise ValueError("The model returned no heads.")
+  for i, h in enumerate(heads):
+    if h.ndim != 2 or h.shape[0] != labels.shape[0] or h.shape[1] != num_classes:
+      raise ValueError(
+          f"Head {i} has logits of shape {h.shape}, but labels have shape {labels.shape} and there are "
+          f"{num_classes} classes; expected ({labels.shape[0]}, {num_classes}) logits for (B,) labels.")
+  if labels.ndim != 1:
+    raise ValueError(f"Labels must be a (B,) vector of class indices, got shape {labels.shape}.")
+
+
+def _reduce(per_example: jax.Array, mask: jax.Array | None) -> jax.Array:
+  if mask is None:
+    return jnp.mean(per_example)
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _sum_heads(per_head_fn, heads, labels, mask) -> tuple[jax.Array, jax.Array]:
+  per_head = jnp.stack([
+      _reduce(per_head_fn(i, h.astype(jnp.float32), labels), mask) for i, h in enumerate(heads)])
+  return jnp.sum(per_head), per_head
+
+
+def saal_loss(heads: Sequence[jax.Array], labels: jax.Array, saal_params: Mapping[str, jax.Array],
+              class_counts: jax.Array, mask: jax.Array | None = None, *, log_zero: float = -4.0,
+              normalize_weights: bool = False, learn_alpha_beta: bool = True) -> tuple[jax.Array, jax.Array]:
+  """Eq. 10 per head (DCE + beta_i DRCE), summed over heads (Eq. 2)."""
+  num_classes = class_counts.shape[0]
+  _check_shapes(heads, labels, num_classes)
+  alpha_raw, beta_raw = saal_params["alpha"], saal_params["beta"]
+  if beta_raw.shape != (len(heads),):
+    raise ValueError(f"params['saal']['beta'] has shape {beta_raw.shape}, but the model has {len(heads)} heads.")
+  if not learn_alpha_beta:
+    alpha_raw, beta_raw = jax.lax.stop_gradient(alpha_raw), jax.lax.stop_gradient(beta_raw)
+  w = effective_number_weights(alpha_raw.astype(jnp.float32), jnp.asarray(class_counts, jnp.float32))
+  if normalize_weights:
+    w = num_classes * w / jnp.sum(w)
+  beta = jax.nn.sigmoid(beta_raw.astype(jnp.float32))
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+
+  def per_head(i, logits, labels):
+    logp = jax.nn.log_softmax(logits)
+    w_y = w[labels]
+    dce = -w_y * jnp.sum(onehot * logp, axis=-1)
+    # Eq. 9 with log q = 0 on the label and A (= log_zero) elsewhere.
+    drce = -log_zero * jnp.sum((1.0 - onehot) * w * jnp.exp(logp), axis=-1)
+    return dce + beta[i] * drce
+
+  return _sum_heads(per_head, heads, labels, mask)
+
+
+def ce_loss(heads, labels, saal_params=None, class_counts=None, mask=None):
+  """Plain cross-entropy on every head."""
+  del saal_params
+  num_classes = heads[0].shape[-1] if class_counts is None else class_counts.shape[0]
+  _check_shapes(heads, labels, num_classes)
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  return _sum_heads(lambda i, z, y: -jnp.sum(onehot * jax.nn.log_softmax(z), -1), heads, labels, mask)
+
+
+def focal_loss(heads, labels, saal_params=None, class_counts=None, mask=None, *, gamma: float = 2.0):
+  """Softmax focal loss -(1 - p_y)^gamma log p_y (Lin et al. 2017)."""
+  del saal_params
+  num_classes = heads[0].shape[-1] if class_counts is None else class_counts.shape[0]
+  _check_shapes(heads, labels, num_classes)
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+
+  def per_head(i, z, y):
+    logp_y = jnp.sum(onehot * jax.nn.log_softmax(z), -1)
+    return -((-jnp.expm1(logp_y)) ** gamma) * logp_y
+
+  return _sum_heads(per_head, heads, labels, mask)
+
+
+def class_balanced_weights(class_counts: np.ndarray, beta_cb: float = 0.9999) -> np.ndarray:
+  """Cui et al. (2019) weights (1 - b)/(1 - b^k_n), normalized to sum to C."""
+  counts = np.asarray(class_counts, np.float64)
+  w = -np.expm1(np.log(beta_cb)) / -np.expm1(counts * np.log(beta_cb))
+  return (len(counts) * w / w.sum()).astype(np.float32)
+
+
+def cb_loss(heads, labels, saal_params=None, class_counts=None, mask=None, *, beta_cb: float = 0.9999):
+  """Class-balanced cross-entropy with fixed effective-number weights."""
+  del saal_params
+  w = jnp.asarray(class_balanced_weights(np.asarray(class_counts), beta_cb))
+  _check_shapes(heads, labels, w.shape[0])
+  onehot = jax.nn.one_hot(labels, w.shape[0], dtype=jnp.float32)
+  return _sum_heads(lambda i, z, y: -w[y] * jnp.sum(onehot * jax.nn.log_softmax(z), -1), heads, labels, mask)
+
+
+def sce_loss(heads, labels, saal_params=None, class_counts=None, mask=None, *,
+             alpha: float = 0.1, beta: float = 1.0, log_zero: float = -4.0):
+  """Symmetric cross-entropy alpha CE + beta RCE (Wang et al. 2019), RCE with log 0 = A."""
+  del saal_params
+  num_classes = heads[0].shape[-1] if class_counts is None else class_counts.shape[0]
+  _check_shapes(heads, labels, num_classes)
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+
+  def per_head(i, z, y):
+    logp = jax.nn.log_softmax(z)
+    ce = -jnp.sum(onehot * logp, -1)
+    rce = -log_zero * jnp.sum((1.0 - onehot) * jnp.exp(logp), -1)
+    return alpha * ce + beta * rce
+
+  return _sum_heads(per_head, heads, labels, mask)
+
+
+_LOSSES: dict[str, LossFn] = {
+    "saal": saal_loss, "ce": ce_loss, "focal": focal_loss, "cb": cb_loss, "sce": sce_loss}
+
+
+def make_loss(name: str, class_counts: Sequence[float], class_names: Sequence[str] | None = None,
+              **options) -> LossFn:
+  """A jit-compiled loss `(heads, labels, saal_params, mask=None) -> (total, per_head)`.
+
+  `options` are the chosen loss's keyword options (e.g. `log_zero`,
+  `normalize_weights`, `learn_alpha_beta` for SAAL, `gamma` for focal).
+  """
+  if name not in _LOSSES:
+    raise ValueError(f"Unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}.")
+  counts = check_class_counts(class_counts, class_names)
+  fn = _LOSSES[name]
+
+  @jax.jit
+  def loss(heads, labels, saal_params, mask=None):
+    return fn(heads, labels, saal_params, counts, mask, **options)
+
+  return loss

@@ -1,0 +1,175 @@
+"""DSN-VGG16-BN (Hu et al. 2021, Fig. 2) and its VGG16-BN baseline as Flax linen modules.
+
+Layouts are NHWC. Everything that must match torchvision's `vgg16_bn` number for
+number (BatchNorm running statistics, adaptive pooling windows, NCHW flattening
+before the first Linear) is implemented here explicitly, so that PyTorch
+weights load unchanged and logits agree with the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# torchvision's `vgg16_bn` ("D" configuration): convolutions per stage and their widths.
+VGG16_STAGES: tuple[int, ...] = (2, 2, 3, 3, 3)
+VGG16_WIDTHS: tuple[int, ...] = (64, 128, 256, 512, 512)
+SIDE_CHANNELS = 21  # RCF-style side output width
+POOLED_SIZE = 7
+
+# Initialisers as torchvision's VGG: kaiming-normal(fan_out, relu) convs, N(0, 0.01) Linear.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+linear_init = nn.initializers.normal(0.01)
+
+
+@functools.lru_cache(maxsize=None)
+def adaptive_pool_matrix(in_size: int, out_size: int = POOLED_SIZE) -> np.ndarray:
+  """Averaging matrix (out_size, in_size) with PyTorch AdaptiveAvgPool semantics.
+
+  Cell i averages rows floor(i*H/out) .. ceil((i+1)*H/out) - 1, which also
+  covers H < out (overlapping windows) exactly as torch does.
+  """
+  m = np.zeros((out_size, in_size), np.float32)
+  for i in range(out_size):
+    start = (i * in_size) // out_size
+    end = -((-(i + 1) * in_size) // out_size)
+    m[i, start:end] = 1.0 / (end - start)
+  return m
+
+
+def adaptive_avg_pool(x: jax.Array, out_size: int = POOLED_SIZE) -> jax.Array:
+  """AdaptiveAvgPool2d((out, out)) on an NHWC array."""
+  h, w = x.shape[1:3]
+  if h == out_size and w == out_size:
+    return x
+  ph = jnp.asarray(adaptive_pool_matrix(h, out_size), x.dtype)
+  pw = jnp.asarray(adaptive_pool_matrix(w, out_size), x.dtype)
+  return jnp.einsum("ih,bhwc,jw->bijc", ph, x, pw, precision=jax.lax.Precision.HIGHEST)
+
+
+def flatten_nchw(x: jax.Array) -> jax.Array:
+  """Flatten NHWC features in NCHW order, as torch.flatten does on its layout."""
+  return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm2d with PyTorch's exact semantics and cross-device statistics.
+
+  Differs from `flax.linen.BatchNorm` in one place that matters for parity:
+  the running variance is updated with the *unbiased* batch variance, as torch
+  does. With `axis_name` set (inside pmap), batch statistics are averaged over
+  that axis, so an N-device step equals one step on the global batch.
+  """
+
+  momentum: float = 0.9  # flax convention: torch momentum 0.1
+  epsilon: float = 1e-5
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    if not train:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      xf = x.astype(jnp.float32)
+      axes = tuple(range(x.ndim - 1))
+      count = np.prod([x.shape[a] for a in axes])
+      mean = jnp.mean(xf, axes)
+      if self.axis_name is not None:
+        mean = jax.lax.pmean(mean, self.axis_name)
+      var = jnp.mean(jnp.square(xf - mean), axes)
+      if self.axis_name is not None:
+        var = jax.lax.pmean(var, self.axis_name)
+        count = count * jax.lax.psum(1, self.axis_name)
+      if not self.is_initializing():
+        unbiased = var * (count / jnp.maximum(count - 1, 1))
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+    inv = jax.lax.rsqrt(var + self.epsilon) * scale
+    return ((x - mean.astype(x.dtype)) * inv.astype(x.dtype) + bias.astype(x.dtype))
+
+
+class SideHead(nn.Module):
+  """Side output of one stage: summed 21-channel 1x1 convs, fuse, 7x7 pool, Linear."""
+
+  num_classes: int
+  fuse_channels: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, activations: Sequence[jax.Array]) -> jax.Array:
+    side = sum(
+        nn.Conv(SIDE_CHANNELS, (1, 1), kernel_init=linear_init, dtype=self.dtype, name=f"conv{j + 1}")(a)
+        for j, a in enumerate(activations))
+    fused = nn.Conv(self.fuse_channels, (1, 1), kernel_init=linear_init, dtype=self.dtype, name="fuse")(side)
+    pooled = flatten_nchw(adaptive_avg_pool(fused))
+    return nn.Dense(self.num_classes, kernel_init=linear_init, dtype=self.dtype, name="fc")(pooled)
+
+
+class DSNVGG16BN(nn.Module):
+  """VGG16-BN with RCF-style deep supervision: six heads (side 1..5, final).
+
+  `dsn=False` gives the plain VGG16-BN baseline (only the final head). The
+  `widths` and `hidden` arguments exist for small test/CPU variants; the
+  defaults are torchvision's `vgg16_bn`.
+  """
+
+  num_classes: int
+  dsn: bool = True
+  fuse_channels: int = 1
+  dropout_rate: float = 0.5
+  stages: Sequence[int] = VGG16_STAGES
+  widths: Sequence[int] = VGG16_WIDTHS
+  hidden: int = 4096
+  axis_name: str | None = None
+  dtype: Any = jnp.float32
+
+  @property
+  def num_heads(self) -> int:
+    return len(self.stages) + 1 if self.dsn else 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
+    if x.ndim != 4 or x.shape[1] != x.shape[2] or x.shape[1] < 32 or x.shape[3] not in (1, 3):
+      raise ValueError(
+          f"Expected NHWC input with H == W >= 32 and 1 or 3 channels, got shape {x.shape}.")
+    x = x.astype(self.dtype)
+    heads = []
+    for s, (n_convs, width) in enumerate(zip(self.stages, self.widths), start=1):
+      acts = []
+      for j in range(1, n_convs + 1):
+        x = nn.Conv(width, (3, 3), padding=1, kernel_init=conv_init, dtype=self.dtype, name=f"conv{s}_{j}")(x)
+        x = BatchNorm(axis_name=self.axis_name, name=f"bn{s}_{j}")(x, train)
+        x = nn.relu(x)
+        acts.append(x)
+      if self.dsn:
+        heads.append(SideHead(self.num_classes, self.fuse_channels, self.dtype, name=f"side{s}")(acts))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = flatten_nchw(adaptive_avg_pool(x))
+    dense: Callable[..., nn.Dense] = functools.partial(nn.Dense, kernel_init=linear_init, dtype=self.dtype)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(dense(self.hidden, name="fc6")(x)))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(dense(self.hidden, name="fc7")(x)))
+    heads.append(dense(self.num_classes, name="fc8")(x))
+    return tuple(h.astype(jnp.float32) for h in heads)
+
+
+def predict_probs(heads: Sequence[jax.Array], eval_head: str = "final") -> jax.Array:
+  """Class probabilities from the heads: the final head, or the mean of all softmaxes."""
+  if eval_head == "final":
+    return jax.nn.softmax(heads[-1], axis=-1)
+  if eval_head == "mean":
+    return jnp.mean(jnp.stack([jax.nn.softmax(h, axis=-1) for h in heads]), axis=0)
+  raise ValueError(f"eval_head must be 'final' or 'mean', got {eval_head!r}.")
+
+
+def count_params(params: Any) -> int:
+  return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
