@@ -1,0 +1,64 @@
+"""TFDS builders of the CT datasets; importing this package registers them with TFDS."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from dsn_saal_jax.data.builders.common import DatasetError
+from dsn_saal_jax.data.builders.covid19_ct import Covid19Ct
+from dsn_saal_jax.data.builders.covid19_diag import Covid19Diag
+from dsn_saal_jax.data.builders.covidx_ct import CovidxCt
+from dsn_saal_jax.data.builders.sars_cov2_ct import SarsCov2Ct
+from dsn_saal_jax.data.builders.synthetic_ct import SyntheticCt, make_config
+
+BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
+    cls.name: cls for cls in (SyntheticCt, Covid19Ct, SarsCov2Ct, CovidxCt, Covid19Diag)}
+
+# Where `covid19_ct` looks when config.manual_dir is unset: <repo>/../shared/data/covid19_ct,
+# overridable with this environment variable.
+COVID19_CT_ENV = "DSN_SAAL_COVID19_CT"
+
+
+def default_manual_dir(dataset: str) -> str | None:
+  """The shared checkout's COVID-CT copy for `covid19_ct` when it exists, else None."""
+  if dataset != "covid19_ct":
+    return None
+  if os.environ.get(COVID19_CT_ENV):
+    return os.environ[COVID19_CT_ENV]
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+  path = os.path.join(os.path.dirname(repo), "shared", "data", "covid19_ct")
+  return path if os.path.isdir(path) else None
+
+
+def make_builder(config: Any) -> tfds.core.GeneratorBasedBuilder:
+  """The TFDS builder that `config` (dataset, data_dir, lung_mask, synthetic_*) selects."""
+  name = config.dataset
+  if name not in BUILDERS:
+    raise ValueError(f"Unknown dataset {name!r}; choose one of {', '.join(BUILDERS)}.")
+  if name == "synthetic_ct":
+    builder_config = make_config(config.get("synthetic_scale", 0.1),
+                                 config.get("synthetic_image_size", 64),
+                                 config.get("synthetic_seed", 0))
+  else:
+    builder_config = "lung_mask" if config.get("lung_mask", False) else "original"
+  return BUILDERS[name](data_dir=config.get("data_dir") or None, config=builder_config)
+
+
+def prepare(builder: tfds.core.GeneratorBasedBuilder, manual_dir: str | None) -> None:
+  """Builds the dataset unless it is already complete.
+
+  TFDS writes into a temporary directory and renames it when every split is
+  written, so an interrupted or failed build never looks finished. Files are
+  ArrayRecord, which the input pipeline reads by index for exact global shuffles.
+  """
+  if builder.is_prepared():
+    return
+  builder.download_and_prepare(
+      file_format="array_record",
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+
+
+__all__ = ["BUILDERS", "DatasetError", "default_manual_dir", "make_builder", "prepare"]

@@ -1,0 +1,133 @@
+"""Helpers shared by the TFDS builders: manual-dir checks, image decoding, errors."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+from etils import epath
+from PIL import Image
+
+from dsn_saal_jax.data import ct
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+# Entries that archivers and file browsers add; never data.
+_IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
+
+
+class DatasetError(ValueError):
+  """Bad manual data; the message names the offending path and how to fix it."""
+
+
+def image_feature() -> tfds.features.Image:
+  """Grayscale uint8 slices of any size, stored losslessly as PNG."""
+  return tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png")
+
+
+def manual_dir(dl_manager: tfds.download.DownloadManager, dataset: str,
+               instructions: str) -> epath.Path:
+  """The manual directory, or a DatasetError that says where it should be and what goes in it."""
+  try:
+    return dl_manager.manual_dir
+  except AssertionError as e:
+    raise DatasetError(
+        f"{dataset}: the manual data directory is missing or empty ({e.args[0].splitlines()[0]}). "
+        f"Put the data there (or set config.manual_dir to where it is), laid out as follows:\n"
+        f"{instructions}") from e
+
+
+def _ignored(name: str) -> bool:
+  return name.startswith(".") or name in _IGNORED_NAMES
+
+
+def visible(path: epath.Path) -> list[epath.Path]:
+  """Sorted children of a directory, without hidden files and archiver litter."""
+  return sorted(p for p in path.iterdir() if not _ignored(p.name))
+
+
+def check_dir(path: epath.Path, what: str, instructions: str) -> epath.Path:
+  """Raises a DatasetError naming `path` unless it is a directory."""
+  if not path.is_dir():
+    raise DatasetError(f"Expected {what} at {path}, but it does not exist. Expected layout:\n"
+                       f"{instructions}")
+  return path
+
+
+def decode_image(data: bytes, name: str, mask: bool = False) -> np.ndarray:
+  """Encoded 8-bit image -> (H, W, 1) uint8 grayscale, lung-masked when `mask`.
+
+  Colour and alpha are dropped: the public sets store windowed grayscale
+  slices, some as RGB(A) screenshots.
+  """
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      im.load()
+      if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        raise DatasetError(
+            f"{name}: {im.mode} image with more than 8 bits per pixel. These builders expect "
+            "8-bit windowed slices; convert it, or provide the DICOM file (HU) to a builder that "
+            "reads DICOM (covid19_diag).")
+      gray = np.asarray(im.convert("L"), dtype=np.uint8)
+  except DatasetError:
+    raise
+  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files.
+    raise DatasetError(
+        f"{name}: cannot decode image ({type(e).__name__}: {e}). The file is corrupt or "
+        "truncated: re-download or re-extract it, or delete it (and its line in any split "
+        "list).") from e
+  if mask:
+    gray = ct.apply_lung_mask(gray)
+  return gray[:, :, None]
+
+
+def read_image(path: epath.Path, mask: bool = False) -> np.ndarray:
+  """Reads and decodes one image file, see `decode_image`."""
+  return decode_image(path.read_bytes(), os.fspath(path), mask)
+
+
+def read_slice(path: epath.Path, mask_images: bool) -> np.ndarray:
+  """A DICOM slice (windowed and lung-masked) or an 8-bit image (masked if `mask_images`)."""
+  if is_dicom(path):
+    try:
+      return ct.preprocess_dicom(path)[:, :, None]
+    except ct.CTReadError as e:
+      raise DatasetError(str(e)) from e
+  return read_image(path, mask_images)
+
+
+def is_dicom(path: epath.Path) -> bool:
+  """DICOM by extension, or an extension-less file (how many scanners export slices)."""
+  suffix = path.suffix.lower()
+  return suffix in DICOM_EXTENSIONS or (suffix == "" and path.is_file())
+
+
+def is_slice(path: epath.Path) -> bool:
+  return path.suffix.lower() in IMAGE_EXTENSIONS or is_dicom(path)
+
+
+def slice_files(folder: epath.Path) -> list[epath.Path]:
+  """All slice files under `folder` (recursively), sorted; other files are logged and skipped."""
+  found, skipped = [], []
+  for dirpath, dirnames, filenames in folder.walk():
+    dirnames[:] = [d for d in dirnames if not _ignored(d)]
+    for name in filenames:
+      if not _ignored(name):
+        path = dirpath / name
+        (found if is_slice(path) else skipped).append(path)
+  found.sort()
+  if skipped:
+    logging.warning("Skipping %d non-image files under %s, e.g. %s", len(skipped), folder,
+                    skipped[0])
+  return found
+
+
+def unknown_folder_error(folder: epath.Path, expected: Iterable[str]) -> DatasetError:
+  return DatasetError(
+      f"Unknown class folder {folder}. Expected only these class folders: "
+      f"{', '.join(sorted(expected))}. Rename it to one of them, or move it out of the manual "
+      "directory.")

@@ -1,0 +1,104 @@
+"""SARS-CoV-2 CT-scan dataset (Soares et al. 2020): 1252 COVID / 1229 non-COVID slices, 5 folds."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from dsn_saal_jax.data.builders import common
+from dsn_saal_jax.data.builders.covid19_ct import PNG_CONFIGS
+
+CLASS_NAMES = ("non_covid", "covid")
+CLASS_DIRS = ("non-COVID", "COVID")
+NUM_FOLDS = 5
+# Fixed, so that the folds (the paper's 5-fold cross-validation) never depend on the run.
+FOLD_SEED = 0
+
+INSTRUCTIONS = """\
+The Kaggle "SARS-COV-2 Ct-Scan Dataset" extracted as-is (class folder names are
+matched case-insensitively; images may sit in sub-folders):
+  <manual_dir>/COVID/*.png
+  <manual_dir>/non-COVID/*.png
+"""
+
+
+def fold_name(fold: int) -> str:
+  return f"fold{fold}"
+
+
+def assign_folds(names_per_class: list[list[str]], num_folds: int = NUM_FOLDS,
+                 seed: int = FOLD_SEED) -> list[dict[str, int]]:
+  """Stratified fold of every file: a seeded permutation of each class's sorted names, dealt round-robin.
+
+  Depends only on the set of names, not on listing order or the run, so
+  folds are identical across builds and machines; fold sizes differ by at
+  most one per class.
+  """
+  folds = []
+  for label, names in enumerate(names_per_class):
+    order = np.random.default_rng([seed, label]).permutation(len(names))
+    ordered = sorted(names)
+    folds.append({ordered[i]: rank % num_folds for rank, i in enumerate(order)})
+  return folds
+
+
+class SarsCov2Ct(tfds.core.GeneratorBasedBuilder):
+  """SARS-CoV-2 CT-scan. Labels: 0 = non_covid, 1 = covid. Splits fold0..fold4 (stratified)."""
+
+  name = "sars_cov2_ct"
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  BUILDER_CONFIGS = PNG_CONFIGS
+  MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
+  COVID_CLASS = 1
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="SARS-CoV-2 CT-scan dataset; no official split, 5 deterministic folds.",
+        features=tfds.features.FeaturesDict({
+            "image": common.image_feature(),
+            "label": tfds.features.ClassLabel(names=CLASS_NAMES),
+            "id": tfds.features.Text(),
+        }),
+        supervised_keys=("image", "label"),
+        homepage="https://www.kaggle.com/datasets/plameneduardo/sarscov2-ctscan-dataset",
+    )
+
+  def _class_files(self, root: epath.Path) -> list[list[epath.Path]]:
+    folders = {}
+    for entry in common.visible(root):
+      if not entry.is_dir():
+        continue
+      matches = [d for d in CLASS_DIRS if d.lower() == entry.name.lower()]
+      if not matches:
+        raise common.unknown_folder_error(entry, CLASS_DIRS)
+      folders[matches[0]] = entry
+    files = []
+    for name in CLASS_DIRS:
+      if name not in folders:
+        raise common.DatasetError(f"Missing class folder {root / name}. Expected layout:\n"
+                                  f"{INSTRUCTIONS}")
+      found = common.slice_files(folders[name])
+      if not found:
+        raise common.DatasetError(f"Class folder {folders[name]} holds no images "
+                                  f"({', '.join(common.IMAGE_EXTENSIONS)}).")
+      files.append(found)
+    return files
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    root = common.manual_dir(dl_manager, self.name, INSTRUCTIONS)
+    files = self._class_files(root)
+    rel = [[f.relative_to(root).as_posix() for f in class_files] for class_files in files]
+    folds = assign_folds(rel)
+    per_fold: list[list[tuple[int, epath.Path, str]]] = [[] for _ in range(NUM_FOLDS)]
+    for label, (class_files, class_rel) in enumerate(zip(files, rel)):
+      for path, key in zip(class_files, class_rel):
+        per_fold[folds[label][key]].append((label, path, key))
+    return {fold_name(k): self._generate_examples(items) for k, items in enumerate(per_fold)}
+
+  def _generate_examples(self, items: list[tuple[int, epath.Path, str]]):
+    for label, path, key in items:
+      yield key, {"image": common.read_image(path, self.builder_config.lung_mask),
+                  "label": label, "id": key}

@@ -1,0 +1,284 @@
+"""Input pipeline: deterministic, resumable, multi-host batches from the TFDS CT datasets.
+
+Examples are read by index from ArrayRecord files (`tfds.data_source`), so the
+global order of every epoch is a plain numpy permutation of (seed, epoch):
+a resumed run, or a run on a different number of processes, sees exactly the
+same global batches. TensorFlow only decodes, resizes and normalizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
+
+from dsn_saal_jax.data import builders
+
+# ImageNet statistics (torchvision), because the backbone starts from ImageNet weights.
+# One channel uses their mean, matching a first conv summed over RGB (DESIGN.md).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Independent random streams derived from config.seed.
+_SUBSAMPLE_STREAM = 0
+_SHUFFLE_STREAM = 1
+_SCAN_CHUNK = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+  """What the trainer, the loss and inference need to know about the data."""
+  class_names: tuple[str, ...]
+  class_counts: np.ndarray  # k_n of the global training split after subsampling, int64 (C,)
+  num_train: int
+  num_eval: dict[str, int]
+  image_shape: tuple[int, int, int]
+  steps_per_epoch: int
+  normalization: dict[str, Any]  # JSON-serializable, see `preprocess`
+
+
+def normalization_for(config: Any) -> dict[str, Any]:
+  """Preprocessing constants: pixel / 255, then (x - mean) / std per channel."""
+  channels = config.get("channels", 1)
+  if channels not in (1, 3):
+    raise ValueError(f"config.channels must be 1 or 3, got {channels}.")
+  mean = config.get("norm_mean") or (IMAGENET_MEAN if channels == 3 else (float(np.mean(IMAGENET_MEAN)),))
+  std = config.get("norm_std") or (IMAGENET_STD if channels == 3 else (float(np.mean(IMAGENET_STD)),))
+  if len(mean) != channels or len(std) != channels:
+    raise ValueError(f"norm_mean/norm_std need {channels} values, got {mean} and {std}.")
+  return {"scale": 255.0, "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+          "resize": "bilinear_antialias", "channels": channels}
+
+
+def preprocess(image: tf.Tensor, image_size: int, normalization: dict[str, Any]) -> tf.Tensor:
+  """uint8 (H, W, 1) slice -> float32 (S, S, C) model input; the same for training and inference.
+
+  Bilinear resize (antialiased, like torchvision's PIL resize when shrinking)
+  straight to a square, as in the paper; grayscale is repeated to C channels.
+  """
+  x = tf.image.resize(tf.cast(image, tf.float32), (image_size, image_size), method="bilinear",
+                      antialias=True)
+  x = tf.tile(x, [1, 1, normalization["channels"]]) / normalization["scale"]
+  return (x - tf.constant(normalization["mean"])) / tf.constant(normalization["std"])
+
+
+def subsample_class(labels: np.ndarray, target: int, fraction: float, seed: int,
+                    name: str | None = None) -> np.ndarray:
+  """Sorted indices kept by the imbalance protocol: all others, round(fraction * n) of `target`.
+
+  The kept target examples are a seeded choice (same seed, same examples).
+  """
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"covid_fraction must be in (0, 1], got {fraction}.")
+  target_idx = np.flatnonzero(labels == target)
+  keep = round(fraction * len(target_idx))
+  if keep == 0:
+    raise ValueError(f"covid_fraction={fraction} keeps round({fraction} * {len(target_idx)}) = 0 "
+                     f"examples of class {name or target}; raise covid_fraction.")
+  rng = np.random.default_rng([seed, _SUBSAMPLE_STREAM])
+  chosen = rng.choice(target_idx, size=keep, replace=False)
+  return np.sort(np.concatenate([np.flatnonzero(labels != target), chosen]))
+
+
+def split_specs(dataset: str, splits: Sequence[str], fold: int) -> tuple[str, dict[str, str]]:
+  """(TFDS train split, {eval name: TFDS split}); sars_cov2_ct holds out fold `fold` as 'test'."""
+  if dataset == "sars_cov2_ct":
+    num_folds = builders.sars_cov2_ct.NUM_FOLDS
+    if fold not in range(num_folds):
+      raise ValueError(f"config.fold must be in 0..{num_folds - 1} for sars_cov2_ct, got {fold}.")
+    name = builders.sars_cov2_ct.fold_name
+    return "+".join(name(k) for k in range(num_folds) if k != fold), {"test": name(fold)}
+  return "train", {s: s for s in ("validation", "test") if s in splits}
+
+
+class _Split:
+  """Random access to one (possibly composite) split: raw records, labels, ids."""
+
+  def __init__(self, builder: tfds.core.DatasetBuilder, spec: str):
+    try:
+      self.raw = builder.as_data_source(
+          spec, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+    except NotImplementedError as e:
+      raise ValueError(
+          f"{builder.data_path} was built as {builder.info.file_format}, but this pipeline reads "
+          "ArrayRecord files by index. Delete that directory (or use another data_dir) and let "
+          "create_dataset build it again.") from e
+    decoded = builder.as_data_source(spec, decoders={"image": tfds.decode.SkipDecoding()})
+    labels, ids = [], []
+    for start in range(0, len(decoded), _SCAN_CHUNK):
+      for ex in decoded.__getitems__(range(start, min(start + _SCAN_CHUNK, len(decoded)))):
+        labels.append(ex["label"])
+        ids.append(ex["id"].decode() if isinstance(ex["id"], bytes) else str(ex["id"]))
+    self.labels = np.asarray(labels, dtype=np.int64)
+    self.ids = ids
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+class Dataset:
+  """Train and eval iterators over one dataset, sharded for this process and its local devices."""
+
+  def __init__(self, config: Any, builder: tfds.core.DatasetBuilder, *, process_index: int,
+               process_count: int, local_device_count: int):
+    self._builder = builder
+    self._process_index = process_index
+    self._process_count = process_count
+    self._local_devices = local_device_count
+    self._seed = int(config.get("seed", 0))
+    self._image_size = int(config.image_size)
+    self._batch_size = int(config.batch_size)
+    self._eval_batch_size = int(config.get("eval_batch_size", config.batch_size))
+    self._per_device = self._per_device_batch(self._batch_size, "batch_size")
+    self._eval_per_device = self._per_device_batch(self._eval_batch_size, "eval_batch_size")
+
+    train_spec, eval_specs = split_specs(config.dataset, list(builder.info.splits),
+                                         int(config.get("fold", 0)))
+    self._train = _Split(builder, train_spec)
+    self._eval = {name: _Split(builder, spec) for name, spec in eval_specs.items()}
+    class_names = tuple(builder.info.features["label"].names)
+    self._kept = subsample_class(self._train.labels, builder.COVID_CLASS,
+                                 float(config.get("covid_fraction", 1.0)), self._seed,
+                                 class_names[builder.COVID_CLASS])
+    counts = np.bincount(self._train.labels[self._kept], minlength=len(class_names))
+    steps = len(self._kept) // self._batch_size
+    if steps == 0:
+      raise ValueError(f"batch_size {self._batch_size} exceeds the {len(self._kept)} training "
+                       "examples; lower config.batch_size.")
+    normalization = normalization_for(config)
+    self._normalization = normalization
+    self.info = DataInfo(
+        class_names=class_names,
+        class_counts=counts.astype(np.int64),
+        num_train=len(self._kept),
+        num_eval={name: len(split) for name, split in self._eval.items()},
+        image_shape=(self._image_size, self._image_size, normalization["channels"]),
+        steps_per_epoch=steps,
+        normalization=normalization,
+    )
+
+  def _per_device_batch(self, global_batch: int, field: str) -> int:
+    shards = self._process_count * self._local_devices
+    if global_batch <= 0 or global_batch % shards:
+      raise ValueError(
+          f"config.{field}={global_batch} must be a positive multiple of process_count * "
+          f"local_device_count = {self._process_count} * {self._local_devices} = {shards}.")
+    return global_batch // shards
+
+  def example_ids(self, split: str) -> list[str]:
+    """File ids of `split` ('train' = the kept training examples) by the 'index' eval yields."""
+    if split == "train":
+      return [self._train.ids[i] for i in self._kept]
+    return list(self._split(split).ids)
+
+  def _split(self, split: str) -> _Split:
+    if split not in self._eval:
+      raise ValueError(f"Unknown eval split {split!r}; this dataset has {sorted(self._eval)}.")
+    return self._eval[split]
+
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    """Global order of the kept training examples in `epoch` (indices into the train split)."""
+    rng = np.random.default_rng([self._seed, _SHUFFLE_STREAM, epoch])
+    return self._kept[rng.permutation(len(self._kept))]
+
+  def _train_indices(self, start_step: int) -> Iterator[int]:
+    per_process = self._per_device * self._local_devices
+    steps = self.info.steps_per_epoch
+    epoch = start_step // steps
+    while True:
+      order = self.epoch_order(epoch)
+      for step in range(max(start_step - epoch * steps, 0), steps):
+        begin = step * self._batch_size + self._process_index * per_process
+        yield from order[begin:begin + per_process].tolist()
+      epoch += 1
+
+  def _eval_indices(self, n: int) -> Iterator[int]:
+    """This process's share of each padded global eval batch; -1 marks padding."""
+    per_process = self._eval_per_device * self._local_devices
+    num_batches = -(-n // self._eval_batch_size)
+    for b in range(num_batches):
+      begin = b * self._eval_batch_size + self._process_index * per_process
+      for i in range(begin, begin + per_process):
+        yield i if i < n else -1
+
+  def _pipeline(self, source: Sequence[bytes], indices: Iterator[int], per_device: int,
+                with_index: bool) -> Iterator[dict[str, np.ndarray]]:
+    features = self._builder.info.features
+    size, normalization = self._image_size, self._normalization
+
+    def records():
+      for i in indices:
+        yield source[max(i, 0)], i
+
+    def parse(raw, index):
+      ex = features.deserialize_example(raw, decoders={"image": tfds.decode.SkipDecoding()})
+      image = tf.io.decode_png(ex["image"], channels=1)
+      out = {"image": preprocess(image, size, normalization),
+             "label": tf.cast(ex["label"], tf.int32)}
+      if with_index:
+        out["index"] = index
+        out["mask"] = tf.cast(index >= 0, tf.float32)
+      return out
+
+    def shard(batch):
+      return {k: tf.reshape(v, (self._local_devices, per_device) + tuple(v.shape[1:]))
+              for k, v in batch.items()}
+
+    ds = tf.data.Dataset.from_generator(
+        records, output_signature=(tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.int32)))
+    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(per_device * self._local_devices, drop_remainder=True)
+    ds = ds.map(shard).prefetch(tf.data.AUTOTUNE)
+    return ds.as_numpy_iterator()
+
+  def train_iter(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Infinite training batches from global step `start_step` on.
+
+    Step s is batch s % steps_per_epoch of epoch s // steps_per_epoch (the
+    epoch's remainder is dropped). Yields 'image' float32 (devices,
+    per_device, H, W, C) and 'label' int32 (devices, per_device).
+    """
+    if start_step < 0:
+      raise ValueError(f"start_step must be >= 0, got {start_step}.")
+    return self._pipeline(self._train.raw, self._train_indices(start_step), self._per_device,
+                          with_index=False)
+
+  def eval_iter(self, split: str) -> Iterator[dict[str, np.ndarray]]:
+    """One deterministic pass over `split`, padded to whole global batches.
+
+    Adds 'mask' (1 real, 0 padding) and 'index' (position in the split, -1 for
+    padding; `example_ids(split)[index]` is the file), so every example counts
+    exactly once across all processes.
+    """
+    source = self._split(split)
+    return self._pipeline(source.raw, self._eval_indices(len(source)), self._eval_per_device,
+                          with_index=True)
+
+
+def create_dataset(config: Any, *, process_index: int | None = None,
+                   process_count: int | None = None,
+                   local_device_count: int | None = None) -> Dataset:
+  """Builds the configured TFDS dataset if needed (process 0 only) and returns its pipeline.
+
+  The keyword overrides exist to test multi-process sharding in one process.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  local_device_count = jax.local_device_count() if local_device_count is None else local_device_count
+  manual_dir = config.get("manual_dir") or builders.default_manual_dir(config.dataset)
+  if process_index == 0:
+    builders.prepare(builders.make_builder(config), manual_dir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("dsn_saal_jax.data: dataset prepared")
+  builder = builders.make_builder(config)
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f"{builder.data_path} is not prepared. Process 0 builds datasets; give every process the "
+        "same (shared) config.data_dir, or build it once beforehand.")
+  return Dataset(config, builder, process_index=process_index, process_count=process_count,
+                 local_device_count=local_device_count)
