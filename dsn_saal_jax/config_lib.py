@@ -1,0 +1,178 @@
+"""The trainer's config schema, the paper's protocol and config validation.
+
+`configs/*.py` files build their `get_config()` from here so that every field
+exists in exactly one place; `validate_config` then rejects anything a user
+could mistype (unknown keys, unknown dataset, impossible values) with a
+message that names the key or value and how to fix it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Iterable
+
+import ml_collections
+
+from dsn_saal_jax.losses import LOSS_NAMES
+
+MODELS = ("dsn", "baseline")
+DATASETS = ("synthetic_ct", "covid19_diag", "covidx_ct", "covid19_ct", "sars_cov2_ct")
+EVAL_HEADS = ("final", "mean")
+CHECKPOINT_CHOICES = ("best", "latest")
+# Metrics a checkpoint can be selected by (validation split), all "higher is better".
+SELECTION_METRICS = ("macro_f1", "accuracy", "g_mean", "auc", "macro_sensitivity")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field the trainer and the data layer read, at the paper's protocol (Sec. 4.2)."""
+  c = ml_collections.ConfigDict()
+  # Data (read by dsn_saal_jax.data.input_pipeline).
+  c.dataset = "synthetic_ct"
+  c.data_dir = ""            # TFDS data_dir; "" = TFDS default.
+  c.manual_dir = ""          # Where the real data sets' downloaded files are.
+  c.image_size = 224
+  c.channels = 1
+  c.covid_fraction = 1.0     # Seeded fraction of the COVID training examples kept (Table 6).
+  c.fold = 0                 # For data sets without an official split (5 folds).
+  c.seed = 0
+  c.batch_size = 32          # Global, over all devices of all processes.
+  c.eval_batch_size = 64     # Global.
+  c.lung_mask = True
+  c.norm_mean = ()           # Per-channel input normalization; () = ImageNet statistics.
+  c.norm_std = ()
+  c.synthetic_scale = 0.1    # synthetic_ct size as a fraction of COVID19-Diag's counts.
+  c.synthetic_image_size = 64
+  c.synthetic_seed = 0
+
+  # Model.
+  c.model = "dsn"            # dsn | baseline
+  c.widths = (64, 128, 256, 512, 512)
+  c.stages = (2, 2, 3, 3, 3)
+  c.hidden = 4096
+  c.fuse_channels = 1
+  c.dropout_rate = 0.5
+  c.eval_head = "final"      # final | mean (average of the six softmaxes)
+  c.init_checkpoint = ""     # torchvision vgg16_bn state_dict (.pth) for ImageNet init; "" = random.
+
+  # Loss.
+  c.loss = "saal"            # saal | ce | focal | cb | sce
+  c.saal = ml_collections.ConfigDict(dict(
+      log_zero=-4.0, normalize_weights=False, learn_alpha_beta=True, init_stddev=1.0))
+  c.focal_gamma = 2.0
+  c.cb_beta = 0.9999
+  c.sce_alpha = 0.1
+  c.sce_beta = 1.0
+
+  # Optimizer: SGD, momentum 0.9, coupled weight decay 5e-4, lr 1e-3 / 10 every 40 epochs.
+  c.learning_rate = 1e-3
+  c.momentum = 0.9
+  c.weight_decay = 5e-4
+  c.lr_decay_epochs = 40
+  c.lr_decay_factor = 0.1
+  c.num_epochs = 120
+  c.num_train_steps = -1     # > 0 overrides num_epochs (tests, smoke runs).
+
+  # Loop, evaluation, checkpoints.
+  c.log_every_steps = 50
+  c.eval_every_epochs = 1
+  c.checkpoint_every_steps = 0   # 0 = at the end of every epoch.
+  c.keep_checkpoints = 2
+  c.selection_metric = "macro_f1"
+  c.eval_checkpoint = "best"     # Checkpoint the final test report uses: best | latest.
+  c.gradcam_per_class = 4
+  return c
+
+
+def paper_config(dataset: str, channels: int, lung_mask: bool, arg: str | None) -> ml_collections.ConfigDict:
+  """The paper's protocol on `dataset`, with the variant string `arg` applied."""
+  c = base_config()
+  c.dataset = dataset
+  c.channels = channels
+  c.lung_mask = lung_mask
+  return apply_variant(c, arg)
+
+
+def apply_variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies `--config=file.py:ARG`, e.g. `baseline,ce` or `dsn,saal,covid_fraction=0.25,seed=2`.
+
+  Bare tokens pick the model (dsn | baseline) or the loss (saal | ce | ...);
+  `key=value` tokens set any top-level field, parsed with the field's type.
+  """
+  if not arg:
+    return config
+  for token in (t.strip() for t in arg.split(",")):
+    if not token:
+      continue
+    if "=" not in token:
+      if token in MODELS:
+        config.model = token
+      elif token in LOSS_NAMES:
+        config.loss = token
+      else:
+        raise ValueError(f"Unknown config variant {token!r}; use a model ({', '.join(MODELS)}), a loss "
+                         f"({', '.join(LOSS_NAMES)}) or key=value.")
+      continue
+    key, value = (s.strip() for s in token.split("=", 1))
+    _check_known(key, config.keys(), "config variant")
+    config[key] = _parse_like(config[key], value, key)
+  return config
+
+
+def _parse_like(current: Any, value: str, key: str) -> Any:
+  if isinstance(current, bool):
+    if value.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"Config variant {key}={value!r}: expected true or false.")
+    return value.lower() in ("true", "1")
+  if isinstance(current, tuple):
+    return tuple(int(v) for v in value.split("x"))  # e.g. widths=8x16x16x32x32
+  try:
+    return type(current)(value)
+  except ValueError as e:
+    raise ValueError(f"Config variant {key}={value!r}: expected a {type(current).__name__}.") from e
+
+
+def _check_known(key: str, known: Iterable[str], where: str) -> None:
+  known = list(known)
+  if key not in known:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"Unknown {where} key {key!r}.{hint} Known keys: {', '.join(sorted(known))}.")
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises ValueError for any key or value the trainer cannot run with."""
+  schema = base_config()
+  for key in config.keys():
+    _check_known(key, schema.keys(), "config")
+  for key in schema.keys():
+    if key not in config:
+      raise ValueError(f"Config is missing key {key!r}; build configs from dsn_saal_jax.config_lib.base_config().")
+  for key in config.saal.keys():
+    _check_known(key, schema.saal.keys(), "config.saal")
+  choices = {"dataset": DATASETS, "model": MODELS, "loss": LOSS_NAMES, "eval_head": EVAL_HEADS,
+             "eval_checkpoint": CHECKPOINT_CHOICES, "selection_metric": SELECTION_METRICS}
+  for key, allowed in choices.items():
+    if config[key] not in allowed:
+      raise ValueError(f"config.{key}={config[key]!r} is not one of {', '.join(allowed)}.")
+  positive = ("learning_rate", "batch_size", "eval_batch_size", "image_size", "num_epochs", "lr_decay_epochs",
+              "log_every_steps", "eval_every_epochs", "hidden", "keep_checkpoints")
+  for key in positive:
+    if not config[key] > 0:
+      raise ValueError(f"config.{key} must be positive, got {config[key]!r}.")
+  for key in ("weight_decay", "momentum", "checkpoint_every_steps", "dropout_rate"):
+    if config[key] < 0:
+      raise ValueError(f"config.{key} must be >= 0, got {config[key]!r}.")
+  if not 0 < config.covid_fraction <= 1:
+    raise ValueError(f"config.covid_fraction must be in (0, 1], got {config.covid_fraction!r}.")
+  if config.image_size < 32:
+    raise ValueError(f"config.image_size must be >= 32 (five 2x2 max-pools), got {config.image_size}.")
+  if config.channels not in (1, 3):
+    raise ValueError(f"config.channels must be 1 or 3, got {config.channels}.")
+  if len(config.widths) != len(config.stages):
+    raise ValueError(f"config.widths {tuple(config.widths)} and config.stages {tuple(config.stages)} "
+                     "need one entry per stage.")
+  for key in ("batch_size", "eval_batch_size"):
+    if config[key] % num_devices:
+      raise ValueError(
+          f"config.{key}={config[key]} is not divisible by the {num_devices} devices; set it to a multiple of "
+          f"{num_devices} (e.g. --config.{key}={max(num_devices, config[key] // num_devices * num_devices)}).")

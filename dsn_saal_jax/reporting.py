@@ -1,0 +1,216 @@
+"""Report figures (confusion matrix, ROC, Grad-CAM grid) and the sweep tables of Tables 5, 6 and 9.
+
+Grad-CAM (Selvaraju et al. 2017, the paper's Fig. 7) is taken at the input of
+the first Linear layer, i.e. the last conv stage after max-pool and the 7x7
+adaptive pool (torchvision's `avgpool` output): `flax.linen.intercept_methods`
+adds a zero perturbation there, so the model needs no hook and its outputs
+are unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from dsn_saal_jax.models import POOLED_SIZE, DSNVGG16BN  # pylint: disable=g-import-not-at-top
+
+
+def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str) -> None:
+  n = len(class_names)
+  fig, ax = plt.subplots(figsize=(1.6 + 1.1 * n, 1.2 + 1.0 * n))
+  row = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+  ax.imshow(row, cmap="Blues", vmin=0, vmax=1)
+  for i in range(n):
+    for j in range(n):
+      ax.text(j, i, f"{cm[i, j]}\n{row[i, j]:.1%}", ha="center", va="center",
+              color="white" if row[i, j] > 0.5 else "black", fontsize=9)
+  ax.set_xticks(range(n), class_names, rotation=30, ha="right")
+  ax.set_yticks(range(n), class_names)
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("true")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_roc(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str], path: str) -> None:
+  """One-vs-rest ROC curve per class (for two classes, the positive class only)."""
+  fig, ax = plt.subplots(figsize=(5, 5))
+  classes = [1] if len(class_names) == 2 else range(len(class_names))
+  for n in classes:
+    y = (labels == n).astype(int)
+    if y.min() == y.max():
+      continue
+    fpr, tpr, _ = skm.roc_curve(y, probs[:, n])
+    ax.plot(fpr, tpr, label=f"{class_names[n]} (AUC {skm.auc(fpr, tpr):.3f})")
+  ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+  ax.set_xlabel("false positive rate")
+  ax.set_ylabel("true positive rate")
+  ax.legend(loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def grad_cam(model: DSNVGG16BN, variables: Mapping[str, Any], images: np.ndarray,
+             target: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Grad-CAM maps (N, H, W) in [0, 1] of the final head's `target` class (default: predicted) and probs."""
+  images = jnp.asarray(images, jnp.float32)
+
+  def forward(perturbation):
+    captured = []
+
+    def interceptor(next_fun, args, kwargs, context):
+      if context.module.name == "fc6" and context.method_name == "__call__":
+        captured.append(args[0])
+        args = (args[0] + perturbation,) + tuple(args[1:])
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+      heads = model.apply(variables, images, train=False)
+    return heads[-1], captured[0]
+
+  def score(perturbation, classes):
+    logits, features = forward(perturbation)
+    return jnp.sum(jnp.take_along_axis(logits, classes[:, None], axis=1)), (logits, features)
+
+  channels = model.widths[-1]
+  zeros = jnp.zeros((images.shape[0], channels * POOLED_SIZE * POOLED_SIZE), jnp.float32)
+  logits, _ = forward(zeros)
+  classes = jnp.argmax(logits, -1) if target is None else jnp.asarray(target)
+  grads, (logits, features) = jax.grad(score, has_aux=True)(zeros, classes)
+  # Flattened in NCHW order: back to (N, 7, 7, C).
+  to_map = lambda v: jnp.transpose(v.reshape(-1, channels, POOLED_SIZE, POOLED_SIZE), (0, 2, 3, 1))
+  weights = jnp.mean(to_map(grads), axis=(1, 2), keepdims=True)
+  cam = nn.relu(jnp.sum(weights * to_map(features), axis=-1))
+  cam = jax.image.resize(cam, (cam.shape[0], *images.shape[1:3]), "bilinear")
+  cam = cam / jnp.maximum(cam.max(axis=(1, 2), keepdims=True), 1e-12)
+  return np.asarray(cam), np.asarray(jax.nn.softmax(logits, -1))
+
+
+def plot_gradcam_grid(images: np.ndarray, cams: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                      class_names: Sequence[str], path: str) -> None:
+  """Two rows per group of 8 examples: the input slice, and the Grad-CAM heat map over it."""
+  n = len(images)
+  cols = min(n, 8)
+  groups = math.ceil(n / cols)
+  fig, axes = plt.subplots(2 * groups, cols, figsize=(1.9 * cols, 4.0 * groups), squeeze=False)
+  for ax in axes.ravel():
+    ax.axis("off")
+  for k in range(n):
+    g, c = divmod(k, cols)
+    gray = images[k].mean(-1)
+    gray = (gray - gray.min()) / max(gray.max() - gray.min(), 1e-12)
+    pred = int(np.argmax(probs[k]))
+    axes[2 * g, c].imshow(gray, cmap="gray")
+    axes[2 * g, c].set_title(f"true {class_names[labels[k]]}", fontsize=8)
+    axes[2 * g + 1, c].imshow(gray, cmap="gray")
+    axes[2 * g + 1, c].imshow(cams[k], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    axes[2 * g + 1, c].set_title(f"pred {class_names[pred]} {probs[k, pred]:.2f}", fontsize=8,
+                                 color="green" if pred == labels[k] else "red")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- sweep tables
+
+# (metric key in metrics.json, column name in the paper).
+TABLE_COLUMNS = {
+    "table5": (("accuracy", "ACC"), ("macro_f1", "F1-score"), ("g_mean", "G-mean")),
+    "table6": (("accuracy", "ACC"), ("macro_f1", "F1-score"), ("g_mean", "G-mean"),
+               ("macro_sensitivity", "SEN"), ("macro_specificity", "SPE")),
+    "table9": (("accuracy", "ACC"), ("macro_f1", "F1-score"), ("auc", "AUC"), ("macro_precision", "PRE"),
+               ("macro_sensitivity", "SEN")),
+}
+
+
+def method_name(model: str, loss: str) -> str:
+  if model == "dsn" and loss == "saal":
+    return "DSN-SAAL"
+  return {"baseline": "VGG-16", "dsn": "DSN"}[model] + f" + {loss.upper()}"
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, Any]:
+  v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
+  if v.size == 0:
+    return {"mean": None, "std": None, "n": 0}
+  return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
+
+
+def aggregate(runs: Sequence[Mapping[str, Any]], table: str) -> dict[str, Any]:
+  """Mean +/- std (sample std over seeds or folds) per row of the paper's `table` layout.
+
+  `runs` items: {'model', 'loss', 'covid_fraction', 'seed', 'fold', 'metrics': metrics.json dict}.
+  Rows: Table 5 and 9 one per method; Table 6 one per COVID fraction (descending), with
+  one column group per method and SEN's change from the full training set.
+  """
+  if table not in TABLE_COLUMNS:
+    raise ValueError(f"Unknown table {table!r}; choose one of {', '.join(TABLE_COLUMNS)}.")
+  columns = TABLE_COLUMNS[table]
+  row_key = (lambda r: f"{r['covid_fraction']:g}") if table == "table6" else (
+      lambda r: method_name(r["model"], r["loss"]))
+  rows: dict[str, dict[str, dict[str, list]]] = {}
+  for r in runs:
+    group = method_name(r["model"], r["loss"]) if table == "table6" else ""
+    cell = rows.setdefault(row_key(r), {}).setdefault(group, {k: [] for k, _ in columns})
+    for k, _ in columns:
+      cell[k].append(r["metrics"].get(k))
+  if table == "table6":
+    rows = dict(sorted(rows.items(), key=lambda kv: -float(kv[0])))
+  out = {"table": table, "columns": [name for _, name in columns],
+         "rows": {row: {group: {name: _mean_std(cell[k]) for k, name in columns} for group, cell in groups.items()}
+                  for row, groups in rows.items()}}
+  if table == "table6":
+    full = out["rows"].get("1")
+    for groups in out["rows"].values():
+      for group, cell in groups.items():
+        ref = (full or {}).get(group, {}).get("SEN", {}).get("mean")
+        if ref is not None and cell["SEN"]["mean"] is not None:
+          cell["SEN"]["delta"] = cell["SEN"]["mean"] - ref
+  return out
+
+
+def to_markdown(table: Mapping[str, Any]) -> str:
+  """The aggregated table as Markdown, `mean ± std` per cell (Table 6: SEN's change in brackets)."""
+  groups = sorted({g for row in table["rows"].values() for g in row})
+
+  def cell(stat):
+    if stat["mean"] is None:
+      return "-"
+    text = f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+    return text + (f" ({stat['delta']:+.3f})" if "delta" in stat else "")
+
+  first = "COVID-19 fraction" if table["table"] == "table6" else "Method"
+  header = [first] + [f"{c} ({g})" if g else c for c in table["columns"] for g in groups]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for row, cells in table["rows"].items():
+    label = ("Stand. split" if row == "1" else f"{float(row):.0%} of COVID-19") if table["table"] == "table6" else row
+    values = [cell(cells[g][c]) if g in cells else "-" for c in table["columns"] for g in groups]
+    lines.append("| " + " | ".join([label] + values) + " |")
+  n = sorted({s["n"] for row in table["rows"].values() for c in row.values() for s in c.values()})
+  lines.append("")
+  lines.append(f"Mean ± sample std over {'/'.join(map(str, n))} runs per cell.")
+  return "\n".join(lines) + "\n"
+
+
+def write_table(table: Mapping[str, Any], out_dir: str) -> tuple[str, str]:
+  os.makedirs(out_dir, exist_ok=True)
+  md, js = os.path.join(out_dir, f"{table['table']}.md"), os.path.join(out_dir, f"{table['table']}.json")
+  with open(md, "w") as f:
+    f.write(to_markdown(table))
+  with open(js, "w") as f:
+    json.dump(table, f, indent=2)
+  return md, js

@@ -1,0 +1,494 @@
+"""Training and evaluation of DSN-SAAL: pmap'd steps, the loop, checkpoints and reports.
+
+Layout follows the Flax ImageNet example: pure `train_step` / `eval_step`
+functions wrapped in `jax.pmap` over the local devices (axis name `batch`),
+and `train_and_evaluate(config, workdir)` that owns the loop. Gradients and
+BatchNorm statistics are averaged over all devices of all processes, so an
+N-device step equals a 1-device step on the same global batch. The SAAL raw
+scalars are `params['saal']` and are trained by the same optimizer as the
+network.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import flax
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.experimental import multihost_utils
+
+from dsn_saal_jax import checkpointing
+from dsn_saal_jax import config_lib
+from dsn_saal_jax import losses
+from dsn_saal_jax import metrics as metrics_lib
+from dsn_saal_jax.models import DSNVGG16BN, predict_probs
+from dsn_saal_jax.optim import make_lr_schedule, make_optimizer
+
+AXIS = "batch"
+
+
+class Preempted(RuntimeError):
+  """Raised after SIGTERM once the checkpoint is saved; rerunning the same command resumes."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any          # network params plus, for the SAAL loss, params['saal'].
+  batch_stats: Any
+  opt_state: optax.OptState
+
+
+# ----------------------------------------------------------------------------- model, loss, state
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int, axis_name: str | None = AXIS) -> DSNVGG16BN:
+  return DSNVGG16BN(
+      num_classes=num_classes, dsn=config.model == "dsn", fuse_channels=config.fuse_channels,
+      dropout_rate=config.dropout_rate, stages=tuple(config.stages), widths=tuple(config.widths),
+      hidden=config.hidden, axis_name=axis_name)
+
+
+def make_loss_fn(config: ml_collections.ConfigDict, class_counts: np.ndarray, class_names=None) -> losses.LossFn:
+  options = {
+      "saal": dict(log_zero=config.saal.log_zero, normalize_weights=config.saal.normalize_weights,
+                   learn_alpha_beta=config.saal.learn_alpha_beta),
+      "ce": {}, "focal": dict(gamma=config.focal_gamma), "cb": dict(beta_cb=config.cb_beta),
+      "sce": dict(alpha=config.sce_alpha, beta=config.sce_beta),
+  }[config.loss]
+  return losses.make_loss(config.loss, class_counts, class_names, **options)
+
+
+def model_fingerprint(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
+  """What a checkpoint must agree on to be restored into this config's state."""
+  return {"model": config.model, "num_classes": int(num_classes), "channels": int(config.channels),
+          "stages": list(config.stages), "widths": list(config.widths), "hidden": int(config.hidden),
+          "fuse_channels": int(config.fuse_channels), "loss_params": config.loss == "saal"}
+
+
+def network_params(params: Mapping[str, Any]) -> dict[str, Any]:
+  return {k: v for k, v in params.items() if k != "saal"}
+
+
+def init_variables(config: ml_collections.ConfigDict, model: DSNVGG16BN, image_shape, rng: jax.Array) -> dict:
+  """Network variables: random (torchvision init), or ImageNet weights from `config.init_checkpoint`."""
+  x = jnp.zeros((1, *image_shape), jnp.float32)
+  lowered = jax.jit(functools.partial(model.init, train=False)).lower({"params": rng}, x)
+  # XLA:CPU spends most of a small run optimizing the one-off init program (~45 s at -O3 vs ~8 s).
+  options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
+  variables = lowered.compile(compiler_options=options)({"params": rng}, x)
+  if config.init_checkpoint:
+    variables = imagenet_variables(config.init_checkpoint, variables, model, image_shape[-1])
+  return jax.tree_util.tree_map(jnp.asarray, dict(variables))
+
+
+def imagenet_variables(path: str, variables: Mapping[str, Any], model: DSNVGG16BN, channels: int) -> dict:
+  """`variables` with the backbone and classifier taken from a torchvision `vgg16_bn` state_dict file.
+
+  For 1-channel input the first conv kernel is summed over RGB; the last
+  Linear stays random when the class count is not 1000; side branches stay
+  random (ImageNet has none).
+  """
+  from dsn_saal_jax import convert  # pylint: disable=g-import-not-at-top  (torch only when asked)
+  target = convert.variables_to_state_dict(variables, model)
+  source = convert.load_torch_state_dict(path)
+  for key, value in source.items():
+    if key.endswith("num_batches_tracked"):
+      continue
+    if key not in target:
+      raise ValueError(f"{path}: key {key!r} is not part of a torchvision vgg16_bn with config.stages="
+                       f"{tuple(model.stages)}; config.init_checkpoint must be a vgg16_bn state_dict.")
+    if key == "features.0.weight" and channels == 1 and value.shape[1] == 3:
+      value = value.sum(axis=1, keepdims=True)
+    if key.startswith("classifier.6.") and value.shape != target[key].shape and model.num_classes != 1000:
+      continue
+    if value.shape != target[key].shape:
+      raise ValueError(f"{path}: {key} has shape {value.shape}, the model needs {target[key].shape}; ImageNet "
+                       "init needs the full-size model (default config.widths and config.hidden=4096).")
+    target[key] = value
+  return convert.state_dict_to_variables(target, model, in_channels=channels)
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: DSNVGG16BN, image_shape,
+                       optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+  model_rng, saal_rng = jax.random.split(rng)
+  variables = init_variables(config, model, image_shape, model_rng)
+  params = dict(variables["params"])
+  if config.loss == "saal":
+    params["saal"] = losses.init_saal_params(saal_rng, model.num_heads, config.saal.init_stddev)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
+                    opt_state=optimizer.init(params))
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], dropout_rng: jax.Array, *,
+               model: DSNVGG16BN, loss_fn: losses.LossFn, optimizer: optax.GradientTransformation,
+               learning_rate_fn: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step on this device's slice of the global batch; run under pmap(axis_name='batch')."""
+  # A fresh dropout key per step and per device (axis_index is global across processes).
+  rng = jax.random.fold_in(jax.random.fold_in(dropout_rng, state.step), jax.lax.axis_index(AXIS))
+
+  def loss_of(params):
+    heads, updates = model.apply(
+        {"params": network_params(params), "batch_stats": state.batch_stats}, batch["image"], train=True,
+        mutable=["batch_stats"], rngs={"dropout": rng})
+    total, per_head = loss_fn(heads, batch["label"], params.get("saal"))
+    return total, (per_head, heads[-1], updates["batch_stats"])
+
+  (total, (per_head, logits, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+  grads = jax.lax.pmean(grads, AXIS)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": total, "loss_per_head": per_head,
+             "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+             "learning_rate": learning_rate_fn(state.step)}
+  if "saal" in state.params:
+    metrics["alpha"] = jax.nn.sigmoid(state.params["saal"]["alpha"])
+    metrics["beta"] = jax.nn.sigmoid(state.params["saal"]["beta"])
+  metrics = jax.lax.pmean(metrics, AXIS)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: DSNVGG16BN, loss_fn: losses.LossFn,
+              eval_head: str) -> dict[str, jax.Array]:
+  """Class probabilities and the masked loss sum of one eval batch (padding has mask 0)."""
+  heads = model.apply({"params": network_params(state.params), "batch_stats": state.batch_stats},
+                      batch["image"], train=False)
+  mask = batch["mask"].astype(jnp.float32)
+  total, _ = loss_fn(heads, batch["label"], state.params.get("saal"), mask)
+  return {"probs": predict_probs(heads, eval_head), "loss_sum": total * jnp.sum(mask)}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def unreplicate(tree: Any) -> Any:
+  """Host copy of device 0's replica (flax's `unreplicate` keeps the device axis on a 1-device mesh)."""
+  return jax.tree_util.tree_map(
+      lambda x: np.asarray(jax.device_get(x.addressable_shards[0].data)).reshape(x.shape[1:]), tree)
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """`jax.distributed.initialize`, with CPU collectives (gloo) so CPU-only clusters and tests work too.
+
+  Without arguments, JAX auto-detects Cloud TPU pods and SLURM jobs.
+  """
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
+
+
+def _any_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+class _Preemption:
+  """Records SIGTERM so the loop can save and stop at a step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if hasattr(signal, "SIGTERM"):
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # Not the main thread: the caller handles signals.
+        self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint at the next step boundary, then stopping.")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class _MetricBuffer:
+  """Device metrics of recent steps, fetched in one transfer at log/save time (keeps dispatch async)."""
+
+  def __init__(self):
+    self.items: list[tuple[int, Any]] = []
+
+  def add(self, step: int, metrics) -> None:
+    self.items.append((step, metrics))
+
+  def flush(self, workdir: str, last_good: int | None) -> list[tuple[int, dict[str, np.ndarray]]]:
+    fetched = [(s, unreplicate(m)) for s, m in self.items]
+    self.items = []
+    for step, m in fetched:
+      if not np.isfinite(m["loss"]):
+        raise FloatingPointError(
+            f"The training loss became {m['loss']} at step {step}; training stopped. The last good checkpoint "
+            f"(step {last_good}) in {workdir}/checkpoints is kept. Lower config.learning_rate, check the input "
+            "data for NaN/inf, or (SAAL) try --config.saal.normalize_weights=true.")
+    return fetched
+
+
+def _summaries(fetched: list[tuple[int, dict[str, np.ndarray]]], num_heads: int) -> dict[str, float]:
+  mean = lambda k: float(np.mean([m[k] for _, m in fetched], axis=0))
+  out = {"train/loss": mean("loss"), "train/accuracy": mean("accuracy"),
+         "train/learning_rate": float(fetched[-1][1]["learning_rate"])}
+  per_head = np.mean([m["loss_per_head"] for _, m in fetched], axis=0)
+  names = [f"side{i}" for i in range(1, num_heads)] + ["final"]
+  out.update({f"train/loss_{n}": float(v) for n, v in zip(names, per_head)})
+  last = fetched[-1][1]
+  if "alpha" in last:
+    out["train/alpha"] = float(last["alpha"])
+    out.update({f"train/beta_{i}": float(b) for i, b in enumerate(last["beta"], start=1)})
+  return out
+
+
+class _Writer:
+  """TensorBoard scalars from process 0 only (tensorboardX: no TF summary ops in the loop)."""
+
+  def __init__(self, workdir: str):
+    self._writer = None
+    if jax.process_index() == 0:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def scalars(self, step: int, values: Mapping[str, float]) -> None:
+    if self._writer is not None:
+      for k, v in values.items():
+        self._writer.add_scalar(k, v, step)
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def predict_split(p_eval_step: Callable, rstate: TrainState, dataset, split: str) -> dict[str, np.ndarray]:
+  """Labels, probabilities and mean loss over every example of `split`, gathered from all processes."""
+  labels, probs, loss_sum = [], [], 0.0
+  for batch in dataset.eval_iter(split):
+    out = jax.device_get(p_eval_step(rstate, batch))
+    local = {"probs": out["probs"], "label": np.asarray(batch["label"]), "mask": np.asarray(batch["mask"]),
+             "loss_sum": out["loss_sum"]}
+    if jax.process_count() > 1:
+      local = multihost_utils.process_allgather(local)
+    mask = local["mask"].reshape(-1) > 0
+    labels.append(local["label"].reshape(-1)[mask])
+    probs.append(local["probs"].reshape(-1, local["probs"].shape[-1])[mask])
+    loss_sum += float(np.sum(local["loss_sum"]))
+  labels_all = np.concatenate(labels) if labels else np.zeros((0,), np.int64)
+  probs_all = np.concatenate(probs) if probs else np.zeros((0, 0), np.float32)
+  return {"labels": labels_all, "probs": probs_all, "loss": loss_sum / max(len(labels_all), 1)}
+
+
+def _first_examples(dataset, split: str, per_class: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+  """Up to `per_class` images of each class from this process's part of `split` (for Grad-CAM)."""
+  images, labels, counts = [], [], np.zeros(num_classes, int)
+  for batch in dataset.eval_iter(split):
+    img = np.asarray(batch["image"]).reshape(-1, *np.asarray(batch["image"]).shape[2:])
+    for x, y, m in zip(img, np.asarray(batch["label"]).reshape(-1), np.asarray(batch["mask"]).reshape(-1)):
+      if m > 0 and counts[y] < per_class:
+        images.append(x)
+        labels.append(int(y))
+        counts[y] += 1
+    if np.all(counts >= per_class):
+      break
+  return np.stack(images), np.asarray(labels)
+
+
+def write_report(config: ml_collections.ConfigDict, state: TrainState, dataset, split: str, out_dir: str,
+                 p_eval_step: Callable, rstate: TrainState, extra: Mapping[str, Any] | None = None) -> dict:
+  """metrics.json and the PNG plots (confusion matrix, ROC, Grad-CAM grid) of `split` into `out_dir`."""
+  from dsn_saal_jax import reporting  # pylint: disable=g-import-not-at-top  (matplotlib only when reporting)
+  info = dataset.info
+  pred = predict_split(p_eval_step, rstate, dataset, split)
+  result = metrics_lib.compute_metrics(pred["labels"], pred["probs"], info.class_names)
+  result.update({"split": split, "loss": pred["loss"], **(extra or {})})
+  if jax.process_index() == 0:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+      json.dump(metrics_lib.to_json_safe(result), f, indent=2)
+    reporting.plot_confusion_matrix(np.asarray(result["confusion_matrix"]), info.class_names,
+                                    os.path.join(out_dir, "confusion_matrix.png"))
+    reporting.plot_roc(pred["labels"], pred["probs"], info.class_names, os.path.join(out_dir, "roc.png"))
+    images, labels = _first_examples(dataset, split, config.gradcam_per_class, len(info.class_names))
+    model = create_model(config, len(info.class_names), axis_name=None)
+    variables = {"params": network_params(state.params), "batch_stats": state.batch_stats}
+    cams, probs = reporting.grad_cam(model, variables, images)
+    reporting.plot_gradcam_grid(images, cams, labels, probs, info.class_names, os.path.join(out_dir, "gradcam.png"))
+    logging.info("Report for %s (%d examples) in %s: %s", split, result["num_examples"], out_dir,
+                 ", ".join(f"{k}={result[k]:.4f}" for k in metrics_lib.SUMMARY_KEYS))
+  return result
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _Run:
+  """Everything built from (config, dataset) that training and evaluation share."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, dataset):
+    config_lib.validate_config(config, jax.device_count())
+    self.config, self.workdir = config, workdir
+    if dataset is None:
+      # Importing the data package first hides accelerators from TensorFlow.
+      from dsn_saal_jax import data  # pylint: disable=g-import-not-at-top
+      dataset = data.create_dataset(config)
+    self.dataset = dataset
+    info = dataset.info
+    self.num_classes = len(info.class_names)
+    self.steps_per_epoch = int(info.steps_per_epoch)
+    self.total_steps = (config.num_train_steps if config.num_train_steps > 0
+                        else config.num_epochs * self.steps_per_epoch)
+    self.model = create_model(config, self.num_classes)
+    self.optimizer = make_optimizer(config, self.steps_per_epoch)
+    self.schedule = make_lr_schedule(config, self.steps_per_epoch)
+    self.loss_fn = make_loss_fn(config, np.asarray(info.class_counts), info.class_names)
+    init_rng, self.dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    self.state = create_train_state(config, self.model, info.image_shape, self.optimizer, init_rng)
+    self.checkpoints = checkpointing.Checkpoints(
+        workdir, model_fingerprint(config, self.num_classes), keep=config.keep_checkpoints)
+    self.p_train_step = jax.pmap(
+        functools.partial(train_step, model=self.model, loss_fn=self.loss_fn, optimizer=self.optimizer,
+                          learning_rate_fn=self.schedule),
+        axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
+    self.p_eval_step = jax.pmap(
+        functools.partial(eval_step, model=self.model, loss_fn=self.loss_fn, eval_head=config.eval_head),
+        axis_name=AXIS)
+
+  def host_state(self, rstate: TrainState) -> TrainState:
+    return unreplicate(rstate)
+
+
+def _validation_split(info) -> str | None:
+  return "validation" if info.num_eval.get("validation", 0) > 0 else None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=None) -> TrainState:
+  """Trains (resuming from `workdir` if it holds a checkpoint), then writes the test report.
+
+  `dataset` replaces `input_pipeline.create_dataset(config)` (tests, notebooks
+  with in-memory data). Returns the final host state. On SIGTERM it saves a
+  checkpoint at the next step boundary and raises `Preempted`; rerunning the
+  same command resumes at that step.
+  """
+  run = _Run(config, workdir, dataset)
+  info, ckpt = run.dataset.info, run.checkpoints
+  state = run.state
+  restored = ckpt.restore(jax.device_get(state))
+  best_meta = ckpt.meta("best")
+  best_value = best_meta.get("best_value") if best_meta else None
+  if restored is not None:
+    state = restored[0]
+    logging.info("Resumed from %s at step %d.", os.path.join(workdir, "checkpoints"), int(state.step))
+  start_step = int(state.step)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  logging.info("%s: %d classes %s, k_n=%s, %d train examples, %d steps/epoch, %d steps, %d params.",
+               config.dataset, run.num_classes, info.class_names, list(np.asarray(info.class_counts)),
+               info.num_train, run.steps_per_epoch, run.total_steps,
+               sum(np.size(x) for x in jax.tree_util.tree_leaves(state.params)))
+
+  rstate = flax.jax_utils.replicate(state)
+  writer = _Writer(workdir)
+  buffer = _MetricBuffer()
+  val_split = _validation_split(info)
+  ckpt_every = config.checkpoint_every_steps or run.steps_per_epoch
+  eval_every = config.eval_every_epochs * run.steps_per_epoch
+  last_good = ckpt.latest_step()
+  t_log, t_start, log_from = time.time(), time.time(), start_step
+  train_iter = flax.jax_utils.prefetch_to_device(run.dataset.train_iter(start_step), 2)
+
+  def save(step: int, rstate: TrainState) -> None:
+    nonlocal last_good
+    buffer.flush(workdir, last_good)
+    ckpt.save(step, run.host_state(rstate), best_value=best_value)
+    last_good = step
+
+  with _Preemption() as preemption:
+    for step in range(start_step, run.total_steps):
+      rstate, metrics = run.p_train_step(rstate, next(train_iter), run.dropout_rng)
+      buffer.add(step, metrics)
+      done = step + 1
+      if done % config.log_every_steps == 0 or done == run.total_steps:
+        fetched = buffer.flush(workdir, last_good)
+        now = time.time()
+        values = _summaries(fetched, run.model.num_heads)
+        values["train/examples_per_sec"] = (done - log_from) * config.batch_size / max(now - t_log, 1e-9)
+        writer.scalars(done, values)
+        eta = (now - t_start) / max(done - start_step, 1) * (run.total_steps - done)
+        logging.info("step %d/%d (epoch %.2f): loss %.4f acc %.3f lr %.2e, %.1f ex/s, ETA %s", done,
+                     run.total_steps, done / run.steps_per_epoch, values["train/loss"], values["train/accuracy"],
+                     values["train/learning_rate"], values["train/examples_per_sec"],
+                     time.strftime("%H:%M:%S", time.gmtime(eta)))
+        t_log, log_from = now, done
+      if val_split and (done % eval_every == 0 or done == run.total_steps):
+        pred = predict_split(run.p_eval_step, rstate, run.dataset, val_split)
+        val = metrics_lib.compute_metrics(pred["labels"], pred["probs"], info.class_names)
+        writer.scalars(done, {f"validation/{k}": val[k] for k in metrics_lib.SUMMARY_KEYS}
+                       | {"validation/loss": pred["loss"]})
+        value = val[config.selection_metric]
+        logging.info("step %d validation: %s", done,
+                     ", ".join(f"{k}={val[k]:.4f}" for k in metrics_lib.SUMMARY_KEYS))
+        if np.isfinite(value) and (best_value is None or value > best_value):
+          best_value = float(value)
+          buffer.flush(workdir, last_good)
+          ckpt.save(done, run.host_state(rstate), which="best", best_value=best_value,
+                    selection_metric=config.selection_metric)
+      if done % ckpt_every == 0 or done == run.total_steps:
+        save(done, rstate)
+      if _any_process(preemption.requested) and done < run.total_steps:
+        save(done, rstate)
+        ckpt.wait()
+        writer.close()
+        ckpt.close()
+        raise Preempted(f"Preempted (SIGTERM) at step {done}/{run.total_steps}; checkpoint saved in "
+                        f"{workdir}/checkpoints. Rerun the same command to resume.")
+
+  ckpt.wait()
+  final = run.host_state(rstate)
+  use_best = config.eval_checkpoint == "best" and ckpt.latest_step("best") is not None
+  report_state = ckpt.restore(jax.device_get(final), which="best")[0] if use_best else final
+  report_step = ckpt.latest_step("best") if use_best else int(final.step)
+  result = write_report(config, report_state, run.dataset, "test", os.path.join(workdir, "report", "test"),
+                        run.p_eval_step, flax.jax_utils.replicate(report_state),
+                        extra={"checkpoint": "best" if use_best else "latest", "checkpoint_step": report_step})
+  writer.scalars(int(final.step), {f"test/{k}": result[k] for k in metrics_lib.SUMMARY_KEYS})
+  writer.close()
+  ckpt.close()
+  return final
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = "test", checkpoint: str = "best",
+             dataset=None) -> dict:
+  """Restores the `checkpoint` ('best' | 'latest') of `workdir` and writes the report of `split`."""
+  run = _Run(config, workdir, dataset)
+  restored = run.checkpoints.restore(jax.device_get(run.state), which=checkpoint)
+  if restored is None:
+    raise FileNotFoundError(f"No {checkpoint} checkpoint in {workdir}; train first with launch/train.py "
+                            f"--workdir={workdir}, or pick --checkpoint=latest.")
+  state, meta = restored
+  out_dir = os.path.join(workdir, "report", f"{split}_{checkpoint}")
+  return write_report(config, state, run.dataset, split, out_dir, run.p_eval_step,
+                      flax.jax_utils.replicate(state), extra={"checkpoint": checkpoint, "checkpoint_step": meta["step"]})

@@ -1,0 +1,41 @@
+"""Trains (or resumes) one run: `python launch/train.py --config=configs/default.py --workdir=/tmp/run`.
+
+Config overrides: `--config=configs/covid19_diag.py:baseline,ce` or `--config.learning_rate=0.01`.
+Multi-host: add `--distributed` (auto-detects Cloud TPU pods and SLURM) or give
+`--coordinator_address`, `--num_processes` and `--process_id` explicitly.
+"""
+
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from dsn_saal_jax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs and reports go here; rerun to resume.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (TPU pod / SLURM auto-detection).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for explicit multi-process runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes, for explicit multi-process runs.")
+flags.DEFINE_integer("process_id", None, "This process's index, for explicit multi-process runs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: schedulers see the run as interrupted, not done.
+
+
+def main(argv):
+  del argv
+  if FLAGS.distributed or FLAGS.coordinator_address:
+    train.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  logging.info("Process %d of %d; config:\n%s", jax.process_index(), jax.process_count(), FLAGS.config)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except train.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(PREEMPTED_EXIT_CODE)
+
+
+if __name__ == "__main__":
+  app.run(main)
