@@ -5,7 +5,7 @@ is the model's tuple of (B, C) logit arrays, `labels` (B,) integer classes,
 `saal_params` the `params['saal']` subtree (ignored by the baselines) and
 `mask` optional per-example weights (padded eval examples get 0). `total` is
 the sum over heads of each head's batch mean (Eq. 2). All computation is in
-float32 whatever the model's compute dtype.
+at least float32 whatever the model's compute dtype (float64 when the model runs in it).
 
 `make_loss` validates the class counts k_n once, outside any trace, and
 returns a jit-compiled function with them baked in as constants.
@@ -51,8 +51,11 @@ def effective_number_weights(alpha_raw: jax.Array, class_counts: jax.Array) -> j
 
   (1 - alpha) = sigmoid(-raw) and 1 - alpha^k = -expm1(k log sigmoid(raw)), so
   neither alpha^k (k ~ 1e5) nor 1 - alpha (alpha ~ 1) is ever formed directly.
+  A class with k_n = 1 has w_n = 1 for every alpha; it is set exactly, so that
+  rounding in the ratio leaves no spurious gradient on alpha.
   """
-  return jax.nn.sigmoid(-alpha_raw) / -jnp.expm1(class_counts * jax.nn.log_sigmoid(alpha_raw))
+  w = jax.nn.sigmoid(-alpha_raw) / -jnp.expm1(class_counts * jax.nn.log_sigmoid(alpha_raw))
+  return jnp.where(class_counts == 1, 1.0, w)
 
 
 def _check_shapes(heads: Sequence[jax.Array], labels: jax.Array, num_classes: int) -> None:
@@ -70,13 +73,17 @@ def _check_shapes(heads: Sequence[jax.Array], labels: jax.Array, num_classes: in
 def _reduce(per_example: jax.Array, mask: jax.Array | None) -> jax.Array:
   if mask is None:
     return jnp.mean(per_example)
-  mask = mask.astype(jnp.float32)
+  mask = mask.astype(per_example.dtype)
   return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _loss_dtype(heads: Sequence[jax.Array]):
+  return jnp.promote_types(heads[0].dtype, jnp.float32)
 
 
 def _sum_heads(per_head_fn, heads, labels, mask) -> tuple[jax.Array, jax.Array]:
   per_head = jnp.stack([
-      _reduce(per_head_fn(i, h.astype(jnp.float32), labels), mask) for i, h in enumerate(heads)])
+      _reduce(per_head_fn(i, h.astype(_loss_dtype(heads)), labels), mask) for i, h in enumerate(heads)])
   return jnp.sum(per_head), per_head
 
 
@@ -91,10 +98,11 @@ def saal_loss(heads: Sequence[jax.Array], labels: jax.Array, saal_params: Mappin
     raise ValueError(f"params['saal']['beta'] has shape {beta_raw.shape}, but the model has {len(heads)} heads.")
   if not learn_alpha_beta:
     alpha_raw, beta_raw = jax.lax.stop_gradient(alpha_raw), jax.lax.stop_gradient(beta_raw)
-  w = effective_number_weights(alpha_raw.astype(jnp.float32), jnp.asarray(class_counts, jnp.float32))
+  dtype = _loss_dtype(heads)
+  w = effective_number_weights(alpha_raw.astype(dtype), jnp.asarray(class_counts, dtype))
   if normalize_weights:
     w = num_classes * w / jnp.sum(w)
-  beta = jax.nn.sigmoid(beta_raw.astype(jnp.float32))
+  beta = jax.nn.sigmoid(beta_raw.astype(dtype))
   onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
 
   def per_head(i, logits, labels):

@@ -69,18 +69,20 @@ class BatchNorm(nn.Module):
   momentum: float = 0.9  # flax convention: torch momentum 0.1
   epsilon: float = 1e-5
   axis_name: str | None = None
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     features = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
-    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
-    ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), self.param_dtype)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), self.param_dtype)
     if not train:
       mean, var = ra_mean.value, ra_var.value
     else:
-      xf = x.astype(jnp.float32)
+      # Statistics in at least float32, whatever the compute dtype.
+      xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
       axes = tuple(range(x.ndim - 1))
       count = np.prod([x.shape[a] for a in axes])
       mean = jnp.mean(xf, axes)
@@ -104,15 +106,16 @@ class SideHead(nn.Module):
   num_classes: int
   fuse_channels: int = 1
   dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, activations: Sequence[jax.Array]) -> jax.Array:
-    side = sum(
-        nn.Conv(SIDE_CHANNELS, (1, 1), kernel_init=linear_init, dtype=self.dtype, name=f"conv{j + 1}")(a)
-        for j, a in enumerate(activations))
-    fused = nn.Conv(self.fuse_channels, (1, 1), kernel_init=linear_init, dtype=self.dtype, name="fuse")(side)
-    pooled = flatten_nchw(adaptive_avg_pool(fused))
-    return nn.Dense(self.num_classes, kernel_init=linear_init, dtype=self.dtype, name="fc")(pooled)
+    conv = functools.partial(nn.Conv, kernel_size=(1, 1), kernel_init=linear_init, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+    side = sum(conv(SIDE_CHANNELS, name=f"conv{j + 1}")(a) for j, a in enumerate(activations))
+    pooled = flatten_nchw(adaptive_avg_pool(conv(self.fuse_channels, name="fuse")(side)))
+    return nn.Dense(self.num_classes, kernel_init=linear_init, dtype=self.dtype, param_dtype=self.param_dtype,
+                    name="fc")(pooled)
 
 
 class DSNVGG16BN(nn.Module):
@@ -131,7 +134,8 @@ class DSNVGG16BN(nn.Module):
   widths: Sequence[int] = VGG16_WIDTHS
   hidden: int = 4096
   axis_name: str | None = None
-  dtype: Any = jnp.float32
+  dtype: Any = jnp.float32  # compute dtype (bfloat16 for mixed precision)
+  param_dtype: Any = jnp.float32
 
   @property
   def num_heads(self) -> int:
@@ -147,19 +151,23 @@ class DSNVGG16BN(nn.Module):
     for s, (n_convs, width) in enumerate(zip(self.stages, self.widths), start=1):
       acts = []
       for j in range(1, n_convs + 1):
-        x = nn.Conv(width, (3, 3), padding=1, kernel_init=conv_init, dtype=self.dtype, name=f"conv{s}_{j}")(x)
-        x = BatchNorm(axis_name=self.axis_name, name=f"bn{s}_{j}")(x, train)
+        x = nn.Conv(width, (3, 3), padding=1, kernel_init=conv_init, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name=f"conv{s}_{j}")(x)
+        x = BatchNorm(axis_name=self.axis_name, param_dtype=self.param_dtype, name=f"bn{s}_{j}")(x, train)
         x = nn.relu(x)
         acts.append(x)
       if self.dsn:
-        heads.append(SideHead(self.num_classes, self.fuse_channels, self.dtype, name=f"side{s}")(acts))
+        heads.append(SideHead(self.num_classes, self.fuse_channels, self.dtype, self.param_dtype,
+                              name=f"side{s}")(acts))
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = flatten_nchw(adaptive_avg_pool(x))
-    dense: Callable[..., nn.Dense] = functools.partial(nn.Dense, kernel_init=linear_init, dtype=self.dtype)
+    dense: Callable[..., nn.Dense] = functools.partial(
+        nn.Dense, kernel_init=linear_init, dtype=self.dtype, param_dtype=self.param_dtype)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(dense(self.hidden, name="fc6")(x)))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(dense(self.hidden, name="fc7")(x)))
     heads.append(dense(self.num_classes, name="fc8")(x))
-    return tuple(h.astype(jnp.float32) for h in heads)
+    # Logits leave the model in at least float32, where the loss is computed.
+    return tuple(h.astype(jnp.promote_types(h.dtype, jnp.float32)) for h in heads)
 
 
 def predict_probs(heads: Sequence[jax.Array], eval_head: str = "final") -> jax.Array:

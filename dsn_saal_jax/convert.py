@@ -1,0 +1,156 @@
+"""Exchange of weights between PyTorch state_dicts and Flax variables.
+
+The mapping is exact and strict both ways: every key is accounted for, shapes
+are checked, and any mismatch is an error listing all offending keys. Backbone
+and classifier keys are torchvision's `vgg16_bn` (`features.K.*`,
+`classifier.{0,3,6}.*`), side branches `side.{s}.{convs.{j},fuse,fc}.*`, and
+the SAAL scalars, when present, `saal.alpha` / `saal.beta`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from dsn_saal_jax.models import DSNVGG16BN
+
+# torch key suffix -> (flax collection, flax leaf name, how torch's array is laid out).
+_CONV = {"weight": ("params", "kernel", "conv"), "bias": ("params", "bias", None)}
+_LINEAR = {"weight": ("params", "kernel", "linear"), "bias": ("params", "bias", None)}
+_BN = {"weight": ("params", "scale", None), "bias": ("params", "bias", None),
+       "running_mean": ("batch_stats", "mean", None), "running_var": ("batch_stats", "var", None)}
+
+
+def _module_map(model: DSNVGG16BN) -> Iterator[tuple[str, tuple[str, ...], dict]]:
+  """(torch module prefix, flax module path, leaf table) for every layer of `model`."""
+  k = 0
+  for s, n_convs in enumerate(model.stages, start=1):
+    for j in range(1, n_convs + 1):
+      yield f"features.{k}", (f"conv{s}_{j}",), _CONV
+      yield f"features.{k + 1}", (f"bn{s}_{j}",), _BN
+      k += 3  # conv, bn, relu
+    k += 1  # max-pool
+    if model.dsn:
+      for j in range(1, n_convs + 1):
+        yield f"side.{s - 1}.convs.{j - 1}", (f"side{s}", f"conv{j}"), _CONV
+      yield f"side.{s - 1}.fuse", (f"side{s}", "fuse"), _CONV
+      yield f"side.{s - 1}.fc", (f"side{s}", "fc"), _LINEAR
+  for idx, name in ((0, "fc6"), (3, "fc7"), (6, "fc8")):
+    yield f"classifier.{idx}", (name,), _LINEAR
+
+
+def _bn_prefixes(model: DSNVGG16BN) -> list[str]:
+  return [prefix for prefix, _, table in _module_map(model) if table is _BN]
+
+
+def _to_flax_layout(a: np.ndarray, layout: str | None) -> np.ndarray:
+  if layout == "conv":  # OIHW -> HWIO
+    return np.transpose(a, (2, 3, 1, 0))
+  if layout == "linear":  # (out, in) -> (in, out)
+    return np.transpose(a)
+  return a
+
+
+def _to_torch_layout(a: np.ndarray, layout: str | None) -> np.ndarray:
+  if layout == "conv":  # HWIO -> OIHW
+    return np.transpose(a, (3, 2, 0, 1))
+  if layout == "linear":
+    return np.transpose(a)
+  return a
+
+
+def variables_to_state_dict(variables: Mapping[str, Any], model: DSNVGG16BN) -> dict[str, np.ndarray]:
+  """Flax {'params', 'batch_stats'} -> a torch-layout state_dict of NumPy arrays.
+
+  `num_batches_tracked` is written as 0: Flax does not count BN updates, and
+  torch only reads it when BatchNorm momentum is None.
+  """
+  flat = traverse_util.flatten_dict(jax.device_get(dict(variables)))
+  used, out = set(), {}
+  for prefix, path, table in _module_map(model):
+    for suffix, (collection, leaf, layout) in table.items():
+      key = (collection, *path, leaf)
+      if key not in flat:
+        raise ValueError(f"Flax variables lack {'/'.join(key)} needed for torch key {prefix}.{suffix}.")
+      out[f"{prefix}.{suffix}"] = np.ascontiguousarray(_to_torch_layout(np.asarray(flat[key]), layout))
+      used.add(key)
+  for prefix in _bn_prefixes(model):
+    out[f"{prefix}.num_batches_tracked"] = np.zeros((), np.int64)
+  for name in ("alpha", "beta"):
+    key = ("params", "saal", name)
+    if key in flat:
+      out[f"saal.{name}"] = np.asarray(flat[key])
+      used.add(key)
+  unused = sorted("/".join(k) for k in flat if k not in used)
+  if unused:
+    raise ValueError(f"Flax variables hold entries the {type(model).__name__} layout does not know: {unused}.")
+  return out
+
+
+def state_dict_to_variables(state_dict: Mapping[str, Any], model: DSNVGG16BN,
+                            in_channels: int | None = None) -> dict[str, Any]:
+  """A torch-layout state_dict -> Flax {'params', 'batch_stats'}, checked against `model`.
+
+  Raises ValueError naming every missing key, unexpected key and shape
+  mismatch at once, so nothing is silently dropped or broadcast.
+  """
+  # Copy: jnp.asarray may alias a NumPy view of a torch tensor, which torch later updates in place.
+  sd = {k: np.array(v.detach().cpu().numpy() if hasattr(v, "detach") else v, copy=True)
+        for k, v in state_dict.items()}
+  if in_channels is None:
+    in_channels = sd["features.0.weight"].shape[1] if "features.0.weight" in sd else 3
+  expected = traverse_util.flatten_dict(jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, in_channels)))))
+  missing, shapes, flat, used = [], [], {}, set()
+  for prefix, path, table in _module_map(model):
+    for suffix, (collection, leaf, layout) in table.items():
+      tkey, fkey = f"{prefix}.{suffix}", (collection, *path, leaf)
+      if tkey not in sd:
+        missing.append(tkey)
+        continue
+      used.add(tkey)
+      value = _to_flax_layout(sd[tkey], layout)
+      if value.shape != expected[fkey].shape:
+        shapes.append(f"{tkey}: {sd[tkey].shape}, expected {_to_torch_layout(np.empty(expected[fkey].shape), layout).shape}")
+        continue
+      flat[fkey] = jnp.asarray(value, expected[fkey].dtype)
+  used.update(f"{p}.num_batches_tracked" for p in _bn_prefixes(model) if f"{p}.num_batches_tracked" in sd)
+  saal = [k for k in ("saal.alpha", "saal.beta") if k in sd]
+  if len(saal) == 1:
+    missing.append(({"saal.alpha", "saal.beta"} - set(saal)).pop())
+  for key in saal:
+    flat[("params", "saal", key.split(".")[1])] = jnp.asarray(sd[key], jnp.float32)
+    used.add(key)
+  unexpected = sorted(set(sd) - used)
+  problems = [f"{name}: {items}" for name, items in
+              (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)) if items]
+  if problems:
+    raise ValueError(
+        f"state_dict does not match {type(model).__name__}(num_classes={model.num_classes}, dsn={model.dsn}, "
+        f"in_channels={in_channels}): " + "; ".join(problems))
+  return traverse_util.unflatten_dict(flat)
+
+
+def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Read a plain tensor state_dict file safely (never unpickles code)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except OSError:
+    raise
+  except Exception as e:  # torch raises several unrelated types for refused or corrupt pickles
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(
+        f"{path} is not a plain tensor state_dict that torch.load(weights_only=True) can read "
+        f"(it may pickle code or a whole model, or be corrupt: {reason}). Save one with "
+        "torch.save(model.state_dict(), path).") from e
+  if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    kinds = type(obj).__name__ if not isinstance(obj, Mapping) else sorted({type(v).__name__ for v in obj.values()})
+    raise ValueError(f"{path} holds {kinds}, not a flat name -> tensor state_dict. Save one with "
+                     "torch.save(model.state_dict(), path).")
+  return {k: v.numpy() for k, v in obj.items()}

@@ -1,0 +1,107 @@
+"""DSN-VGG16-BN structure: heads, parameter counts, pooling semantics, input checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsn_saal_jax import models
+
+TINY = dict(widths=(4, 8, 8, 16, 16), hidden=32)
+
+
+def expected_param_count(in_ch, num_classes, dsn, widths=models.VGG16_WIDTHS, hidden=4096, fuse=1):
+  """Counted from DESIGN.md's description, independently of the module code."""
+  total, c = 0, in_ch
+  for n, w in zip(models.VGG16_STAGES, widths):
+    for _ in range(n):
+      total += 9 * c * w + w + 2 * w  # conv + bias, BN scale/bias
+      if dsn:
+        total += w * 21 + 21  # side 1x1 conv
+      c = w
+    if dsn:
+      total += 21 * fuse + fuse + fuse * 49 * num_classes + num_classes
+  total += c * 49 * hidden + hidden + hidden * hidden + hidden + hidden * num_classes + num_classes
+  return total
+
+
+@pytest.mark.parametrize("dsn,in_ch", [(False, 1), (False, 3), (True, 1), (True, 3)])
+def test_full_size_parameter_count(dsn, in_ch):
+  model = models.DSNVGG16BN(num_classes=3, dsn=dsn)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, in_ch))))
+  n = models.count_params(shapes["params"])
+  assert n == expected_param_count(in_ch, 3, dsn)
+  # The paper's VGG-16 baseline has 134.28 M (Table 4); ours must agree to the reported precision.
+  if not dsn:
+    assert round(n / 1e6, 2) == 134.28
+
+
+@pytest.mark.parametrize("size", [32, 45, 100])
+def test_heads_order_and_shapes(size):
+  model = models.DSNVGG16BN(num_classes=3, **TINY)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, size, size, 1))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+  apply = jax.jit(model.apply)
+  heads = apply(variables, x)
+  assert len(heads) == model.num_heads == 6
+  assert all(h.shape == (2, 3) and h.dtype == jnp.float32 for h in heads)
+  # The last head is the backbone's classifier: changing a side head's Linear must not move it.
+  params = jax.tree_util.tree_map(lambda a: a, variables["params"])
+  params["side2"]["fc"]["bias"] = params["side2"]["fc"]["bias"] + 1.0
+  moved = apply({**variables, "params": params}, x)
+  np.testing.assert_allclose(moved[1], heads[1] + 1.0, rtol=1e-6)
+  for i in (0, 2, 3, 4, 5):
+    np.testing.assert_array_equal(moved[i], heads[i])
+
+
+def test_baseline_has_one_head_and_same_backbone():
+  x = jnp.ones((1, 32, 32, 3))
+  dsn = models.DSNVGG16BN(num_classes=2, **TINY)
+  base = models.DSNVGG16BN(num_classes=2, dsn=False, **TINY)
+  v_dsn = jax.jit(dsn.init)(jax.random.PRNGKey(0), x)
+  v_base = jax.jit(base.init)(jax.random.PRNGKey(0), x)
+  assert base.num_heads == 1 and len(jax.jit(base.apply)(v_base, x)) == 1
+  assert set(v_dsn["params"]) - set(v_base["params"]) == {f"side{s}" for s in range(1, 6)}
+  # The same backbone weights give the same final logits with and without side branches.
+  shared = {k: v for k, v in v_dsn["params"].items() if not k.startswith("side")}
+  final = jax.jit(base.apply)({"params": shared, "batch_stats": v_dsn["batch_stats"]}, x)[-1]
+  np.testing.assert_allclose(final, jax.jit(dsn.apply)(v_dsn, x)[-1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("in_size", [1, 3, 6, 7, 12, 25, 50, 100, 224])
+def test_adaptive_pool_matrix_matches_torch_windows(in_size):
+  m = models.adaptive_pool_matrix(in_size)
+  for i in range(7):
+    start, end = int(np.floor(i * in_size / 7)), int(np.ceil((i + 1) * in_size / 7))
+    expected = np.zeros(in_size)
+    expected[start:end] = 1 / (end - start)
+    np.testing.assert_allclose(m[i], expected, rtol=1e-7)
+
+
+def test_init_follows_torchvision():
+  model = models.DSNVGG16BN(num_classes=3)
+  v = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  p = v["params"]
+  k = np.asarray(p["conv3_1"]["kernel"])  # (3, 3, 128, 256): fan_out = 9 * 256
+  assert abs(k.std() / np.sqrt(2 / (9 * 256)) - 1) < 0.02
+  assert abs(np.asarray(p["fc7"]["kernel"]).std() / 0.01 - 1) < 0.01
+  assert abs(np.asarray(p["side3"]["conv1"]["kernel"]).std() / 0.01 - 1) < 0.1
+  assert not np.any(p["conv3_1"]["bias"]) and not np.any(p["fc8"]["bias"])
+  np.testing.assert_array_equal(p["bn2_1"]["scale"], 1.0)
+  np.testing.assert_array_equal(v["batch_stats"]["bn2_1"]["var"], 1.0)
+
+
+def test_predict_probs():
+  heads = (jnp.array([[0.0, 1.0]]), jnp.array([[2.0, 0.0]]))
+  np.testing.assert_allclose(models.predict_probs(heads), jax.nn.softmax(heads[1]))
+  mean = models.predict_probs(heads, "mean")
+  np.testing.assert_allclose(mean, (jax.nn.softmax(heads[0]) + jax.nn.softmax(heads[1])) / 2, rtol=1e-6)
+  with pytest.raises(ValueError, match="eval_head"):
+    models.predict_probs(heads, "max")
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 40, 1), (1, 16, 16, 1), (1, 64, 64, 2), (64, 64, 1)])
+def test_bad_input_shape_is_reported(shape):
+  model = models.DSNVGG16BN(num_classes=3, **TINY)
+  with pytest.raises(ValueError, match=r"H == W >= 32 and 1 or 3 channels"):
+    model.init(jax.random.PRNGKey(0), jnp.zeros(shape))
