@@ -154,3 +154,64 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     raise ValueError(f"{path} holds {kinds}, not a flat name -> tensor state_dict. Save one with "
                      "torch.save(model.state_dict(), path).")
   return {k: v.numpy() for k, v in obj.items()}
+
+
+def torchvision_variables(state_dict: Mapping[str, Any], in_channels: int = 3,
+                          num_classes: int = 1000) -> dict[str, Any]:
+  """The Flax backbone and classifier variables of a torchvision `vgg16_bn` state_dict.
+
+  For 1-channel input the first conv kernel is the sum over RGB (a gray image
+  replicated to RGB gives the same response). When `num_classes` != 1000 the
+  last Linear (`fc8`) is left out, so the trainer initialises it afresh; side
+  branches are never part of ImageNet weights and always start random.
+  """
+  if in_channels not in (1, 3):
+    raise ValueError(f"in_channels must be 1 or 3, got {in_channels}.")
+  sd = {k: np.array(v.detach().cpu().numpy() if hasattr(v, "detach") else v, copy=True)
+        for k, v in state_dict.items()}
+  if in_channels == 1 and "features.0.weight" in sd:
+    sd["features.0.weight"] = sd["features.0.weight"].sum(axis=1, keepdims=True)
+  variables = state_dict_to_variables(sd, DSNVGG16BN(1000, dsn=False), in_channels=in_channels)
+  if num_classes != 1000:
+    variables["params"].pop("fc8")
+  return variables
+
+
+def save_pretrained(path: str | os.PathLike, variables: Mapping[str, Any]) -> None:
+  """Write converted variables as an Orbax checkpoint (atomic: a temp dir renamed when complete)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.abspath(path), dict(variables))
+
+
+def load_pretrained(path: str | os.PathLike) -> dict[str, Any]:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path} is not a converted checkpoint directory; make one with "
+                            "launch/convert_torchvision.py.")
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(os.path.abspath(path))
+
+
+def merge_pretrained(variables: Mapping[str, Any], pretrained: Mapping[str, Any],
+                     source: str = "pretrained") -> dict[str, Any]:
+  """`variables` with every leaf of `pretrained` put in place; each must exist with the same shape.
+
+  Leaves absent from `pretrained` (side branches, a new last Linear) keep
+  their fresh initialisation.
+  """
+  flat = traverse_util.flatten_dict(dict(variables))
+  problems = []
+  for key, value in traverse_util.flatten_dict(dict(pretrained)).items():
+    name = "/".join(key)
+    if key not in flat:
+      problems.append(f"{name} is not in the model")
+    elif tuple(value.shape) != tuple(flat[key].shape):
+      problems.append(f"{name} has shape {tuple(value.shape)}, the model needs {tuple(flat[key].shape)}")
+    else:
+      flat[key] = jnp.asarray(value, flat[key].dtype)
+  if problems:
+    raise ValueError(f"{source} does not fit the model: " + "; ".join(problems) +
+                     ". ImageNet weights need the full-size VGG16-BN (default widths, hidden=4096) "
+                     "and the converter's --in_channels equal to the config's channels.")
+  return traverse_util.unflatten_dict(flat)
