@@ -79,8 +79,8 @@ def normalize(pixels: tf.Tensor, normalization: dict[str, Any]) -> tf.Tensor:
 def preprocess(image: tf.Tensor, image_size: int, normalization: dict[str, Any]) -> tf.Tensor:
   """uint8 (H, W, 1) slice -> float32 (S, S, C): exactly what training and evaluation feed the model.
 
-  For inference on a DICOM file: `preprocess(ct.preprocess_dicom(path)[..., None],
-  *info.image_shape[:1], info.normalization)`.
+  For inference on a DICOM file:
+  `preprocess(ct.preprocess_dicom(path)[..., None], info.image_shape[0], info.normalization)`.
   """
   return normalize(resize(image, image_size), normalization)
 
@@ -131,7 +131,7 @@ class _Split:
     for start in range(0, len(decoded), _SCAN_CHUNK):
       for ex in decoded.__getitems__(range(start, min(start + _SCAN_CHUNK, len(decoded)))):
         labels.append(ex["label"])
-        ids.append(ex["id"].decode() if isinstance(ex["id"], bytes) else str(ex["id"]))
+        ids.append(ex["id"].decode())
     self.labels = np.asarray(labels, dtype=np.int64)
     self.ids = ids
 

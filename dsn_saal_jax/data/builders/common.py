@@ -35,10 +35,11 @@ def manual_dir(dl_manager: tfds.download.DownloadManager, dataset: str,
   try:
     return dl_manager.manual_dir
   except AssertionError as e:
+    path = getattr(dl_manager, "_manual_dir", None)  # TFDS's message ends mid-sentence; ours names it.
+    state = "does not exist" if path is None or not epath.Path(path).exists() else "is empty"
     raise DatasetError(
-        f"{dataset}: the manual data directory is missing or empty ({e.args[0].splitlines()[0]}). "
-        f"Put the data there (or set config.manual_dir to where it is), laid out as follows:\n"
-        f"{instructions}") from e
+        f"{dataset}: the manual data directory {path} {state}. Put the dataset there, laid out "
+        f"as below, or point config.manual_dir at where it is:\n{instructions}") from e
 
 
 def _ignored(name: str) -> bool:
