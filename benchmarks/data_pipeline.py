@@ -57,7 +57,7 @@ def main() -> None:
   start = time.perf_counter()
   ds = input_pipeline.create_dataset(config)
   print(f"dataset {args.dataset}: {ds.info.num_train} training images, ready in "
-        f"{time.perf_counter() - start:.1f} s (includes a first build)")
+        f"{time.perf_counter() - start:.1f} s (including a build if it was absent)")
   train_rate, n = images_per_second(ds.train_iter(), args.steps, args.warmup)
   eval_split = next(iter(ds.info.num_eval))
   eval_rate, m = images_per_second(ds.eval_iter(eval_split), 10**9, 0)

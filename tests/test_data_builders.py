@@ -4,6 +4,7 @@ import shutil
 import zipfile
 from collections import Counter
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -330,3 +331,15 @@ def test_synthetic_ct_counts_and_determinism(tmp_path):
   # Stored slices went through the lung mask: zero outside the lungs.
   image = first["train/000000"]["image"]
   assert image.shape == (32, 32, 1) and (image == 0).mean() > 0.4
+
+
+@pytest.mark.parametrize("scale,size", [(0.1, 64), (0.03, 48)])
+def test_make_builder_selects_synthetic_variant(tmp_path, scale, size):
+  # (0.1, 64) is also the registered default config; custom ones get their own directory.
+  config = ml_collections.ConfigDict(dict(dataset="synthetic_ct", data_dir=str(tmp_path),
+                                          synthetic_scale=scale, synthetic_image_size=size))
+  builder = builders.make_builder(config)
+  assert builder.builder_config.scale == scale and builder.builder_config.image_size == size
+  assert f"scale{scale:g}_px{size}_seed0" in str(builder.data_path)
+  with pytest.raises(ValueError, match="Unknown dataset 'covid'"):
+    builders.make_builder(ml_collections.ConfigDict(dict(dataset="covid")))

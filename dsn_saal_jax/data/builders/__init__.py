@@ -42,6 +42,8 @@ def make_builder(config: Any) -> tfds.core.GeneratorBasedBuilder:
     builder_config = make_config(config.get("synthetic_scale", 0.1),
                                  config.get("synthetic_image_size", 64),
                                  config.get("synthetic_seed", 0))
+    if builder_config.name in SyntheticCt.builder_configs:  # TFDS wants the registered object.
+      builder_config = builder_config.name
   else:
     builder_config = "lung_mask" if config.get("lung_mask", False) else "original"
   return BUILDERS[name](data_dir=config.get("data_dir") or None, config=builder_config)
