@@ -16,7 +16,7 @@ import json
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax
 import flax.jax_utils
@@ -174,6 +174,17 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: DSNVG
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
+  """`tree` copied to every local device, laid out exactly as pmap outputs are.
+
+  (flax's `replicate` uses another mesh axis name, so the second step, fed
+  the first step's outputs, would compile the whole train step again.)
+  """
+  n = len(devices) if devices else jax.local_device_count()
+  stacked = jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * n), tree)
+  return jax.pmap(lambda x: x, devices=devices)(stacked)
 
 
 def unreplicate(tree: Any) -> Any:
@@ -410,7 +421,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
                info.num_train, run.steps_per_epoch, run.total_steps,
                sum(np.size(x) for x in jax.tree_util.tree_leaves(state.params)))
 
-  rstate = flax.jax_utils.replicate(state)
+  rstate = replicate(state)
   writer = _Writer(workdir)
   buffer = _MetricBuffer()
   val_split = _validation_split(info)
@@ -438,9 +449,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
         values["train/examples_per_sec"] = (done - log_from) * config.batch_size / max(now - t_log, 1e-9)
         writer.scalars(done, values)
         eta = (now - t_start) / max(done - start_step, 1) * (run.total_steps - done)
-        logging.info("step %d/%d (epoch %.2f): loss %.4f acc %.3f lr %.2e, %.1f ex/s, ETA %s", done,
+        saal = f" alpha {values['train/alpha']:.3f}" if "train/alpha" in values else ""
+        logging.info("step %d/%d (epoch %.2f): loss %.4f acc %.3f lr %.2e%s, %.1f ex/s, ETA %s", done,
                      run.total_steps, done / run.steps_per_epoch, values["train/loss"], values["train/accuracy"],
-                     values["train/learning_rate"], values["train/examples_per_sec"],
+                     values["train/learning_rate"], saal, values["train/examples_per_sec"],
                      time.strftime("%H:%M:%S", time.gmtime(eta)))
         t_log, log_from = now, done
       if val_split and (done % eval_every == 0 or done == run.total_steps):
@@ -472,7 +484,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
   report_state = ckpt.restore(jax.device_get(final), which="best")[0] if use_best else final
   report_step = ckpt.latest_step("best") if use_best else int(final.step)
   result = write_report(config, report_state, run.dataset, "test", os.path.join(workdir, "report", "test"),
-                        run.p_eval_step, flax.jax_utils.replicate(report_state),
+                        run.p_eval_step, replicate(report_state),
                         extra={"checkpoint": "best" if use_best else "latest", "checkpoint_step": report_step})
   writer.scalars(int(final.step), {f"test/{k}": result[k] for k in metrics_lib.SUMMARY_KEYS})
   writer.close()
@@ -491,4 +503,4 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = "test
   state, meta = restored
   out_dir = os.path.join(workdir, "report", f"{split}_{checkpoint}")
   return write_report(config, state, run.dataset, split, out_dir, run.p_eval_step,
-                      flax.jax_utils.replicate(state), extra={"checkpoint": checkpoint, "checkpoint_step": meta["step"]})
+                      replicate(state), extra={"checkpoint": checkpoint, "checkpoint_step": meta["step"]})

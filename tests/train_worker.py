@@ -18,7 +18,6 @@ import signal
 import sys
 import time
 
-import flax
 import jax
 import numpy as np
 
@@ -71,7 +70,7 @@ def equiv(out: str) -> None:
   results = {}
   for name, devices in (("many", jax.local_devices()), ("one", jax.local_devices()[:1])):
     p_step = jax.pmap(step, axis_name=train.AXIS, in_axes=(0, 0, None), devices=devices)
-    rstate = flax.jax_utils.replicate(state, devices)
+    rstate = train.replicate(state, devices)
     it = ds.train_iter(0)
     for _ in range(3):
       batch = next(it)  # (local_devices, per_device, ...) -> regroup for `devices`.

@@ -1,0 +1,84 @@
+"""Config files, variants and the trainer's validation of bad input."""
+
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dsn_saal_jax import config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))))
+def test_every_config_file_is_valid(path):
+  config = load(os.path.basename(path)[:-3])
+  config_lib.validate_config(config, num_devices=1)
+
+
+@pytest.mark.parametrize("name,dataset,channels", [
+    ("covid19_diag", "covid19_diag", 1), ("covidx_ct", "covidx_ct", 3), ("covid19_ct", "covid19_ct", 3),
+    ("sars_cov2_ct", "sars_cov2_ct", 3)])
+def test_paper_protocol(name, dataset, channels):
+  c = load(name)
+  assert (c.dataset, c.channels, c.image_size, c.batch_size) == (dataset, channels, 224, 32)
+  assert (c.learning_rate, c.lr_decay_epochs, c.lr_decay_factor, c.num_epochs) == (1e-3, 40, 0.1, 120)
+  assert (c.momentum, c.weight_decay, c.model, c.loss) == (0.9, 5e-4, "dsn", "saal")
+  assert tuple(c.widths) == (64, 128, 256, 512, 512) and c.hidden == 4096
+
+
+def test_variants_from_the_config_argument():
+  c = load("covid19_diag", "baseline,focal,covid_fraction=0.25,seed=3,image_size=128,fold=2,"
+           "init_checkpoint=/w/vgg16_bn.pth,widths=8x16x16x32x32")
+  assert (c.model, c.loss, c.covid_fraction, c.seed, c.image_size, c.fold) == ("baseline", "focal", 0.25, 3, 128, 2)
+  assert c.init_checkpoint == "/w/vgg16_bn.pth" and tuple(c.widths) == (8, 16, 16, 32, 32)
+  with pytest.raises(ValueError, match="Unknown config variant 'resnet'"):
+    load("covid19_diag", "resnet")
+  with pytest.raises(ValueError, match="Unknown config variant key 'learing_rate'.*'learning_rate'"):
+    load("covid19_diag", "learing_rate=0.1")
+
+
+def test_dataset_names_match_the_data_layer():
+  from dsn_saal_jax.data import builders  # pylint: disable=g-import-not-at-top
+  assert set(config_lib.DATASETS) == set(builders.BUILDERS)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(learing_rate=0.1), "Unknown config key 'learing_rate'. Did you mean 'learning_rate'"),
+    (dict(dataset="covid_ct"), "config.dataset='covid_ct' is not one of synthetic_ct"),
+    (dict(learning_rate=0.0), "config.learning_rate must be positive, got 0.0"),
+    (dict(learning_rate=-1e-3), "config.learning_rate must be positive"),
+    (dict(batch_size=30), r"config.batch_size=30 is not divisible by the 8 devices; .*--config.batch_size=24"),
+    (dict(eval_batch_size=12), "config.eval_batch_size=12 is not divisible by the 8 devices"),
+    (dict(model="resnet"), "config.model='resnet' is not one of dsn, baseline"),
+    (dict(loss="dice"), "config.loss='dice' is not one of saal"),
+    (dict(covid_fraction=0.0), r"covid_fraction must be in \(0, 1\]"),
+])
+def test_bad_values_are_rejected_with_the_key_named(change, message):
+  c = load("default")
+  c.unlock()
+  for k, v in change.items():
+    c[k] = v
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate_config(c, num_devices=8)
+
+
+def test_launcher_rejects_unknown_override_and_bad_dataset(tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config=" + os.path.join(ROOT, "configs", "default.py"),
+         f"--workdir={tmp_path}"]
+  proc = subprocess.run(cmd + ["--config.learing_rate=0.1"], env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "learing_rate" in proc.stderr
+  proc = subprocess.run(cmd + ["--config.dataset=covid_ct"], env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "config.dataset='covid_ct' is not one of" in proc.stderr
+  assert not os.listdir(tmp_path)  # nothing written for a config that cannot run

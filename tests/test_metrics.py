@@ -1,0 +1,111 @@
+"""Metrics against hand computation, report figures, Grad-CAM and the sweep tables."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsn_saal_jax import metrics, reporting
+from dsn_saal_jax.models import DSNVGG16BN
+
+NAMES = ("normal", "pneumonia", "covid")
+
+
+def test_three_class_metrics_by_hand():
+  labels = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+  preds = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 0])
+  probs = np.full((10, 3), 0.1)
+  probs[np.arange(10), preds] = 0.8
+  m = metrics.compute_metrics(labels, probs, NAMES)
+  assert m["confusion_matrix"] == [[3, 1, 0], [0, 2, 1], [1, 0, 2]]
+  assert m["accuracy"] == pytest.approx(0.7)
+  sen = np.array([3 / 4, 2 / 3, 2 / 3])
+  pre = np.array([3 / 4, 2 / 3, 2 / 3])
+  spe = np.array([5 / 6, 6 / 7, 6 / 7])
+  f1 = 2 * pre * sen / (pre + sen)
+  assert m["macro_sensitivity"] == pytest.approx(sen.mean())
+  assert m["macro_precision"] == pytest.approx(pre.mean())
+  assert m["macro_specificity"] == pytest.approx(spe.mean())
+  assert m["macro_f1"] == pytest.approx(f1.mean())
+  assert m["g_mean"] == pytest.approx(math.sqrt(sen.mean() * spe.mean()))
+  assert m["per_class"]["covid"]["specificity"] == pytest.approx(6 / 7)
+  assert m["per_class"]["normal"]["support"] == 4
+  assert 0.5 < m["auc"] <= 1.0
+
+
+def test_binary_auc_and_undefined_values():
+  labels = np.array([0, 0, 1, 1])
+  probs = np.array([[0.9, 0.1], [0.3, 0.7], [0.35, 0.65], [0.2, 0.8]])
+  m = metrics.compute_metrics(labels, probs, ("non-covid", "covid"))
+  assert m["auc"] == pytest.approx(0.75)  # one of four (neg, pos) pairs mis-ordered: 0.7 > 0.65
+  one_class = metrics.compute_metrics(np.zeros(3, int), np.tile([0.7, 0.2, 0.1], (3, 1)), NAMES)
+  assert math.isnan(one_class["auc"]) and math.isnan(one_class["per_class"]["covid"]["auc"])
+  assert json.loads(json.dumps(metrics.to_json_safe(one_class)))["auc"] is None
+  with pytest.raises(ValueError, match=r"probs must be \(N, 3\)"):
+    metrics.compute_metrics(labels, probs, NAMES)
+
+
+def test_report_figures_are_written(tmp_path):
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 3, 30)
+  probs = rng.dirichlet(np.ones(3), 30)
+  m = metrics.compute_metrics(labels, probs, NAMES)
+  reporting.plot_confusion_matrix(np.asarray(m["confusion_matrix"]), NAMES, tmp_path / "cm.png")
+  reporting.plot_roc(labels, probs, NAMES, tmp_path / "roc.png")
+  images = rng.normal(size=(5, 32, 32, 1)).astype(np.float32)
+  reporting.plot_gradcam_grid(images, rng.random((5, 32, 32)), labels[:5], probs[:5], NAMES, tmp_path / "cam.png")
+  for name in ("cm.png", "roc.png", "cam.png"):
+    assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_grad_cam_leaves_the_model_unchanged_and_follows_the_evidence():
+  model = DSNVGG16BN(3, widths=(8, 16, 16, 32, 32), hidden=32, dropout_rate=0.0)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 32, 32, 1)), jnp.float32)
+  variables = model.init(jax.random.PRNGKey(0), x)
+  cams, probs = reporting.grad_cam(model, variables, x)
+  heads = model.apply(variables, x)
+  np.testing.assert_allclose(probs, jax.nn.softmax(heads[-1]), rtol=1e-5, atol=1e-6)
+  assert cams.shape == (4, 32, 32) and np.all(cams >= 0) and np.all(cams <= 1 + 1e-6)
+  assert np.all(cams.max(axis=(1, 2)) > 0.99)  # normalized per image
+  # The perturbation must reach the logits: a CAM for another class differs.
+  other = (np.argmax(probs, -1) + 1) % 3
+  cams_other, _ = reporting.grad_cam(model, variables, x, target=other)
+  assert not np.allclose(cams, cams_other)
+
+
+def run(model, loss, fraction, seed, acc, sen):
+  return {"model": model, "loss": loss, "covid_fraction": fraction, "seed": seed, "fold": 0,
+          "metrics": {"accuracy": acc, "macro_f1": acc - 0.1, "g_mean": acc - 0.05, "macro_sensitivity": sen,
+                      "macro_specificity": 0.9, "auc": 0.95, "macro_precision": 0.8}}
+
+
+def test_table6_layout_mean_std_and_sensitivity_change(tmp_path):
+  runs = [run("dsn", "saal", 1.0, 0, 0.90, 0.90), run("dsn", "saal", 1.0, 1, 0.92, 0.92),
+          run("dsn", "saal", 0.25, 0, 0.80, 0.80), run("dsn", "saal", 0.25, 1, 0.84, 0.82),
+          run("baseline", "ce", 1.0, 0, 0.80, 0.82), run("baseline", "ce", 0.25, 0, 0.70, 0.70)]
+  table = reporting.aggregate(runs, "table6")
+  assert list(table["rows"]) == ["1", "0.25"]
+  cell = table["rows"]["0.25"]["DSN-SAAL"]
+  assert cell["ACC"]["mean"] == pytest.approx(0.82) and cell["ACC"]["std"] == pytest.approx(np.std([0.8, 0.84], ddof=1))
+  assert cell["SEN"]["delta"] == pytest.approx(0.81 - 0.91)
+  assert table["rows"]["0.25"]["VGG-16 + CE"]["SEN"]["delta"] == pytest.approx(-0.12)
+  md, js = reporting.write_table(table, tmp_path)
+  text = open(md).read()
+  assert "| 25% of COVID-19 |" in text and "0.820 ± 0.028 " in text and "(-0.100)" in text
+  assert "| Stand. split |" in text
+  assert json.load(open(js))["columns"] == ["ACC", "F1-score", "G-mean", "SEN", "SPE"]
+
+
+def test_table5_and_table9_rows_are_methods():
+  runs = [run("baseline", loss, 1.0, s, 0.8 + 0.01 * s, 0.8) for loss in ("ce", "focal") for s in range(3)]
+  t5 = reporting.aggregate(runs, "table5")
+  assert set(t5["rows"]) == {"VGG-16 + CE", "VGG-16 + FOCAL"}
+  assert t5["rows"]["VGG-16 + CE"][""]["ACC"]["n"] == 3
+  t9 = reporting.aggregate([run("dsn", "saal", 1.0, 0, 0.99, 0.99)], "table9")
+  assert t9["columns"] == ["ACC", "F1-score", "AUC", "PRE", "SEN"]
+  assert t9["rows"]["DSN-SAAL"][""]["AUC"]["mean"] == pytest.approx(0.95)
+  with pytest.raises(ValueError, match="Unknown table"):
+    reporting.aggregate(runs, "table7")
