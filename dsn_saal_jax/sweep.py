@@ -1,0 +1,72 @@
+"""Sweeps of the paper's experiments: methods x COVID fractions x seeds (Tables 5, 6) or x folds (Table 9).
+
+Each run trains in its own sub-workdir, so an interrupted sweep resumes where
+it stopped (finished runs are skipped, an unfinished one resumes from its
+checkpoint); the table is then aggregated from the runs' metrics.json files.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import json
+import os
+from typing import Callable, Sequence
+
+import ml_collections
+from absl import logging
+
+from dsn_saal_jax import reporting
+
+# Defaults per table: which methods and which axis the paper varies.
+TABLE_DEFAULTS = {
+    "table5": dict(methods=(("baseline", "ce"), ("baseline", "focal"), ("baseline", "cb"), ("baseline", "sce"),
+                            ("baseline", "saal")), covid_fractions=(1.0,), folds=(0,), seeds=(0, 1, 2)),
+    "table6": dict(methods=(("baseline", "ce"), ("dsn", "saal")), covid_fractions=(1.0, 0.25, 0.1, 0.05, 0.01),
+                   folds=(0,), seeds=(0, 1, 2)),
+    "table9": dict(methods=(("dsn", "saal"),), covid_fractions=(1.0,), folds=(0, 1, 2, 3, 4), seeds=(0,)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  model: str
+  loss: str
+  covid_fraction: float
+  seed: int
+  fold: int
+
+  @property
+  def name(self) -> str:
+    return f"{self.model}_{self.loss}/covid{self.covid_fraction:g}_seed{self.seed}_fold{self.fold}"
+
+  def config(self, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    c = copy.deepcopy(base)
+    c.model, c.loss, c.covid_fraction, c.seed, c.fold = self.model, self.loss, self.covid_fraction, self.seed, self.fold
+    return c
+
+
+def plan(methods: Sequence[tuple[str, str]], covid_fractions: Sequence[float], seeds: Sequence[int],
+         folds: Sequence[int]) -> list[Run]:
+  return [Run(m, l, f, s, k) for (m, l), f, s, k in itertools.product(methods, covid_fractions, seeds, folds)]
+
+
+def metrics_path(root: str, run: Run) -> str:
+  return os.path.join(root, run.name, "report", "test", "metrics.json")
+
+
+def run_sweep(base: ml_collections.ConfigDict, root: str, runs: Sequence[Run], table: str,
+              train_fn: Callable[[ml_collections.ConfigDict, str], object]) -> tuple[str, str]:
+  """Trains every run not yet finished, then writes `table` (.md and .json) into `root`."""
+  for i, run in enumerate(runs, start=1):
+    if os.path.exists(metrics_path(root, run)):
+      logging.info("[%d/%d] %s: done, skipped.", i, len(runs), run.name)
+      continue
+    logging.info("[%d/%d] %s: training.", i, len(runs), run.name)
+    train_fn(run.config(base), os.path.join(root, run.name))
+  records = []
+  for run in runs:
+    with open(metrics_path(root, run)) as f:
+      records.append({**dataclasses.asdict(run), "metrics": json.load(f)})
+  return reporting.write_table(reporting.aggregate(records, table), root)
