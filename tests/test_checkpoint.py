@@ -55,6 +55,21 @@ def test_uninterrupted_run_writes_checkpoints_logs_and_report(reference):
   assert np.sum(metrics["confusion_matrix"]) == 29
 
 
+def test_evaluate_restores_the_best_checkpoint_and_reproduces_the_report(reference, tmp_path):
+  _, workdir = reference
+  proc = run_worker(["evaluate", f"--workdir={workdir}", "--checkpoint=best"], 1, tmp_path)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  again = json.loads((workdir / "report" / "test_best" / "metrics.json").read_text())
+  first = json.loads((workdir / "report" / "test" / "metrics.json").read_text())
+  assert first["checkpoint"] == "best" and again["checkpoint_step"] == first["checkpoint_step"]
+  assert again["confusion_matrix"] == first["confusion_matrix"]
+  assert again["auc"] == first["auc"]
+  for name in ("confusion_matrix.png", "roc.png", "gradcam.png"):
+    assert (workdir / "report" / "test_best" / name).exists()
+  proc = run_worker(["evaluate", f"--workdir={tmp_path / 'empty'}", "--checkpoint=latest"], 1, tmp_path)
+  assert proc.returncode != 0 and "No latest checkpoint in" in proc.stderr
+
+
 def test_sigterm_saves_and_resume_matches_uninterrupted(reference, tmp_path):
   workdir = tmp_path / "work"
   proc = train(tmp_path, workdir, kill_at=6, signal="SIGTERM")

@@ -6,6 +6,7 @@ Modes:
   equiv      train_step pmapped over all local devices vs over one device, same global batch.
   train      train_and_evaluate on a tiny in-memory problem; optionally kills itself.
   multihost  as `train`, after jax.distributed.initialize on localhost.
+  evaluate   train.evaluate of a trained workdir (restores a checkpoint, writes the report).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 
 import jax
 import numpy as np
+from absl import logging
 
 from dsn_saal_jax import config_lib, train
 from dsn_saal_jax.array_dataset import ArrayDataset
@@ -122,8 +124,10 @@ def run_train(args) -> None:
 
 
 def main() -> None:
+  logging.set_verbosity(logging.INFO)  # Tests read the trainer's log lines ("Resumed from ...").
   parser = argparse.ArgumentParser()
-  parser.add_argument("mode", choices=("equiv", "train", "multihost"))
+  parser.add_argument("mode", choices=("equiv", "train", "multihost", "evaluate"))
+  parser.add_argument("--checkpoint", default="best")
   parser.add_argument("--workdir", default="")
   parser.add_argument("--out", default="")
   parser.add_argument("--overrides", default="{}")
@@ -136,6 +140,11 @@ def main() -> None:
   args = parser.parse_args()
   if args.mode == "equiv":
     equiv(args.out)
+    return
+  if args.mode == "evaluate":
+    c = tiny_config(**json.loads(args.overrides))
+    result = train.evaluate(c, args.workdir, "test", args.checkpoint, dataset=tiny_dataset(c))
+    print("EVALUATED", json.dumps({"accuracy": result["accuracy"], "step": result["checkpoint_step"]}))
     return
   if args.mode == "multihost":
     train.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
