@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.fuse_channels = 1
   c.dropout_rate = 0.5
   c.eval_head = "final"      # final | mean (average of the six softmaxes)
-  c.init_checkpoint = ""     # torchvision vgg16_bn state_dict (.pth) for ImageNet init; "" = random.
+  c.init_checkpoint = ""     # ImageNet init: launch/convert_torchvision.py output dir; "" = random.
 
   # Loss.
   c.loss = "saal"            # saal | ce | focal | cb | sce

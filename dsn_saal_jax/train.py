@@ -82,42 +82,21 @@ def network_params(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def init_variables(config: ml_collections.ConfigDict, model: DSNVGG16BN, image_shape, rng: jax.Array) -> dict:
-  """Network variables: random (torchvision init), or ImageNet weights from `config.init_checkpoint`."""
+  """Network variables: random (torchvision init), then ImageNet weights from `config.init_checkpoint`.
+
+  The checkpoint is launch/convert_torchvision.py's output; leaves it lacks
+  (side branches, a new last Linear) keep their random init.
+  """
   x = jnp.zeros((1, *image_shape), jnp.float32)
   lowered = jax.jit(functools.partial(model.init, train=False)).lower({"params": rng}, x)
   # XLA:CPU spends most of a small run optimizing the one-off init program (~45 s at -O3 vs ~8 s).
   options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
   variables = lowered.compile(compiler_options=options)({"params": rng}, x)
   if config.init_checkpoint:
-    variables = imagenet_variables(config.init_checkpoint, variables, model, image_shape[-1])
+    from dsn_saal_jax import convert  # pylint: disable=g-import-not-at-top
+    variables = convert.merge_pretrained(variables, convert.load_pretrained(config.init_checkpoint),
+                                         source=config.init_checkpoint)
   return jax.tree_util.tree_map(jnp.asarray, dict(variables))
-
-
-def imagenet_variables(path: str, variables: Mapping[str, Any], model: DSNVGG16BN, channels: int) -> dict:
-  """`variables` with the backbone and classifier taken from a torchvision `vgg16_bn` state_dict file.
-
-  For 1-channel input the first conv kernel is summed over RGB; the last
-  Linear stays random when the class count is not 1000; side branches stay
-  random (ImageNet has none).
-  """
-  from dsn_saal_jax import convert  # pylint: disable=g-import-not-at-top  (torch only when asked)
-  target = convert.variables_to_state_dict(variables, model)
-  source = convert.load_torch_state_dict(path)
-  for key, value in source.items():
-    if key.endswith("num_batches_tracked"):
-      continue
-    if key not in target:
-      raise ValueError(f"{path}: key {key!r} is not part of a torchvision vgg16_bn with config.stages="
-                       f"{tuple(model.stages)}; config.init_checkpoint must be a vgg16_bn state_dict.")
-    if key == "features.0.weight" and channels == 1 and value.shape[1] == 3:
-      value = value.sum(axis=1, keepdims=True)
-    if key.startswith("classifier.6.") and value.shape != target[key].shape and model.num_classes != 1000:
-      continue
-    if value.shape != target[key].shape:
-      raise ValueError(f"{path}: {key} has shape {value.shape}, the model needs {target[key].shape}; ImageNet "
-                       "init needs the full-size model (default config.widths and config.hidden=4096).")
-    target[key] = value
-  return convert.state_dict_to_variables(target, model, in_channels=channels)
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: DSNVGG16BN, image_shape,

@@ -1,0 +1,36 @@
+"""`config.init_checkpoint`: the trainer starts from a converted checkpoint (launch/convert_torchvision.py)."""
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from dsn_saal_jax import convert, train
+from dsn_saal_jax.models import DSNVGG16BN
+from train_worker import tiny_config
+
+
+def test_train_state_starts_from_the_converted_backbone(tmp_path):
+  c = tiny_config()
+  # A "pretrained" backbone + classifier: the baseline's variables without the last Linear.
+  donor = DSNVGG16BN(1000, dsn=False, widths=c.widths, hidden=c.hidden)
+  pretrained = jax.tree_util.tree_map(np.asarray, donor.init(jax.random.PRNGKey(7), np.zeros((1, 32, 32, 1))))
+  pretrained["params"].pop("fc8")
+  pretrained["batch_stats"]["bn3_2"]["var"] = np.full_like(pretrained["batch_stats"]["bn3_2"]["var"], 2.5)
+  convert.save_pretrained(tmp_path / "imagenet", pretrained)
+
+  c.init_checkpoint = str(tmp_path / "imagenet")
+  model = train.create_model(c, 3)
+  opt = train.make_optimizer(c, 4)
+  state = train.create_train_state(c, model, (32, 32, 1), opt, jax.random.PRNGKey(0))
+  got = traverse_util.flatten_dict({"params": state.params, "batch_stats": state.batch_stats})
+  want = traverse_util.flatten_dict(pretrained)
+  for key, value in want.items():
+    np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg="/".join(key))
+  # Side branches, the new 3-class fc8 and the SAAL scalars are the trainer's own.
+  assert got[("params", "fc8", "kernel")].shape == (c.hidden, 3)
+  assert ("params", "side1", "fc", "kernel") in got and ("params", "saal", "alpha") in got
+
+  c.widths = (8, 16, 16, 32, 64)
+  with pytest.raises(ValueError, match=r"imagenet does not fit the model: .*conv5_1/kernel has shape"):
+    train.create_train_state(c, train.create_model(c, 3), (32, 32, 1), opt, jax.random.PRNGKey(0))
