@@ -34,7 +34,10 @@ class Checkpoints:
     self.fingerprint = dict(fingerprint)
 
     def manager(name: str, max_to_keep: int) -> ocp.CheckpointManager:
-      options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True)
+      # Distinct barrier keys: otherwise both managers saving step s at once collide across processes.
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
       return ocp.CheckpointManager(os.path.join(self.workdir, name), options=options, item_names=("state", "meta"))
 
     self.latest = manager("checkpoints", keep)

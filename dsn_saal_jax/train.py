@@ -327,6 +327,8 @@ def write_report(config: ml_collections.ConfigDict, state: TrainState, dataset, 
     reporting.plot_gradcam_grid(images, cams, labels, probs, info.class_names, os.path.join(out_dir, "gradcam.png"))
     logging.info("Report for %s (%d examples) in %s: %s", split, result["num_examples"], out_dir,
                  ", ".join(f"{k}={result[k]:.4f}" for k in metrics_lib.SUMMARY_KEYS))
+  if jax.process_count() > 1:  # Others must not reach jax.distributed's shutdown barrier (timeout) first.
+    multihost_utils.sync_global_devices(f"dsn_saal_jax: {split} report written")
   return result
 
 
