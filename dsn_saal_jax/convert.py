@@ -167,10 +167,11 @@ def torchvision_variables(state_dict: Mapping[str, Any], in_channels: int = 3,
   """
   if in_channels not in (1, 3):
     raise ValueError(f"in_channels must be 1 or 3, got {in_channels}.")
-  sd = {k: np.array(v.detach().cpu().numpy() if hasattr(v, "detach") else v, copy=True)
-        for k, v in state_dict.items()}
+  sd = dict(state_dict)  # state_dict_to_variables makes the one copy of every array
   if in_channels == 1 and "features.0.weight" in sd:
-    sd["features.0.weight"] = sd["features.0.weight"].sum(axis=1, keepdims=True)
+    first = sd["features.0.weight"]
+    sd["features.0.weight"] = np.asarray(first.detach().cpu().numpy() if hasattr(first, "detach") else first
+                                         ).sum(axis=1, keepdims=True)
   variables = state_dict_to_variables(sd, DSNVGG16BN(1000, dsn=False), in_channels=in_channels)
   if num_classes != 1000:
     variables["params"].pop("fc8")

@@ -53,7 +53,7 @@ def torch_input(x):
 def test_logits_parity_eval_and_train(pair, size):
   tmodel, fmodel, variables = pair
   x = np.random.RandomState(size).randn(2, size, size, 3).astype(np.float32)
-  apply = jax.jit(fmodel.apply, static_argnames="train", static_argnums=(), donate_argnums=())
+  apply = jax.jit(fmodel.apply, static_argnames="train")
   for train in (False, True):
     tmodel.train(train)
     state = {k: v.clone() for k, v in tmodel.state_dict().items()}
@@ -198,8 +198,8 @@ def test_round_trip_flax_torch_flax_is_exact():
   tmodel.load_state_dict(net_sd, strict=True)
   back = convert.state_dict_to_variables({**tmodel.state_dict(), "saal.alpha": sd["saal.alpha"],
                                           "saal.beta": sd["saal.beta"]}, model)
-  chex_equal = jax.tree_util.tree_map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), variables, back)
-  assert all(jax.tree_util.tree_leaves(chex_equal))
+  same = jax.tree_util.tree_map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), variables, back)
+  assert all(jax.tree_util.tree_leaves(same))
   assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(back)
 
 
