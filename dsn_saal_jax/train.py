@@ -36,6 +36,7 @@ from dsn_saal_jax.models import DSNVGG16BN, predict_probs
 from dsn_saal_jax.optim import make_lr_schedule, make_optimizer
 
 AXIS = "batch"
+HISTORY_FILE = "history.jsonl"
 
 
 class Preempted(RuntimeError):
@@ -158,12 +159,13 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: DSNVG
 def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
   """`tree` copied to every local device, laid out exactly as pmap outputs are.
 
-  (flax's `replicate` uses another mesh axis name, so the second step, fed
-  the first step's outputs, would compile the whole train step again.)
+  The mesh axis must carry the steps' name: with any other (flax's
+  `replicate`, or none), the second step, fed the first step's outputs,
+  compiles the whole train step again.
   """
   n = len(devices) if devices else jax.local_device_count()
   stacked = jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * n), tree)
-  return jax.pmap(lambda x: x, devices=devices)(stacked)
+  return jax.pmap(lambda x: x, axis_name=AXIS, devices=devices)(stacked)
 
 
 def unreplicate(tree: Any) -> Any:
@@ -250,23 +252,48 @@ def _summaries(fetched: list[tuple[int, dict[str, np.ndarray]]], num_heads: int)
 
 
 class _Writer:
-  """TensorBoard scalars from process 0 only (tensorboardX: no TF summary ops in the loop)."""
+  """Scalars from process 0 only: TensorBoard (tensorboardX) and `history.jsonl` for plots and sweeps.
+
+  A resumed run appends again from its checkpoint's step, so readers keep the
+  last record of each step (`read_history`).
+  """
 
   def __init__(self, workdir: str):
     self._writer = None
+    self._history = None
     if jax.process_index() == 0:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._history = open(os.path.join(workdir, HISTORY_FILE), "a")
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     if self._writer is not None:
       for k, v in values.items():
         self._writer.add_scalar(k, v, step)
       self._writer.flush()
+      self._history.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n")
+      self._history.flush()
 
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
+      self._history.close()
+
+
+def read_history(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{scalar name: (steps, values)} from `workdir/history.jsonl`, one value per step (the last written)."""
+  path = os.path.join(workdir, HISTORY_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist; it is written by train_and_evaluate while training.")
+  series: dict[str, dict[int, float]] = {}
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        record = json.loads(line)
+        step = record.pop("step")
+        for k, v in record.items():
+          series.setdefault(k, {})[step] = v
+  return {k: (np.array(sorted(v)), np.array([v[s] for s in sorted(v)])) for k, v in series.items()}
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -12,6 +12,8 @@ import pytest
 
 from test_train_pmap import run_worker
 
+from dsn_saal_jax import train as train_lib
+
 STEPS = 12
 
 
@@ -47,6 +49,10 @@ def test_uninterrupted_run_writes_checkpoints_logs_and_report(reference):
   assert latest_steps(workdir) == [8, 12]  # keep_checkpoints=2, saved every 4 steps
   assert os.listdir(workdir / "best")
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
+  history = train_lib.read_history(str(workdir))
+  np.testing.assert_array_equal(history["train/alpha"][0], [4, 8, 12])  # log_every_steps=4
+  assert np.all((history["train/alpha"][1] > 0) & (history["train/alpha"][1] < 1))
+  assert set(history) >= {f"train/beta_{i}" for i in range(1, 7)} | {"validation/macro_f1", "test/macro_f1"}
   report = workdir / "report" / "test"
   for name in ("metrics.json", "confusion_matrix.png", "roc.png", "gradcam.png"):
     assert (report / name).stat().st_size > 0, name
@@ -81,6 +87,10 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(reference, tmp_path):
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "Resumed from" in proc.stderr
   assert_same_state(np.load(tmp_path / "final.npz"), reference[0])
+  resumed, uninterrupted = train_lib.read_history(str(workdir)), train_lib.read_history(str(reference[1]))
+  for key in ("train/alpha", "validation/macro_f1"):  # steps logged twice keep the resumed run's value
+    np.testing.assert_array_equal(resumed[key][0], uninterrupted[key][0])
+    np.testing.assert_allclose(resumed[key][1], uninterrupted[key][1], rtol=1e-5, err_msg=key)
 
 
 def test_sigkill_after_checkpoint_resumes_to_the_same_result(reference, tmp_path):

@@ -34,3 +34,27 @@ def test_train_state_starts_from_the_converted_backbone(tmp_path):
   c.widths = (8, 16, 16, 32, 64)
   with pytest.raises(ValueError, match=r"imagenet does not fit the model: .*conv5_1/kernel has shape"):
     train.create_train_state(c, train.create_model(c, 3), (32, 32, 1), opt, jax.random.PRNGKey(0))
+
+
+def test_train_step_compiles_once(caplog):
+  """`train.replicate` lays the state out as the step's outputs are, so step 2 reuses step 1's program."""
+  import functools
+  c = tiny_config()
+  model = train.create_model(c, 3)
+  opt = train.make_optimizer(c, 4)
+  state = train.create_train_state(c, model, (32, 32, 1), opt, jax.random.PRNGKey(0))
+  loss_fn = train.make_loss_fn(c, np.array([8, 5, 3]))
+  p_step = jax.pmap(functools.partial(train.train_step, model=model, loss_fn=loss_fn, optimizer=opt,
+                                      learning_rate_fn=train.make_lr_schedule(c, 4)),
+                    axis_name=train.AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
+  n = jax.local_device_count()
+  batch = {"image": np.zeros((n, 4, 32, 32, 1), np.float32), "label": np.zeros((n, 4), np.int32)}
+  rstate = train.replicate(state)
+  with jax.log_compiles(True), caplog.at_level("WARNING"):
+    for _ in range(3):
+      rstate, metrics = p_step(rstate, batch, jax.random.PRNGKey(1))
+    jax.block_until_ready(metrics)
+  # pmap names its program jit(_fun); the batch's image shape picks out the train step's compilations.
+  step_compiles = [r for r in caplog.records
+                   if r.getMessage().startswith("Compiling") and f"float32[{n},4,32,32,1]" in r.getMessage()]
+  assert len(step_compiles) == 1
