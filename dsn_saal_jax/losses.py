@@ -58,6 +58,12 @@ def effective_number_weights(alpha_raw: jax.Array, class_counts: jax.Array) -> j
   return jnp.where(class_counts == 1, 1.0, w)
 
 
+def saal_class_weights(alpha_raw: jax.Array, class_counts: jax.Array, normalize: bool) -> jax.Array:
+  """The w_n SAAL applies: effective-number weights, optionally rescaled to sum to C."""
+  w = effective_number_weights(alpha_raw, class_counts)
+  return class_counts.shape[0] * w / jnp.sum(w) if normalize else w
+
+
 def _check_shapes(heads: Sequence[jax.Array], labels: jax.Array, num_classes: int) -> None:
   if not heads:
     raise ValueError("The model returned no heads.")
@@ -99,9 +105,7 @@ def saal_loss(heads: Sequence[jax.Array], labels: jax.Array, saal_params: Mappin
   if not learn_alpha_beta:
     alpha_raw, beta_raw = jax.lax.stop_gradient(alpha_raw), jax.lax.stop_gradient(beta_raw)
   dtype = _loss_dtype(heads)
-  w = effective_number_weights(alpha_raw.astype(dtype), jnp.asarray(class_counts, dtype))
-  if normalize_weights:
-    w = num_classes * w / jnp.sum(w)
+  w = saal_class_weights(alpha_raw.astype(dtype), jnp.asarray(class_counts, dtype), normalize_weights)
   beta = jax.nn.sigmoid(beta_raw.astype(dtype))
   onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
 

@@ -251,6 +251,14 @@ def _summaries(fetched: list[tuple[int, dict[str, np.ndarray]]], num_heads: int)
   return out
 
 
+def _saal_weight_summaries(config: ml_collections.ConfigDict, info, alpha: float) -> dict[str, float]:
+  """The class weights w_n the SAAL loss applies at this alpha (what alpha -> 1 does is plain here)."""
+  alpha = float(np.clip(alpha, 1e-7, 1 - 1e-7))
+  w = losses.saal_class_weights(jnp.float32(np.log(alpha) - np.log1p(-alpha)),
+                                jnp.asarray(info.class_counts, jnp.float32), config.saal.normalize_weights)
+  return {f"train/saal_weight_{name}": float(v) for name, v in zip(info.class_names, np.asarray(w))}
+
+
 class _Writer:
   """Scalars from process 0 only: TensorBoard (tensorboardX) and `history.jsonl` for plots and sweeps.
 
@@ -454,6 +462,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
         fetched = buffer.flush(workdir, last_good)
         now = time.time()
         values = _summaries(fetched, run.model.num_heads)
+        if "train/alpha" in values:
+          values.update(_saal_weight_summaries(config, info, values["train/alpha"]))
         values["train/examples_per_sec"] = (done - log_from) * config.batch_size / max(now - t_log, 1e-9)
         writer.scalars(done, values)
         eta = (now - t_start) / max(done - start_step, 1) * (run.total_steps - done)
