@@ -125,6 +125,63 @@ def plot_gradcam_grid(images: np.ndarray, cams: np.ndarray, labels: np.ndarray, 
   plt.close(fig)
 
 
+def plot_gradcam_overlay(image: np.ndarray, cam: np.ndarray, title: str, path: str) -> None:
+  """One prediction: the preprocessed slice the model saw, and its Grad-CAM heat map over it."""
+  gray = _display_gray(image)
+  fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.6))
+  for ax in axes:
+    ax.imshow(gray, cmap="gray")
+    ax.axis("off")
+  axes[1].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- training curves
+
+History = Mapping[str, tuple[np.ndarray, np.ndarray]]  # scalar name -> (steps, values), as train.read_history
+
+
+def plot_saal_history(groups: Mapping[str, Sequence[History]], path: str) -> None:
+  """What SAAL learns, one column per group of runs (e.g. seeds of one setting), one line per run.
+
+  Rows: alpha; beta_1..6 (mean over the group's runs); the class weights w_n
+  the loss applied (log scale: alpha -> 1 drives w_n to 1/k_n); validation
+  macro F1. Rows share their y-axis across columns so settings compare at a glance.
+  """
+  rows = ("alpha", "beta", "weights", "f1")
+  fig, axes = plt.subplots(len(rows), len(groups), figsize=(4.2 * len(groups), 2.4 * len(rows)),
+                           squeeze=False, sharex="col", sharey="row")
+  for col, (label, runs) in enumerate(groups.items()):
+    ax = axes[:, col]
+    ax[0].set_title(f"{label} ({len(runs)} runs)", fontsize=10)
+    for i, h in enumerate(runs):
+      if "train/alpha" not in h:
+        raise ValueError(f"Run {i} of {label!r} has no train/alpha: not a SAAL run.")
+      ax[0].plot(*h["train/alpha"], lw=1)
+      if "validation/macro_f1" in h:
+        ax[3].plot(*h["validation/macro_f1"], lw=1)
+      for k, name in enumerate(sorted(n for n in h if n.startswith("train/saal_weight_"))):
+        ax[2].plot(*h[name], lw=1, color=f"C{k}", label=name.rsplit("_weight_", 1)[1] if i == 0 else None)
+    heads = sorted((n for n in runs[0] if n.startswith("train/beta_")), key=lambda n: int(n.rsplit("_", 1)[1]))
+    for k, name in enumerate(heads):
+      steps = runs[0][name][0]
+      mean = np.mean([h[name][1][:len(steps)] for h in runs if len(h[name][1]) >= len(steps)], axis=0)
+      ax[1].plot(steps, mean, lw=1, label="final" if k == len(heads) - 1 else f"side {k + 1}")
+    ax[2].set_yscale("log")
+    ax[-1].set_xlabel("step")
+    for a in ax[1:3]:
+      if a.get_legend_handles_labels()[0]:
+        a.legend(fontsize=7, ncol=2)
+  for a, name in zip(axes[:, 0], ("alpha", "beta_i (mean)", "w_n in use", "val. macro F1")):
+    a.set_ylabel(name)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- sweep tables
 
 # (metric key in metrics.json, column name in the paper).

@@ -109,3 +109,28 @@ def test_table5_and_table9_rows_are_methods():
   assert t9["rows"]["DSN-SAAL"][""]["AUC"]["mean"] == pytest.approx(0.95)
   with pytest.raises(ValueError, match="Unknown table"):
     reporting.aggregate(runs, "table7")
+
+
+def test_saal_history_plot_from_history_files(tmp_path):
+  from dsn_saal_jax import train
+  runs = []
+  for seed in range(2):
+    work = tmp_path / f"seed{seed}"
+    work.mkdir()
+    records = []
+    # Step 20 is logged twice, as by a run resumed from step 10: the later record wins.
+    for step, f1 in ((10, 0.25), (20, 0.5), (30, 0.75), (20, 0.9)):
+      records.append({"step": step, "train/alpha": 0.5 + step / 100 + seed / 10, "validation/macro_f1": f1,
+                      "train/saal_weight_covid": 1 / step, "train/saal_weight_non_covid": 0.5 / step,
+                      **{f"train/beta_{i}": 0.1 * i for i in range(1, 7)}})
+    (work / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    runs.append(train.read_history(str(work)))
+  steps, f1 = runs[0]["validation/macro_f1"]
+  np.testing.assert_array_equal(steps, [10, 20, 30])
+  np.testing.assert_allclose(f1, [0.25, 0.9, 0.75])
+  reporting.plot_saal_history({"normalized": runs, "as written": runs[:1]}, tmp_path / "saal.png")
+  assert (tmp_path / "saal.png").stat().st_size > 10_000
+  with pytest.raises(ValueError, match="not a SAAL run"):
+    reporting.plot_saal_history({"ce": [{"validation/macro_f1": (steps, f1)}]}, tmp_path / "ce.png")
+  with pytest.raises(FileNotFoundError, match="history.jsonl does not exist"):
+    train.read_history(str(tmp_path))
