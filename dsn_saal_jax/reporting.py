@@ -188,10 +188,14 @@ def plot_saal_history(groups: Mapping[str, Sequence[History]], path: str) -> Non
 TABLE_COLUMNS = {
     "table5": (("accuracy", "ACC"), ("macro_f1", "F1-score"), ("g_mean", "G-mean")),
     "table6": (("accuracy", "ACC"), ("macro_f1", "F1-score"), ("g_mean", "G-mean"),
-               ("macro_sensitivity", "SEN"), ("macro_specificity", "SPE")),
+               ("macro_sensitivity", "SEN"), ("macro_specificity", "SPE"), ("per_class/covid/sensitivity", "COVID SEN")),
+    "table8": (("accuracy", "ACC"), ("macro_f1", "F1-score"), ("auc", "AUC"),
+               ("per_class/covid/sensitivity", "COVID SEN"), ("per_class/covid/specificity", "COVID SPE")),
     "table9": (("accuracy", "ACC"), ("macro_f1", "F1-score"), ("auc", "AUC"), ("macro_precision", "PRE"),
                ("macro_sensitivity", "SEN")),
 }
+# Columns whose change from the full training set Table 6 reports.
+DELTA_COLUMNS = ("SEN", "COVID SEN")
 
 
 def method_name(model: str, loss: str) -> str:
@@ -211,8 +215,9 @@ def aggregate(runs: Sequence[Mapping[str, Any]], table: str) -> dict[str, Any]:
   """Mean +/- std (sample std over seeds or folds) per row of the paper's `table` layout.
 
   `runs` items: {'model', 'loss', 'covid_fraction', 'seed', 'fold', 'metrics': metrics.json dict}.
-  Rows: Table 5 and 9 one per method; Table 6 one per COVID fraction (descending), with
-  one column group per method and SEN's change from the full training set.
+  Rows: Tables 5, 8 and 9 one per method; Table 6 one per COVID fraction (descending), with
+  one column group per method and the sensitivities' change from the full training set.
+  COVID SEN/SPE are the COVID class's own (for two classes macro SEN = macro SPE = balanced accuracy).
   """
   if table not in TABLE_COLUMNS:
     raise ValueError(f"Unknown table {table!r}; choose one of {', '.join(TABLE_COLUMNS)}.")
@@ -224,7 +229,7 @@ def aggregate(runs: Sequence[Mapping[str, Any]], table: str) -> dict[str, Any]:
     group = method_name(r["model"], r["loss"]) if table == "table6" else ""
     cell = rows.setdefault(row_key(r), {}).setdefault(group, {k: [] for k, _ in columns})
     for k, _ in columns:
-      cell[k].append(r["metrics"].get(k))
+      cell[k].append(_lookup(r["metrics"], k))
   if table == "table6":
     rows = dict(sorted(rows.items(), key=lambda kv: -float(kv[0])))
   out = {"table": table, "columns": [name for _, name in columns],
@@ -234,10 +239,21 @@ def aggregate(runs: Sequence[Mapping[str, Any]], table: str) -> dict[str, Any]:
     full = out["rows"].get("1")
     for groups in out["rows"].values():
       for group, cell in groups.items():
-        ref = (full or {}).get(group, {}).get("SEN", {}).get("mean")
-        if ref is not None and cell["SEN"]["mean"] is not None:
-          cell["SEN"]["delta"] = cell["SEN"]["mean"] - ref
+        for name in DELTA_COLUMNS:
+          ref = (full or {}).get(group, {}).get(name, {}).get("mean")
+          if ref is not None and cell[name]["mean"] is not None:
+            cell[name]["delta"] = cell[name]["mean"] - ref
   return out
+
+
+def _lookup(metrics: Mapping[str, Any], key: str) -> Any:
+  """metrics.json value at `key`; '/' descends into nested dicts (per-class values); None if absent."""
+  value: Any = metrics
+  for part in key.split("/"):
+    if not isinstance(value, Mapping) or part not in value:
+      return None
+    value = value[part]
+  return value
 
 
 def to_markdown(table: Mapping[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""Sweeps of the paper's experiments: methods x COVID fractions x seeds (Tables 5, 6) or x folds (Table 9).
+"""Sweeps of the paper's experiments: methods x COVID fractions x seeds (Tables 5, 6, 8) or x folds (Table 9).
 
 Each run trains in its own sub-workdir, so an interrupted sweep resumes where
 it stopped (finished runs are skipped, an unfinished one resumes from its
@@ -25,6 +25,8 @@ TABLE_DEFAULTS = {
                             ("baseline", "saal")), covid_fractions=(1.0,), folds=(0,), seeds=(0, 1, 2)),
     "table6": dict(methods=(("baseline", "ce"), ("dsn", "saal")), covid_fractions=(1.0, 0.25, 0.1, 0.05, 0.01),
                    folds=(0,), seeds=(0, 1, 2)),
+    "table8": dict(methods=(("baseline", "ce"), ("dsn", "ce"), ("baseline", "saal"), ("dsn", "saal")),
+                   covid_fractions=(1.0,), folds=(0,), seeds=(0, 1, 2)),
     "table9": dict(methods=(("dsn", "saal"),), covid_fractions=(1.0,), folds=(0, 1, 2, 3, 4), seeds=(0,)),
 }
 

@@ -79,7 +79,8 @@ def test_grad_cam_leaves_the_model_unchanged_and_follows_the_evidence():
 def run(model, loss, fraction, seed, acc, sen):
   return {"model": model, "loss": loss, "covid_fraction": fraction, "seed": seed, "fold": 0,
           "metrics": {"accuracy": acc, "macro_f1": acc - 0.1, "g_mean": acc - 0.05, "macro_sensitivity": sen,
-                      "macro_specificity": 0.9, "auc": 0.95, "macro_precision": 0.8}}
+                      "macro_specificity": 0.9, "auc": 0.95, "macro_precision": 0.8,
+                      "per_class": {"covid": {"sensitivity": sen - 0.1, "specificity": 0.97}}}}
 
 
 def test_table6_layout_mean_std_and_sensitivity_change(tmp_path):
@@ -96,7 +97,8 @@ def test_table6_layout_mean_std_and_sensitivity_change(tmp_path):
   text = open(md).read()
   assert "| 25% of COVID-19 |" in text and "0.820 ± 0.028 " in text and "(-0.100)" in text
   assert "| Stand. split |" in text
-  assert json.load(open(js))["columns"] == ["ACC", "F1-score", "G-mean", "SEN", "SPE"]
+  assert json.load(open(js))["columns"] == ["ACC", "F1-score", "G-mean", "SEN", "SPE", "COVID SEN"]
+  assert cell["COVID SEN"]["mean"] == pytest.approx(0.71) and cell["COVID SEN"]["delta"] == pytest.approx(-0.1)
 
 
 def test_table5_and_table9_rows_are_methods():
@@ -107,6 +109,13 @@ def test_table5_and_table9_rows_are_methods():
   t9 = reporting.aggregate([run("dsn", "saal", 1.0, 0, 0.99, 0.99)], "table9")
   assert t9["columns"] == ["ACC", "F1-score", "AUC", "PRE", "SEN"]
   assert t9["rows"]["DSN-SAAL"][""]["AUC"]["mean"] == pytest.approx(0.95)
+  t8 = reporting.aggregate(runs + [run("dsn", "saal", 1.0, 0, 0.9, 0.9)], "table8")
+  assert t8["columns"] == ["ACC", "F1-score", "AUC", "COVID SEN", "COVID SPE"]
+  assert t8["rows"]["DSN-SAAL"][""]["COVID SEN"]["mean"] == pytest.approx(0.8)
+  spe = t8["rows"]["VGG-16 + CE"][""]["COVID SPE"]
+  assert spe["mean"] == pytest.approx(0.97) and spe["std"] == pytest.approx(0.0) and spe["n"] == 3
+  no_per_class = dict(runs[0], metrics={k: v for k, v in runs[0]["metrics"].items() if k != "per_class"})
+  assert reporting.aggregate([no_per_class], "table8")["rows"]["VGG-16 + CE"][""]["COVID SEN"]["n"] == 0
   with pytest.raises(ValueError, match="Unknown table"):
     reporting.aggregate(runs, "table7")
 
