@@ -30,8 +30,18 @@ def read_dicom_hu(path: str | os.PathLike) -> np.ndarray:
   """
   try:
     ds = pydicom.dcmread(path)
+  except Exception as e:  # pydicom raises many types for bad files.
+    raise CTReadError(
+        f"{path}: not a readable DICOM file ({type(e).__name__}: {e}). If it is truncated, "
+        "re-export it; if it is not a CT slice, remove it.") from e
+  if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+    kind = getattr(ds.get("SOPClassUID"), "name", "unknown SOP class")
+    raise CTReadError(
+        f"{path}: DICOM file without pixel data ({kind}): a plan, report or DICOMDIR rather than an "
+        "image slice. Remove it, or pass the image slices.")
+  try:
     pixels = ds.pixel_array
-  except Exception as e:  # pydicom raises many types for bad/compressed files.
+  except Exception as e:  # pydicom raises many types for bad/compressed pixel data.
     raise CTReadError(
         f"{path}: cannot read DICOM pixel data ({type(e).__name__}: {e}). If the file is "
         "truncated or not DICOM, re-export it; if it uses a compressed transfer syntax, "
