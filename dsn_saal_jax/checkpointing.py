@@ -21,6 +21,38 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
+# Version of the `inference` meta item; dsn_saal_jax.predict refuses specs newer than it reads.
+INFERENCE_SPEC_VERSION = 1
+# Builders that read HU sources (DICOM, generated slices) window and lung-mask them always,
+# whatever config.lung_mask says; see dsn_saal_jax/data/builders.
+_HU_DATASETS = ("synthetic_ct", "covid19_diag")
+
+
+def inference_spec(config: Any, info: Any) -> dict[str, Any]:
+  """What prediction needs besides the weights: classes, preprocessing as in training, the model.
+
+  `info` is the dataset's `DataInfo`. `lung_mask` says which inputs the run's
+  training slices were lung-masked like: `dicom` (HU -> window -> mask) and
+  `images` (8-bit slices). An in-memory dataset records no normalization
+  (its arrays were model inputs already), so such a run predicts arrays only.
+  """
+  masked_images = config.dataset == "synthetic_ct" or bool(config.lung_mask)
+  return {
+      "version": INFERENCE_SPEC_VERSION,
+      "dataset": config.dataset,
+      "class_names": [str(n) for n in info.class_names],
+      "image_size": int(info.image_shape[0]),
+      "channels": int(info.image_shape[-1]),
+      "normalization": dict(info.normalization),
+      "lung_mask": {"dicom": config.dataset in _HU_DATASETS or masked_images, "images": masked_images},
+      "eval_head": config.eval_head,
+      "model": {"model": config.model, "widths": [int(w) for w in config.widths],
+                "stages": [int(s) for s in config.stages], "hidden": int(config.hidden),
+                "fuse_channels": int(config.fuse_channels), "dropout_rate": float(config.dropout_rate),
+                "loss": config.loss},
+  }
+
+
 def _all_finite(tree: Any) -> bool:
   return all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
              if np.issubdtype(np.asarray(x).dtype, np.floating))
@@ -29,9 +61,11 @@ def _all_finite(tree: Any) -> bool:
 class Checkpoints:
   """The workdir's `checkpoints/` and `best/` managers behind one small interface."""
 
-  def __init__(self, workdir: str, fingerprint: Mapping[str, Any], keep: int = 2):
+  def __init__(self, workdir: str, fingerprint: Mapping[str, Any], keep: int = 2,
+               inference: Mapping[str, Any] | None = None):
     self.workdir = os.path.abspath(workdir)
     self.fingerprint = dict(fingerprint)
+    self.inference = dict(inference) if inference is not None else None
 
     def manager(name: str, max_to_keep: int) -> ocp.CheckpointManager:
       # Distinct barrier keys: otherwise both managers saving step s at once collide across processes.
@@ -85,6 +119,7 @@ class Checkpoints:
           f"Refusing to save a non-finite state at step {step}; the last good checkpoint "
           f"(step {self.latest_step()}) in {self.workdir} is kept.")
     meta = {"fingerprint": self.fingerprint, "step": int(step),
+            **({"inference": self.inference} if self.inference is not None else {}),
             **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in meta.items()}}
     self._manager(which).save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)

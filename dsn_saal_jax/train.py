@@ -393,7 +393,8 @@ class _Run:
     init_rng, self.dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     self.state = create_train_state(config, self.model, info.image_shape, self.optimizer, init_rng)
     self.checkpoints = checkpointing.Checkpoints(
-        workdir, model_fingerprint(config, self.num_classes), keep=config.keep_checkpoints)
+        workdir, model_fingerprint(config, self.num_classes), keep=config.keep_checkpoints,
+        inference=checkpointing.inference_spec(config, info))
     self.p_train_step = jax.pmap(
         functools.partial(train_step, model=self.model, loss_fn=self.loss_fn, optimizer=self.optimizer,
                           learning_rate_fn=self.schedule),
