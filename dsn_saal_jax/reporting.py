@@ -100,6 +100,12 @@ def grad_cam(model: DSNVGG16BN, variables: Mapping[str, Any], images: np.ndarray
   return np.asarray(cam), np.asarray(jax.nn.softmax(logits, -1))
 
 
+def _display_gray(image: np.ndarray) -> np.ndarray:
+  """A normalized model input (H, W, C) as a [0, 1] gray image for display."""
+  gray = image.mean(-1)
+  return (gray - gray.min()) / max(gray.max() - gray.min(), 1e-12)
+
+
 def plot_gradcam_grid(images: np.ndarray, cams: np.ndarray, labels: np.ndarray, probs: np.ndarray,
                       class_names: Sequence[str], path: str) -> None:
   """Two rows per group of 8 examples: the input slice, and the Grad-CAM heat map over it."""
@@ -111,8 +117,7 @@ def plot_gradcam_grid(images: np.ndarray, cams: np.ndarray, labels: np.ndarray, 
     ax.axis("off")
   for k in range(n):
     g, c = divmod(k, cols)
-    gray = images[k].mean(-1)
-    gray = (gray - gray.min()) / max(gray.max() - gray.min(), 1e-12)
+    gray = _display_gray(images[k])
     pred = int(np.argmax(probs[k]))
     axes[2 * g, c].imshow(gray, cmap="gray")
     axes[2 * g, c].set_title(f"true {class_names[labels[k]]}", fontsize=8)
