@@ -1,0 +1,175 @@
+"""JAX vs the PyTorch reference: DSN-SAAL train and eval step, timed interleaved in one process.
+
+  python benchmarks/train_step.py                      # 224/batch 8 and 112/batch 32, float32
+  python benchmarks/train_step.py --sizes=64:8 --rounds=3 --widths=8x16x32x64x64 --hidden=128
+
+Both sides run the same network (DSN-VGG16-BN, six heads), the SAAL loss and an
+SGD step with momentum and weight decay (alpha, beta included) on the same
+batch. JAX uses the trainer's own pmapped `train_step`/`eval_step` (one
+device); PyTorch runs eagerly. After warm-up, each round times one JAX step
+then one PyTorch step, so both see the same machine load; the medians are
+reported with their ratio. GFLOP/s use XLA's FLOP count of the step for both
+sides, against a measured float32 matmul peak.
+"""
+
+from __future__ import annotations
+
+import functools
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from absl import app, flags
+
+from dsn_saal_jax import config_lib, train
+from dsn_saal_jax.torch_reference import DSNVGG16BNTorch, saal_loss_torch
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("sizes", ["224:8", "112:32"], "image_size:batch pairs.")
+flags.DEFINE_integer("rounds", 5, "Timed rounds (one JAX and one PyTorch step each) per size.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps per side before timing.")
+flags.DEFINE_string("widths", "64x128x256x512x512", "Stage widths (the paper's by default).")
+flags.DEFINE_integer("hidden", 4096, "Classifier width.")
+flags.DEFINE_integer("channels", 3, "Input channels.")
+
+CLASS_COUNTS = np.array([234, 191])  # COVID19-CT's official training split
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+  """Best float32 (n x n) @ (n x n) rate of XLA on this machine."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+  mm = jax.jit(lambda x: x @ x)
+  mm(a).block_until_ready()
+  best = min(_timed(lambda: mm(a).block_until_ready()) for _ in range(repeats))
+  return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def _rss_gib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class JaxSide:
+  """The trainer's pmapped steps on one device, state donated and fed back as in training."""
+
+  def __init__(self, config, batch: dict[str, np.ndarray]):
+    self.model = train.create_model(config, len(CLASS_COUNTS))
+    loss_fn = train.make_loss_fn(config, CLASS_COUNTS)
+    optimizer = train.make_optimizer(config, 100)
+    shape = batch["image"].shape[1:]
+    state = train.create_train_state(config, self.model, shape, optimizer, jax.random.PRNGKey(0))
+    self.rstate = train.replicate(state, jax.local_devices()[:1])
+    step = functools.partial(train.train_step, model=self.model, loss_fn=loss_fn, optimizer=optimizer,
+                             learning_rate_fn=train.make_lr_schedule(config, 100))
+    self.p_train = jax.pmap(step, axis_name=train.AXIS, in_axes=(0, 0, None), donate_argnums=(0,),
+                            devices=jax.local_devices()[:1])
+    self.p_eval = jax.pmap(functools.partial(train.eval_step, model=self.model, loss_fn=loss_fn, eval_head="final"),
+                           axis_name=train.AXIS, devices=jax.local_devices()[:1])
+    put = lambda x: train.replicate(x, jax.local_devices()[:1])
+    self.batch = {"image": put(batch["image"]), "label": put(batch["label"])}
+    self.eval_batch = {**self.batch, "mask": put(np.ones(len(batch["label"]), np.float32))}
+    self.rng = jax.random.PRNGKey(1)
+    self.flops = self._flops(config, step, state, batch)
+
+  def _flops(self, config, step, state, batch) -> float:
+    """XLA's FLOP count of one train step (unmapped, same program body)."""
+    fn = jax.jit(jax.vmap(step, axis_name=train.AXIS, in_axes=(0, 0, None)))
+    add = lambda x: jnp.asarray(x)[None]
+    lowered = fn.lower(jax.tree_util.tree_map(add, state), jax.tree_util.tree_map(add, batch), self.rng)
+    analysis = lowered.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return float(analysis.get("flops", float("nan")))
+
+  def train_step(self) -> None:
+    self.rstate, metrics = self.p_train(self.rstate, self.batch, self.rng)
+    jax.block_until_ready(metrics)
+
+  def eval_step(self) -> None:
+    jax.block_until_ready(self.p_eval(self.rstate, self.eval_batch))
+
+
+class TorchSide:
+  """The same network, loss and optimizer in eager PyTorch."""
+
+  def __init__(self, config, batch: dict[str, np.ndarray]):
+    self.model = DSNVGG16BNTorch(len(CLASS_COUNTS), in_channels=config.channels, widths=tuple(config.widths),
+                                 hidden=config.hidden)
+    self.alpha = torch.zeros((), requires_grad=True)
+    self.beta = torch.zeros(6, requires_grad=True)
+    self.opt = torch.optim.SGD(list(self.model.parameters()) + [self.alpha, self.beta], lr=config.learning_rate,
+                               momentum=config.momentum, weight_decay=config.weight_decay)
+    self.x = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
+    self.y = torch.from_numpy(batch["label"].astype(np.int64))
+    self.counts = torch.tensor(CLASS_COUNTS, dtype=torch.float32)
+
+  def train_step(self) -> None:
+    self.model.train()
+    self.opt.zero_grad(set_to_none=True)
+    loss = saal_loss_torch(self.model(self.x), self.y, self.alpha, self.beta, self.counts)
+    loss.backward()
+    self.opt.step()
+
+  def eval_step(self) -> None:
+    self.model.eval()
+    with torch.no_grad():
+      torch.softmax(self.model(self.x)[-1], -1)
+
+
+def bench(size: int, batch_size: int, peak: float) -> None:
+  config = config_lib.base_config()
+  config.image_size, config.batch_size, config.channels = size, batch_size, FLAGS.channels
+  config.widths, config.hidden = tuple(int(w) for w in FLAGS.widths.split("x")), FLAGS.hidden
+  config.learning_rate = 0.01
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.standard_normal((batch_size, size, size, FLAGS.channels)).astype(np.float32),
+           "label": rng.integers(0, 2, batch_size).astype(np.int32)}
+  jx = JaxSide(config, batch)
+  compile_s = _timed(jx.train_step) + _timed(jx.eval_step)
+  rss_after_jax = _rss_gib()
+  tx = TorchSide(config, batch)
+  torch_first_s = _timed(tx.train_step) + _timed(tx.eval_step)
+  for _ in range(FLAGS.warmup):
+    jx.train_step(), tx.train_step(), jx.eval_step(), tx.eval_step()
+  times = {k: [] for k in ("jax_train", "torch_train", "jax_eval", "torch_eval")}
+  for _ in range(FLAGS.rounds):
+    times["jax_train"].append(_timed(jx.train_step))
+    times["torch_train"].append(_timed(tx.train_step))
+    times["jax_eval"].append(_timed(jx.eval_step))
+    times["torch_eval"].append(_timed(tx.eval_step))
+  med = {k: statistics.median(v) for k, v in times.items()}
+  print(f"\n== {size}x{size}, batch {batch_size}, float32, {FLAGS.rounds} interleaved rounds (medians) ==")
+  for phase in ("train", "eval"):
+    j, t = med[f"jax_{phase}"], med[f"torch_{phase}"]
+    line = f"{phase:5s}: JAX {batch_size / j:7.1f} img/s  PyTorch {batch_size / t:7.1f} img/s  JAX/PyTorch {t / j:.2f}"
+    if phase == "train":
+      line += (f"  | {jx.flops / 1e9:.1f} GFLOP/step: JAX {jx.flops / j / 1e9:.0f}, PyTorch "
+               f"{jx.flops / t / 1e9:.0f} GFLOP/s ({jx.flops / j / 1e9 / peak:.0%} / {jx.flops / t / 1e9 / peak:.0%} "
+               "of the matmul peak)")
+    print(line)
+  print(f"first train+eval step: JAX {compile_s:.1f} s (compiles), PyTorch {torch_first_s:.1f} s; "
+        f"peak RSS {rss_after_jax:.2f} GiB after JAX, {_rss_gib():.2f} GiB after both")
+
+
+def main(argv):
+  del argv
+  torch.manual_seed(0)
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads)")
+  peak = matmul_peak_gflops()
+  print(f"float32 matmul peak (XLA, 2048^3): {peak:.0f} GFLOP/s")
+  for spec in FLAGS.sizes:
+    size, batch_size = (int(v) for v in spec.split(":"))
+    bench(size, batch_size, peak)
+
+
+if __name__ == "__main__":
+  app.run(main)
