@@ -1,0 +1,74 @@
+"""Classifies CT slices with a trained run: one CSV row per file, optional Grad-CAM overlays.
+
+  python launch/predict.py --workdir=/tmp/run [--checkpoint=best|latest] [--cam=/tmp/cams] SLICES...
+  python launch/predict.py --checkpoint=/tmp/run/best/120 --output=preds.csv folder/ slice.dcm
+
+SLICES are PNG/JPEG/DICOM files or folders (searched recursively). They are
+preprocessed as the run's training data (see dsn_saal_jax/predict.py); the
+checkpoint carries what that takes. Checkpoints saved before it did need the
+run's --config. Exit status: 0 all predicted, 1 some files failed (their rows
+say why; the others are predicted), 2 usage error (no inputs, bad checkpoint).
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from dsn_saal_jax import predict
+
+FILE_ERROR, USAGE_ERROR = 1, 2
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Workdir of the trained run.")
+flags.DEFINE_string("checkpoint", "best", "With --workdir: best | latest. Without: a checkpoint directory "
+                    "(WORKDIR/best/<step>, or WORKDIR/best for its newest step).")
+config_flags.DEFINE_config_file("config", None, "Training config; only for checkpoints without an inference "
+                                "spec (saved before it existed).", lock_config=True)
+flags.DEFINE_string("output", "predictions.csv", "CSV: path, prediction, prob_<class>..., error.")
+flags.DEFINE_string("cam", None, "Folder for one Grad-CAM overlay PNG per file.")
+flags.DEFINE_integer("batch_size", 32, "Images per forward pass (the last batch is padded).")
+flags.DEFINE_enum("eval_head", None, ["final", "mean"], "Head to predict with; default: the run's.")
+
+
+def usage_error(message: str) -> None:
+  print(f"Error: {message}", file=sys.stderr)
+  sys.exit(USAGE_ERROR)
+
+
+def parse_flags(argv):
+  """absl's parser, but a bad flag exits 2 (usage), not 1, which here means a file failed."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    usage_error(f"{e}\nPass --helpshort for the flags.")
+
+
+def main(argv):
+  inputs = argv[1:]
+  if not inputs:
+    usage_error("Give one or more CT slice files or folders after the flags.")
+  if FLAGS.batch_size <= 0:
+    usage_error(f"--batch_size must be positive, got {FLAGS.batch_size}.")
+  if not FLAGS.workdir and FLAGS.checkpoint in predict.CHECKPOINT_DIRS:
+    usage_error(f"--checkpoint={FLAGS.checkpoint} needs --workdir=RUN; or pass --checkpoint=PATH.")
+  files, problems = predict.find_inputs(inputs)
+  if not files:
+    usage_error("No PNG, JPEG or DICOM files in the inputs:\n" + "\n".join(p.error for p in problems))
+  options = dict(config=FLAGS.config, batch_size=FLAGS.batch_size, eval_head=FLAGS.eval_head)
+  try:
+    if FLAGS.workdir:
+      predictor = predict.Predictor.from_workdir(FLAGS.workdir, FLAGS.checkpoint, **options)
+    else:
+      predictor = predict.Predictor.from_checkpoint(FLAGS.checkpoint, **options)
+  except predict.CheckpointError as e:
+    usage_error(str(e))
+  logging.info("Predicting %d files with %s (%s head).", len(files), predictor.source, predictor.eval_head)
+  predicted, failed = predict.write_predictions(predictor, files, FLAGS.output, FLAGS.cam, problems)
+  print(f"{predicted} predicted, {failed} failed; CSV: {FLAGS.output}"
+        + (f"; Grad-CAM overlays: {FLAGS.cam}" if FLAGS.cam else ""))
+  sys.exit(FILE_ERROR if failed else 0)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)
