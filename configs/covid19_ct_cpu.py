@@ -5,7 +5,7 @@ ImageNet weights, 120 epochs) scaled to about 3 minutes a run from random
 init: 64x64 slices, a narrow VGG16-BN (same 13 convs and 5 side heads, widths
 /8, 128-unit classifier), batch 16, 30 epochs at lr 0.01, /10 after epoch 20;
 best epoch by validation macro F1, reported on test. SAAL class weights are
-normalized by default (see results/covid19_ct_cpu/README.md for why);
+normalized (the default; results/covid19_ct_cpu/README.md says why);
 `--config.saal.normalize_weights=false` gives the paper's literal Eq. 10.
 Variants as for the paper configs, e.g. `--config=configs/covid19_ct_cpu.py:baseline,ce,seed=1`.
 """
@@ -22,7 +22,6 @@ def get_config(arg=None):
   config.learning_rate = 0.01
   config.num_epochs = 30
   config.lr_decay_epochs = 20
-  config.saal.normalize_weights = True
   config.log_every_steps = 13
   config.keep_checkpoints = 1
   config.gradcam_per_class = 2

@@ -21,7 +21,6 @@ def get_config(arg=None):
   config.lung_mask = True
   config.widths = (8, 16, 32, 32, 32)
   config.hidden = 128
-  config.saal.normalize_weights = True
   config.learning_rate = 0.02
   config.num_epochs = 15
   config.lr_decay_epochs = 10

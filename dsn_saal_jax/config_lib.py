@@ -56,8 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Loss.
   c.loss = "saal"            # saal | ce | focal | cb | sce
+  # normalize_weights: w <- C w / sum w. The paper's literal Eq. 10 (False) lets alpha run to 1, which
+  # shrinks every w_n to 1/k_n and stalls training at the majority class (results/covid19_ct_cpu).
   c.saal = ml_collections.ConfigDict(dict(
-      log_zero=-4.0, normalize_weights=False, learn_alpha_beta=True, init_stddev=1.0))
+      log_zero=-4.0, normalize_weights=True, learn_alpha_beta=True, init_stddev=1.0))
   c.focal_gamma = 2.0
   c.cb_beta = 0.9999
   c.sce_alpha = 0.1

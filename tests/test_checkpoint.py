@@ -54,10 +54,11 @@ def test_uninterrupted_run_writes_checkpoints_logs_and_report(reference):
   np.testing.assert_array_equal(history["train/alpha"][0], [4, 8, 12])  # log_every_steps=4
   assert np.all((history["train/alpha"][1] > 0) & (history["train/alpha"][1] < 1))
   assert set(history) >= {f"train/beta_{i}" for i in range(1, 7)} | {"validation/macro_f1", "test/macro_f1"}
-  # The SAAL weights in use, Eq. 7 at the logged alpha with the training set's k_n (unnormalized).
-  alpha = history["train/alpha"][1].astype(np.float64)
-  for name, k in zip(CLASSES, np.bincount(blobs(64, 0)[1], minlength=3)):
-    np.testing.assert_allclose(history[f"train/saal_weight_{name}"][1], (1 - alpha) / (1 - alpha**k), rtol=1e-4)
+  # The SAAL weights in use: Eq. 7 at the logged alpha with the training set's k_n, normalized to sum to C.
+  alpha = history["train/alpha"][1].astype(np.float64)[:, None]
+  w = (1 - alpha) / (1 - alpha ** np.bincount(blobs(64, 0)[1], minlength=3))
+  for n, name in enumerate(CLASSES):
+    np.testing.assert_allclose(history[f"train/saal_weight_{name}"][1], 3 * w[:, n] / w.sum(1), rtol=1e-4)
   report = workdir / "report" / "test"
   for name in ("metrics.json", "confusion_matrix.png", "roc.png", "gradcam.png"):
     assert (report / name).stat().st_size > 0, name
