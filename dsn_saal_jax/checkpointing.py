@@ -49,7 +49,7 @@ def inference_spec(config: Any, info: Any) -> dict[str, Any]:
       "model": {"model": config.model, "widths": [int(w) for w in config.widths],
                 "stages": [int(s) for s in config.stages], "hidden": int(config.hidden),
                 "fuse_channels": int(config.fuse_channels), "dropout_rate": float(config.dropout_rate),
-                "loss": config.loss},
+                "loss": config.loss, "compute_dtype": config.compute_dtype},
   }
 
 

@@ -19,6 +19,7 @@ MODELS = ("dsn", "baseline")
 DATASETS = ("synthetic_ct", "covid19_diag", "covidx_ct", "covid19_ct", "sars_cov2_ct")
 EVAL_HEADS = ("final", "mean")
 CHECKPOINT_CHOICES = ("best", "latest")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 # Metrics a checkpoint can be selected by (validation split), all "higher is better".
 SELECTION_METRICS = ("macro_f1", "accuracy", "g_mean", "auc", "macro_sensitivity")
 
@@ -52,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.fuse_channels = 1
   c.dropout_rate = 0.5
   c.eval_head = "final"      # final | mean (average of the six softmaxes)
+  c.compute_dtype = "float32"  # float32 | bfloat16 (mixed precision: parameters, BN statistics and loss stay float32)
   c.init_checkpoint = ""     # ImageNet init: launch/convert_torchvision.py output dir; "" = random.
 
   # Loss.
@@ -152,7 +154,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   for key in config.saal.keys():
     _check_known(key, schema.saal.keys(), "config.saal")
   choices = {"dataset": DATASETS, "model": MODELS, "loss": LOSS_NAMES, "eval_head": EVAL_HEADS,
-             "eval_checkpoint": CHECKPOINT_CHOICES, "selection_metric": SELECTION_METRICS}
+             "eval_checkpoint": CHECKPOINT_CHOICES, "selection_metric": SELECTION_METRICS,
+             "compute_dtype": COMPUTE_DTYPES}
   for key, allowed in choices.items():
     if config[key] not in allowed:
       raise ValueError(f"config.{key}={config[key]!r} is not one of {', '.join(allowed)}.")

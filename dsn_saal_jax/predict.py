@@ -249,8 +249,9 @@ def _load(step_dir: str, config: ml_collections.ConfigDict | None) -> tuple[dict
 
 
 def _model(spec: Mapping[str, Any]):
-  return train.create_model(ml_collections.ConfigDict(dict(spec["model"])), len(spec["class_names"]),
-                            axis_name=None)
+  # Specs written before mixed precision existed computed in float32.
+  fields = {"compute_dtype": "float32", **spec["model"]}
+  return train.create_model(ml_collections.ConfigDict(fields), len(spec["class_names"]), axis_name=None)
 
 
 # ----------------------------------------------------------------------------- the predictor

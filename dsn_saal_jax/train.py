@@ -58,7 +58,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, axis_name:
   return DSNVGG16BN(
       num_classes=num_classes, dsn=config.model == "dsn", fuse_channels=config.fuse_channels,
       dropout_rate=config.dropout_rate, stages=tuple(config.stages), widths=tuple(config.widths),
-      hidden=config.hidden, axis_name=axis_name)
+      hidden=config.hidden, axis_name=axis_name, dtype=jnp.dtype(config.compute_dtype))
 
 
 def make_loss_fn(config: ml_collections.ConfigDict, class_counts: np.ndarray, class_names=None) -> losses.LossFn:
