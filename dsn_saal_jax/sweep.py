@@ -59,8 +59,17 @@ def metrics_path(root: str, run: Run) -> str:
 
 
 def run_sweep(base: ml_collections.ConfigDict, root: str, runs: Sequence[Run], table: str,
-              train_fn: Callable[[ml_collections.ConfigDict, str], object]) -> tuple[str, str]:
-  """Trains every run not yet finished, then writes `table` (.md and .json) into `root`."""
+              train_fn: Callable[[ml_collections.ConfigDict, str], object] | None) -> tuple[str, str]:
+  """Trains every run not yet finished, then writes `table` (.md and .json) into `root`.
+
+  With `train_fn=None` nothing trains: the table is aggregated from saved runs, and
+  a run without its metrics.json is an error that lists every missing one.
+  """
+  if train_fn is None:
+    missing = [metrics_path(root, r) for r in runs if not os.path.exists(metrics_path(root, r))]
+    if missing:
+      raise FileNotFoundError(f"{len(missing)} of {len(runs)} runs have no test report, so the table would be "
+                              f"incomplete: {', '.join(missing)}. Train them first (without --aggregate_only).")
   for i, run in enumerate(runs, start=1):
     if os.path.exists(metrics_path(root, run)):
       logging.info("[%d/%d] %s: done, skipped.", i, len(runs), run.name)

@@ -5,7 +5,8 @@
   python launch/sweep.py --config=configs/covid19_diag.py --workdir=/runs/table5 --table=table5 --seeds=0,1,2
 
 Methods are model:loss pairs; fractions, seeds and folds default to the paper's
-grid for the table. Rerunning skips finished runs and resumes the rest.
+grid for the table. Rerunning skips finished runs and resumes the rest; --aggregate_only
+rebuilds the table from saved runs without training.
 """
 
 from absl import app, flags
@@ -21,6 +22,7 @@ flags.DEFINE_list("methods", None, "model:loss pairs, e.g. baseline:ce,dsn:saal.
 flags.DEFINE_list("covid_fractions", None, "COVID training fractions, e.g. 1,0.25,0.1.")
 flags.DEFINE_list("seeds", None, "Seeds, e.g. 0,1,2.")
 flags.DEFINE_list("folds", None, "Folds, e.g. 0,1,2,3,4 (sars_cov2_ct).")
+flags.DEFINE_bool("aggregate_only", False, "Train nothing: rebuild the table from saved runs (error if any is missing).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -39,7 +41,8 @@ def main(argv):
   if FLAGS.folds:
     grid["folds"] = [int(k) for k in FLAGS.folds]
   runs = sweep.plan(**grid)
-  md, _ = sweep.run_sweep(FLAGS.config, FLAGS.workdir, runs, FLAGS.table, train.train_and_evaluate)
+  md, _ = sweep.run_sweep(FLAGS.config, FLAGS.workdir, runs, FLAGS.table,
+                          None if FLAGS.aggregate_only else train.train_and_evaluate)
   print(open(md).read())
 
 

@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from dsn_saal_jax import config_lib, sweep
 
 
@@ -31,4 +33,12 @@ def test_sweep_trains_each_run_once_and_writes_the_table(tmp_path):
   assert "10% of COVID-19" in open(md).read()
   # A rerun skips every finished run.
   sweep.run_sweep(base, str(tmp_path), runs, "table6", fake_train)
+  assert len(calls) == 8
+  # Aggregating alone (train_fn=None) rebuilds the same table, and refuses a grid with unfinished runs.
+  os.remove(js)
+  sweep.run_sweep(base, str(tmp_path), runs, "table6", None)
+  assert json.load(open(js)) == table
+  more = runs + sweep.plan([("dsn", "ce")], [1.0], seeds=[0], folds=[0])
+  with pytest.raises(FileNotFoundError, match=r"1 of 9 runs have no test report.*dsn_ce/covid1_seed0_fold0"):
+    sweep.run_sweep(base, str(tmp_path), more, "table6", None)
   assert len(calls) == 8

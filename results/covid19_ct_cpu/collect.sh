@@ -17,11 +17,11 @@ if [ -d "$RUNS" ]; then
     cp "$RUNS/$f" "$OUT/runs/$f"
   done
 fi
-python launch/sweep.py --config=$CFG --workdir=$OUT/runs/main --table=table8 \
+python launch/sweep.py --aggregate_only --config=$CFG --workdir=$OUT/runs/main --table=table8 \
   --methods=baseline:ce,dsn:ce,baseline:saal,dsn:saal --seeds=0,1,2
-python launch/sweep.py --config=$CFG --workdir=$OUT/runs/main --table=table6 \
+python launch/sweep.py --aggregate_only --config=$CFG --workdir=$OUT/runs/main --table=table6 \
   --methods=baseline:ce,dsn:saal --covid_fractions=1,0.25,0.1 --seeds=0,1,2
-python launch/sweep.py --config=$CFG --config.saal.normalize_weights=false --workdir=$OUT/runs/unnormalized \
+python launch/sweep.py --aggregate_only --config=$CFG --config.saal.normalize_weights=false --workdir=$OUT/runs/unnormalized \
   --table=table8 --methods=dsn:saal --seeds=0,1,2
 python launch/plot_history.py --out=$OUT/saal_alpha_beta.png \
   --group="normalized w_n (default)=$OUT/runs/main/dsn_saal/covid1_seed*_fold0" \
