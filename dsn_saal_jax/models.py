@@ -57,6 +57,59 @@ def flatten_nchw(x: jax.Array) -> jax.Array:
   return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
 
 
+_SAME_3X3 = ((1, 1), (1, 1))
+
+
+def _conv3x3(x: jax.Array, w: jax.Array, precision) -> jax.Array:
+  return jax.lax.conv_general_dilated(x, w, (1, 1), _SAME_3X3, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv3x3_matmul_grads(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
+  """A 3x3, stride 1, 'same' NHWC convolution whose gradients avoid XLA:CPU's slow backward convolutions.
+
+  The input gradient is a forward convolution of dy with the kernel flipped and
+  its channels swapped; the weight gradient is 9 matmuls of shifted input
+  windows against dy (benchmarks/conv_grads.py measures both against XLA's own).
+  """
+  return _conv3x3(x, w, precision)
+
+
+def _conv3x3_fwd(x, w, precision):
+  return _conv3x3(x, w, precision), (x, w)
+
+
+def _conv3x3_bwd(precision, residuals, dy):
+  x, w = residuals
+  dx = _conv3x3(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3), precision)
+  n, h, wd, ci = x.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  dy2 = dy.reshape(n * h * wd, -1)
+  acc = jnp.promote_types(dy.dtype, jnp.float32)
+  dw = jnp.stack([
+      jnp.matmul(xp[:, i:i + h, j:j + wd, :].reshape(n * h * wd, ci).T, dy2, precision=precision,
+                 preferred_element_type=acc)
+      for i in range(3) for j in range(3)])
+  return dx.astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
+
+
+conv3x3_matmul_grads.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+  """`lax.conv_general_dilated` for nn.Conv, routing 3x3 'same' convolutions to `conv3x3_matmul_grads`."""
+  plain = (rhs.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1)
+           and [tuple(p) for p in padding] == list(_SAME_3X3) and not any(d != 1 for d in lhs_dilation or ())
+           and not any(d != 1 for d in rhs_dilation or ()) and feature_group_count == 1 and not kwargs
+           and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")))
+  if plain:
+    return conv3x3_matmul_grads(lhs, rhs, precision)
+  return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                      dimension_numbers, feature_group_count, precision=precision, **kwargs)
+
+
 class BatchNorm(nn.Module):
   """BatchNorm2d with PyTorch's exact semantics and cross-device statistics.
 
@@ -136,6 +189,8 @@ class DSNVGG16BN(nn.Module):
   axis_name: str | None = None
   dtype: Any = jnp.float32  # compute dtype (bfloat16 for mixed precision)
   param_dtype: Any = jnp.float32
+  # Gradients of the 3x3 convs via `conv3x3_matmul_grads`; None = on CPU only (XLA's are fast elsewhere).
+  matmul_conv_grads: bool | None = None
 
   @property
   def num_heads(self) -> int:
@@ -147,12 +202,14 @@ class DSNVGG16BN(nn.Module):
       raise ValueError(
           f"Expected NHWC input with H == W >= 32 and 1 or 3 channels, got shape {x.shape}.")
     x = x.astype(self.dtype)
+    matmul_grads = jax.default_backend() == "cpu" if self.matmul_conv_grads is None else self.matmul_conv_grads
+    conv_fn = conv_general_dilated if matmul_grads else None
     heads = []
     for s, (n_convs, width) in enumerate(zip(self.stages, self.widths), start=1):
       acts = []
       for j in range(1, n_convs + 1):
         x = nn.Conv(width, (3, 3), padding=1, kernel_init=conv_init, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name=f"conv{s}_{j}")(x)
+                    param_dtype=self.param_dtype, conv_general_dilated=conv_fn, name=f"conv{s}_{j}")(x)
         x = BatchNorm(axis_name=self.axis_name, param_dtype=self.param_dtype, name=f"bn{s}_{j}")(x, train)
         x = nn.relu(x)
         acts.append(x)

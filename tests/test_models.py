@@ -105,3 +105,37 @@ def test_bad_input_shape_is_reported(shape):
   model = models.DSNVGG16BN(num_classes=3, **TINY)
   with pytest.raises(ValueError, match=r"H == W >= 32 and 1 or 3 channels"):
     model.init(jax.random.PRNGKey(0), jnp.zeros(shape))
+
+
+@pytest.mark.parametrize("cin", [1, 6])
+def test_conv3x3_matmul_grads_equal_xla_gradients(cin):
+  """The custom VJP (flipped-kernel conv for dx, 9 shifted matmuls for dw) is the same derivative."""
+  rng = np.random.default_rng(cin)
+  x = jnp.asarray(rng.standard_normal((3, 9, 9, cin)))
+  w = jnp.asarray(rng.standard_normal((3, 3, cin, 5)))
+  dy = jnp.asarray(rng.standard_normal((3, 9, 9, 5)))
+  with jax.enable_x64():
+    x, w, dy = (jnp.asarray(a, jnp.float64) for a in (x, w, dy))
+    xla = jax.vjp(lambda x, w: models._conv3x3(x, w, None), x, w)
+    ours = jax.vjp(models.conv3x3_matmul_grads, x, w)
+    np.testing.assert_array_equal(ours[0], xla[0])
+    for got, want in zip(ours[1](dy), xla[1](dy)):
+      np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+  # bfloat16 compute: gradients come back in the operands' dtype, accumulated in float32.
+  dx, dw = jax.vjp(models.conv3x3_matmul_grads, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))[1](
+      dy.astype(jnp.bfloat16))
+  assert dx.dtype == dw.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(dw, np.float32), jax.vjp(models.conv3x3_matmul_grads, x, w)[1](dy)[1],
+                             rtol=0.05, atol=0.05 * float(jnp.max(jnp.abs(dw.astype(jnp.float32)))))
+
+
+def test_model_gradients_do_not_depend_on_the_conv_gradient_path():
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 1)), jnp.float32)
+  grads = []
+  for flag in (False, True):
+    model = models.DSNVGG16BN(3, matmul_conv_grads=flag, **TINY)
+    v = model.init(jax.random.PRNGKey(0), x)
+    loss = lambda p: sum(jnp.sum(h ** 2) for h in model.apply({**v, "params": p}, x, train=False))
+    grads.append(jax.grad(loss)(v["params"]))
+  for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(a))))
