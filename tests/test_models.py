@@ -111,22 +111,21 @@ def test_bad_input_shape_is_reported(shape):
 def test_conv3x3_matmul_grads_equal_xla_gradients(cin):
   """The custom VJP (flipped-kernel conv for dx, 9 shifted matmuls for dw) is the same derivative."""
   rng = np.random.default_rng(cin)
-  x = jnp.asarray(rng.standard_normal((3, 9, 9, cin)))
-  w = jnp.asarray(rng.standard_normal((3, 3, cin, 5)))
-  dy = jnp.asarray(rng.standard_normal((3, 9, 9, 5)))
+  x, w, dy = rng.standard_normal((3, 9, 9, cin)), rng.standard_normal((3, 3, cin, 5)), rng.standard_normal((3, 9, 9, 5))
   with jax.enable_x64():
-    x, w, dy = (jnp.asarray(a, jnp.float64) for a in (x, w, dy))
-    xla = jax.vjp(lambda x, w: models._conv3x3(x, w, None), x, w)
-    ours = jax.vjp(models.conv3x3_matmul_grads, x, w)
+    x64, w64, dy64 = (jnp.asarray(a, jnp.float64) for a in (x, w, dy))
+    xla = jax.vjp(lambda x, w: models._conv3x3(x, w, None), x64, w64)
+    ours = jax.vjp(models.conv3x3_matmul_grads, x64, w64)
     np.testing.assert_array_equal(ours[0], xla[0])
-    for got, want in zip(ours[1](dy), xla[1](dy)):
+    for got, want in zip(ours[1](dy64), xla[1](dy64)):
       np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
   # bfloat16 compute: gradients come back in the operands' dtype, accumulated in float32.
-  dx, dw = jax.vjp(models.conv3x3_matmul_grads, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))[1](
-      dy.astype(jnp.bfloat16))
+  bf16 = [jnp.asarray(a, jnp.bfloat16) for a in (x, w, dy)]
+  dx, dw = jax.vjp(models.conv3x3_matmul_grads, *bf16[:2])[1](bf16[2])
   assert dx.dtype == dw.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(dw, np.float32), jax.vjp(models.conv3x3_matmul_grads, x, w)[1](dy)[1],
-                             rtol=0.05, atol=0.05 * float(jnp.max(jnp.abs(dw.astype(jnp.float32)))))
+  want = jax.vjp(models.conv3x3_matmul_grads, jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))[1](
+      jnp.asarray(dy, jnp.float32))[1]
+  np.testing.assert_allclose(np.asarray(dw, np.float32), want, rtol=0.05, atol=0.05 * float(jnp.max(jnp.abs(want))))
 
 
 def test_model_gradients_do_not_depend_on_the_conv_gradient_path():
