@@ -169,7 +169,8 @@ def plot_saal_history(groups: Mapping[str, Sequence[History]], path: str) -> Non
       if "validation/macro_f1" in h:
         ax[3].plot(*h["validation/macro_f1"], lw=1)
       for k, name in enumerate(sorted(n for n in h if n.startswith("train/saal_weight_"))):
-        ax[2].plot(*h[name], lw=1, color=f"C{k}", label=name.rsplit("_weight_", 1)[1] if i == 0 else None)
+        label = name.rsplit("_weight_", 1)[1]
+        ax[2].plot(*h[name], lw=1, color=f"C{k}", label=None if label in ax[2].get_legend_handles_labels()[1] else label)
     heads = sorted((n for n in runs[0] if n.startswith("train/beta_")), key=lambda n: int(n.rsplit("_", 1)[1]))
     for k, name in enumerate(heads):
       steps = runs[0][name][0]
