@@ -181,6 +181,10 @@ def plot_saal_history(groups: Mapping[str, Sequence[History]], path: str) -> Non
     for a in ax[1:3]:
       if a.get_legend_handles_labels()[0]:
         a.legend(fontsize=7, ncol=2)
+  weights = [v for runs in groups.values() for h in runs for n in h if n.startswith("train/saal_weight_")
+             for v in h[n][1]]
+  if weights:  # At least a decade (rows share y), so that float noise around a constant w_n stays flat.
+    axes[2, 0].set_ylim(min(min(weights), 1.0) / 3, max(max(weights), 1.0) * 3)
   for a, name in zip(axes[:, 0], ("alpha", "beta_i (mean)", "w_n in use", "val. macro F1")):
     a.set_ylabel(name)
   fig.tight_layout()
