@@ -139,7 +139,7 @@ def test_every_checkpoint_carries_the_inference_spec(run):
     assert spec["lung_mask"] == {"dicom": True, "images": True}
     assert spec["normalization"]["mean"] == [pytest.approx(0.449)] and spec["normalization"]["scale"] == 255.0
     assert spec["model"] == {"model": "dsn", "widths": [8, 8, 16, 16, 16], "stages": [2, 2, 3, 3, 3], "hidden": 32,
-                             "fuse_channels": 1, "dropout_rate": 0.5, "loss": "saal"}
+                             "fuse_channels": 1, "dropout_rate": 0.5, "loss": "saal", "compute_dtype": "float32"}
     assert meta["fingerprint"]["widths"] == [8, 8, 16, 16, 16]  # the fingerprint is still there
 
 
