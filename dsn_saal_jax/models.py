@@ -57,57 +57,102 @@ def flatten_nchw(x: jax.Array) -> jax.Array:
   return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
 
 
-_SAME_3X3 = ((1, 1), (1, 1))
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """MaxPool2d(2, 2) (floor mode) as a reshape and a max; its gradient goes to each window's first maximum.
 
-
-def _conv3x3(x: jax.Array, w: jax.Array, precision) -> jax.Array:
-  return jax.lax.conv_general_dilated(x, w, (1, 1), _SAME_3X3, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                      precision=precision)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv3x3_matmul_grads(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
-  """A 3x3, stride 1, 'same' NHWC convolution whose gradients avoid XLA:CPU's slow backward convolutions.
-
-  The input gradient is a forward convolution of dy with the kernel flipped and
-  its channels swapped; the weight gradient is 9 matmuls of shifted input
-  windows against dy (benchmarks/conv_grads.py measures both against XLA's own).
+  XLA lowers `nn.max_pool`'s gradient to a windowed argmax carrying four int32
+  index arrays of the input's size; on CPU that alone cost ~10% of a train
+  step. Here the forward pass keeps an int8 index of each window's maximum and
+  the backward pass is elementwise. Ties (e.g. all-zero windows after ReLU)
+  resolve as torch does: the first maximum in row-major order takes all.
   """
-  return _conv3x3(x, w, precision)
+  return _max_pool_fwd(x)[0]
 
 
-def _conv3x3_fwd(x, w, precision):
-  return _conv3x3(x, w, precision), (x, w)
+def _max_pool_fwd(x):
+  # Comparing x with the pooled value in the backward pass is not enough: XLA
+  # may recompute x there with different rounding (FMA contraction) and then no
+  # element matches. The index is taken from the same values as the maximum.
+  n, h, w, c = x.shape
+  windows = x[:, :h - h % 2, :w - w % 2].reshape(n, h // 2, 2, w // 2, 2, c)
+  best, index = windows[:, :, 0, :, 0], jnp.zeros((n, h // 2, w // 2, c), jnp.int8)
+  for k, (i, j) in enumerate(((0, 1), (1, 0), (1, 1)), start=1):
+    larger = windows[:, :, i, :, j] > best
+    best, index = jnp.where(larger, windows[:, :, i, :, j], best), jnp.where(larger, jnp.int8(k), index)
+  return best, (index, x.shape)
 
 
-def _conv3x3_bwd(precision, residuals, dy):
-  x, w = residuals
-  dx = _conv3x3(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3), precision)
-  n, h, wd, ci = x.shape
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  dy2 = dy.reshape(n * h * wd, -1)
-  acc = jnp.promote_types(dy.dtype, jnp.float32)
-  dw = jnp.stack([
-      jnp.matmul(xp[:, i:i + h, j:j + wd, :].reshape(n * h * wd, ci).T, dy2, precision=precision,
-                 preferred_element_type=acc)
-      for i in range(3) for j in range(3)])
-  return dx.astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
+def _max_pool_bwd(residuals, dy):
+  index, (n, h, w, c) = residuals
+  zero = jnp.zeros_like(dy)
+  dx = jnp.stack([jnp.where(index == k, dy, zero) for k in range(4)], 3)  # (n, h/2, w/2, i*2+j, c)
+  dx = dx.reshape(n, h // 2, w // 2, 2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h - h % 2, w - w % 2, c)
+  return (jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
 
 
-conv3x3_matmul_grads.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-  """`lax.conv_general_dilated` for nn.Conv, routing 3x3 'same' convolutions to `conv3x3_matmul_grads`."""
-  plain = (rhs.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1)
-           and [tuple(p) for p in padding] == list(_SAME_3X3) and not any(d != 1 for d in lhs_dilation or ())
-           and not any(d != 1 for d in rhs_dilation or ()) and feature_group_count == 1 and not kwargs
-           and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")))
-  if plain:
-    return conv3x3_matmul_grads(lhs, rhs, precision)
-  return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                      dimension_numbers, feature_group_count, precision=precision, **kwargs)
+def conv1x1_as_dot(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                   dimension_numbers=None, feature_group_count=1, precision=None, **kwargs) -> jax.Array:
+  """nn.Conv's 1x1 convolution (NHWC, HWIO) as a dot over channels.
+
+  Same parameters and result; its weight gradient is then a plain matmul
+  instead of a convolution over transposed activations (XLA:CPU copied each
+  side input to a (C, H, W, N) layout for it).
+  """
+  del window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, kwargs
+  return jnp.einsum("nhwc,co->nhwo", lhs, rhs[0, 0], precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, axis_name: str | None,
+                     epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Training-mode batch norm over all but the last axis: (y, batch mean, biased batch variance).
+
+  Statistics are in at least float32 and, with `axis_name`, global over that
+  axis. The VJP is the closed form (two channel sums), which XLA cannot derive
+  from the forward's reductions on its own.
+  """
+  return _batch_norm_fwd(x, scale, bias, axis_name, epsilon)[0]
+
+
+def _batch_norm_stats(x, axis_name):
+  xf = x.reshape(-1, x.shape[-1]).astype(jnp.promote_types(x.dtype, jnp.float32))
+  mean = jnp.sum(xf, 0) / xf.shape[0]
+  if axis_name is not None:
+    mean = jax.lax.pmean(mean, axis_name)
+  centered = xf - mean
+  var = jnp.sum(jnp.square(centered), 0) / xf.shape[0]
+  if axis_name is not None:
+    var = jax.lax.pmean(var, axis_name)
+  return centered, mean, var
+
+
+def _batch_norm_fwd(x, scale, bias, axis_name, epsilon):
+  centered, mean, var = _batch_norm_stats(x, axis_name)
+  inv = jax.lax.rsqrt(var + epsilon)
+  y = (centered * (inv * scale) + bias).astype(x.dtype).reshape(x.shape)
+  return (y, mean, var), (x, mean, inv, scale)
+
+
+def _batch_norm_bwd(axis_name, epsilon, residuals, cotangents):
+  del epsilon
+  x, mean, inv, scale = residuals
+  dy = cotangents[0]  # mean and var only feed the running statistics, not the loss
+  g = dy.reshape(-1, dy.shape[-1]).astype(mean.dtype)
+  centered = x.reshape(g.shape).astype(mean.dtype) - mean
+  dbias, dscale = jnp.sum(g, 0), jnp.sum(g * centered, 0) * inv
+  count = g.shape[0]
+  if axis_name is not None:
+    dbias, dscale = jax.lax.psum(dbias, axis_name), jax.lax.psum(dscale, axis_name)
+    count = count * jax.lax.psum(1, axis_name)
+  dx = (scale * inv) * (g - dbias / count - centered * (inv * dscale / count))
+  return dx.astype(x.dtype).reshape(x.shape), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 class BatchNorm(nn.Module):
@@ -132,25 +177,17 @@ class BatchNorm(nn.Module):
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), self.param_dtype)
     ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), self.param_dtype)
     if not train:
-      mean, var = ra_mean.value, ra_var.value
-    else:
-      # Statistics in at least float32, whatever the compute dtype.
-      xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-      axes = tuple(range(x.ndim - 1))
-      count = np.prod([x.shape[a] for a in axes])
-      mean = jnp.mean(xf, axes)
+      inv = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
+      return (x - ra_mean.value.astype(x.dtype)) * inv.astype(x.dtype) + bias.astype(x.dtype)
+    y, mean, var = batch_norm_train(x, scale, bias, self.axis_name, self.epsilon)
+    if not self.is_initializing():
+      count = np.prod(x.shape[:-1])
       if self.axis_name is not None:
-        mean = jax.lax.pmean(mean, self.axis_name)
-      var = jnp.mean(jnp.square(xf - mean), axes)
-      if self.axis_name is not None:
-        var = jax.lax.pmean(var, self.axis_name)
         count = count * jax.lax.psum(1, self.axis_name)
-      if not self.is_initializing():
-        unbiased = var * (count / jnp.maximum(count - 1, 1))
-        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
-    inv = jax.lax.rsqrt(var + self.epsilon) * scale
-    return ((x - mean.astype(x.dtype)) * inv.astype(x.dtype) + bias.astype(x.dtype))
+      unbiased = var * (count / jnp.maximum(count - 1, 1))
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+    return y
 
 
 class SideHead(nn.Module):
@@ -164,7 +201,7 @@ class SideHead(nn.Module):
   @nn.compact
   def __call__(self, activations: Sequence[jax.Array]) -> jax.Array:
     conv = functools.partial(nn.Conv, kernel_size=(1, 1), kernel_init=linear_init, dtype=self.dtype,
-                             param_dtype=self.param_dtype)
+                             param_dtype=self.param_dtype, conv_general_dilated=conv1x1_as_dot)
     side = sum(conv(SIDE_CHANNELS, name=f"conv{j + 1}")(a) for j, a in enumerate(activations))
     pooled = flatten_nchw(adaptive_avg_pool(conv(self.fuse_channels, name="fuse")(side)))
     return nn.Dense(self.num_classes, kernel_init=linear_init, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -189,8 +226,6 @@ class DSNVGG16BN(nn.Module):
   axis_name: str | None = None
   dtype: Any = jnp.float32  # compute dtype (bfloat16 for mixed precision)
   param_dtype: Any = jnp.float32
-  # Gradients of the 3x3 convs via `conv3x3_matmul_grads`; None = on CPU only (XLA's are fast elsewhere).
-  matmul_conv_grads: bool | None = None
 
   @property
   def num_heads(self) -> int:
@@ -202,21 +237,19 @@ class DSNVGG16BN(nn.Module):
       raise ValueError(
           f"Expected NHWC input with H == W >= 32 and 1 or 3 channels, got shape {x.shape}.")
     x = x.astype(self.dtype)
-    matmul_grads = jax.default_backend() == "cpu" if self.matmul_conv_grads is None else self.matmul_conv_grads
-    conv_fn = conv_general_dilated if matmul_grads else None
     heads = []
     for s, (n_convs, width) in enumerate(zip(self.stages, self.widths), start=1):
       acts = []
       for j in range(1, n_convs + 1):
         x = nn.Conv(width, (3, 3), padding=1, kernel_init=conv_init, dtype=self.dtype,
-                    param_dtype=self.param_dtype, conv_general_dilated=conv_fn, name=f"conv{s}_{j}")(x)
+                    param_dtype=self.param_dtype, name=f"conv{s}_{j}")(x)
         x = BatchNorm(axis_name=self.axis_name, param_dtype=self.param_dtype, name=f"bn{s}_{j}")(x, train)
         x = nn.relu(x)
         acts.append(x)
       if self.dsn:
         heads.append(SideHead(self.num_classes, self.fuse_channels, self.dtype, self.param_dtype,
                               name=f"side{s}")(acts))
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool_2x2(x)
     x = flatten_nchw(adaptive_avg_pool(x))
     dense: Callable[..., nn.Dense] = functools.partial(
         nn.Dense, kernel_init=linear_init, dtype=self.dtype, param_dtype=self.param_dtype)

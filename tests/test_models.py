@@ -107,34 +107,29 @@ def test_bad_input_shape_is_reported(shape):
     model.init(jax.random.PRNGKey(0), jnp.zeros(shape))
 
 
-@pytest.mark.parametrize("cin", [1, 6])
-def test_conv3x3_matmul_grads_equal_xla_gradients(cin):
-  """The custom VJP (flipped-kernel conv for dx, 9 shifted matmuls for dw) is the same derivative."""
-  rng = np.random.default_rng(cin)
-  x, w, dy = rng.standard_normal((3, 9, 9, cin)), rng.standard_normal((3, 3, cin, 5)), rng.standard_normal((3, 9, 9, 5))
+@pytest.mark.parametrize("size", [8, 7])
+def test_max_pool_2x2_matches_torch_values_and_gradients(size):
+  """Floor mode on odd sizes; the whole gradient goes to each window's maximum."""
+  torch = pytest.importorskip("torch")
+  x = np.random.default_rng(size).standard_normal((2, size, size, 3))
+  dy = np.random.default_rng(size + 1).standard_normal((2, size // 2, size // 2, 3))
+  tx = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+  ty = torch.nn.functional.max_pool2d(tx, 2, 2)
+  ty.backward(torch.tensor(dy.transpose(0, 3, 1, 2)))
   with jax.enable_x64():
-    x64, w64, dy64 = (jnp.asarray(a, jnp.float64) for a in (x, w, dy))
-    xla = jax.vjp(lambda x, w: models._conv3x3(x, w, None), x64, w64)
-    ours = jax.vjp(models.conv3x3_matmul_grads, x64, w64)
-    np.testing.assert_array_equal(ours[0], xla[0])
-    for got, want in zip(ours[1](dy64), xla[1](dy64)):
-      np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-  # bfloat16 compute: gradients come back in the operands' dtype, accumulated in float32.
-  bf16 = [jnp.asarray(a, jnp.bfloat16) for a in (x, w, dy)]
-  dx, dw = jax.vjp(models.conv3x3_matmul_grads, *bf16[:2])[1](bf16[2])
-  assert dx.dtype == dw.dtype == jnp.bfloat16
-  want = jax.vjp(models.conv3x3_matmul_grads, jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))[1](
-      jnp.asarray(dy, jnp.float32))[1]
-  np.testing.assert_allclose(np.asarray(dw, np.float32), want, rtol=0.05, atol=0.05 * float(jnp.max(jnp.abs(want))))
+    y, vjp = jax.vjp(models.max_pool_2x2, jnp.asarray(x))
+    np.testing.assert_array_equal(y, ty.detach().numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(vjp(jnp.asarray(dy))[0], tx.grad.numpy().transpose(0, 2, 3, 1))
 
 
-def test_model_gradients_do_not_depend_on_the_conv_gradient_path():
-  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 1)), jnp.float32)
-  grads = []
-  for flag in (False, True):
-    model = models.DSNVGG16BN(3, matmul_conv_grads=flag, **TINY)
-    v = model.init(jax.random.PRNGKey(0), x)
-    loss = lambda p: sum(jnp.sum(h ** 2) for h in model.apply({**v, "params": p}, x, train=False))
-    grads.append(jax.grad(loss)(v["params"]))
-  for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(a))))
+def test_conv1x1_as_dot_equals_the_convolution_and_its_gradients():
+  rng = np.random.default_rng(0)
+  x, w, dy = rng.standard_normal((2, 5, 5, 6)), rng.standard_normal((1, 1, 6, 4)), rng.standard_normal((2, 5, 5, 4))
+  numbers = ("NHWC", "HWIO", "NHWC")
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=numbers)
+  dot = lambda x, w: models.conv1x1_as_dot(x, w, (1, 1), "VALID", dimension_numbers=numbers)
+  with jax.enable_x64():
+    (want, want_vjp), (got, got_vjp) = (jax.vjp(f, jnp.asarray(x), jnp.asarray(w)) for f in (conv, dot))
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    for g, e in zip(got_vjp(jnp.asarray(dy)), want_vjp(jnp.asarray(dy))):
+      np.testing.assert_allclose(g, e, rtol=1e-12)
