@@ -143,12 +143,14 @@ def _batch_norm_bwd(axis_name, epsilon, residuals, cotangents):
   dy = cotangents[0]  # mean and var only feed the running statistics, not the loss
   g = dy.reshape(-1, dy.shape[-1]).astype(mean.dtype)
   centered = x.reshape(g.shape).astype(mean.dtype) - mean
+  # scale and bias act on this device's slice only: their gradients are local sums (the step
+  # averages them over devices). x also moves the shared statistics: dx needs the global sums.
   dbias, dscale = jnp.sum(g, 0), jnp.sum(g * centered, 0) * inv
-  count = g.shape[0]
+  sum_g, sum_gx, count = dbias, dscale, g.shape[0]
   if axis_name is not None:
-    dbias, dscale = jax.lax.psum(dbias, axis_name), jax.lax.psum(dscale, axis_name)
+    sum_g, sum_gx = jax.lax.psum(dbias, axis_name), jax.lax.psum(dscale, axis_name)
     count = count * jax.lax.psum(1, axis_name)
-  dx = (scale * inv) * (g - dbias / count - centered * (inv * dscale / count))
+  dx = (scale * inv) * (g - sum_g / count - centered * (inv * sum_gx / count))
   return dx.astype(x.dtype).reshape(x.shape), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
 
 
