@@ -133,3 +133,42 @@ def test_conv1x1_as_dot_equals_the_convolution_and_its_gradients():
     np.testing.assert_allclose(got, want, rtol=1e-12)
     for g, e in zip(got_vjp(jnp.asarray(dy)), want_vjp(jnp.asarray(dy))):
       np.testing.assert_allclose(g, e, rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (6, 5), (3, 4, 5)])
+def test_channel_sum_equals_the_sum_over_all_but_the_last_axis(shape):
+  x = np.random.default_rng(len(shape)).standard_normal(shape)
+  with jax.enable_x64():
+    np.testing.assert_allclose(models.channel_sum(jnp.asarray(x)), x.reshape(-1, shape[-1]).sum(0), rtol=1e-12)
+
+
+def test_channel_sum_rounds_no_worse_than_jnp_sum_in_float32():
+  x = np.random.default_rng(0).standard_normal((8, 64, 64, 16)) + 3.0  # a large mean: rounding accumulates
+  exact = x.reshape(-1, 16).sum(0)
+  err = lambda s: np.max(np.abs(np.asarray(s, np.float64) - exact) / np.abs(exact))
+  x32 = jnp.asarray(x, jnp.float32)
+  assert err(jax.jit(models.channel_sum)(x32)) <= err(jax.jit(lambda a: jnp.sum(a, (0, 1, 2)))(x32)) + 1e-7
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 5, 3), (7, 3)])
+def test_batch_norm_train_and_its_vjp_equal_autodiff_of_the_formula(shape):
+  """The closed-form VJP against JAX's derivative of the textbook forward pass, in float64."""
+  rng = np.random.default_rng(1)
+  x, dy = rng.standard_normal(shape) * 2 + 1, rng.standard_normal(shape)
+  scale, bias = rng.standard_normal(shape[-1]), rng.standard_normal(shape[-1])
+  axes = tuple(range(len(shape) - 1))
+
+  def formula(x, scale, bias):
+    mean, var = jnp.mean(x, axes), jnp.var(x, axes)
+    return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
+
+  with jax.enable_x64():
+    args = tuple(jnp.asarray(a) for a in (x, scale, bias))
+    (y, mean, var), vjp = jax.vjp(lambda *a: models.batch_norm_train(*a, None, 1e-5), *args)
+    want_y, want_vjp = jax.vjp(formula, *args)
+    np.testing.assert_allclose(y, want_y, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(mean, x.mean(axes), rtol=1e-12)
+    np.testing.assert_allclose(var, x.var(axes), rtol=1e-12)
+    zeros = jnp.zeros(shape[-1])
+    for got, want in zip(vjp((jnp.asarray(dy), zeros, zeros)), want_vjp(jnp.asarray(dy))):
+      np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)

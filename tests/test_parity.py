@@ -81,7 +81,7 @@ def conv_bias_before_train_bn(tmodel, name):
   return parts[0] == "features" and parts[2] == "bias" and isinstance(tmodel.features[int(parts[1])], torch.nn.Conv2d)
 
 
-def check_training_steps(tmodel, fmodel, dtype, tol, num_steps=2, batch=4, size=100, param_tols=None):
+def check_training_steps(tmodel, fmodel, dtype, tol, num_steps=2, batch=4, size=100, param_tols=None, seed=7):
   """Loss, gradients (weights, alpha, beta) and SGD updates against the torch reference run in float64.
 
   `tmodel` must hold float32-representable weights, so that both sides start
@@ -89,7 +89,7 @@ def check_training_steps(tmodel, fmodel, dtype, tol, num_steps=2, batch=4, size=
   """
   variables = convert.state_dict_to_variables(tmodel.state_dict(), fmodel)
   tmodel.double().train()
-  rng = np.random.RandomState(7)
+  rng = np.random.RandomState(seed)
   batches = [(rng.randn(batch, size, size, 3).astype(np.float32), rng.randint(0, NUM_CLASSES, batch))
              for _ in range(num_steps)]
   saal = {"alpha": jnp.asarray(0.8, dtype), "beta": jnp.asarray(rng.randn(6), dtype)}
@@ -179,24 +179,65 @@ def test_float32_training_steps_match_torch():
 
   One step only: after it the float32 weights differ from the float64 ones by
   storage rounding, and the next gradients would compare different points.
+  The batch (seed 5) is one whose float64 forward pass keeps every ReLU input
+  and every max-pool decision at least 1e-6 away from a tie; see
+  `reference_margins` for why that matters.
   """
   widths = dict(widths=(16, 32, 32, 64, 64), hidden=64)
   torch.manual_seed(1)
   tmodel = DSNVGG16BNTorch(NUM_CLASSES, in_channels=3, dropout_rate=0.0, **widths)
   randomize_batchnorm(tmodel, 2)
+  seed, size, batch = 5, 100, 4
+  x = np.random.RandomState(seed).randn(batch, size, size, 3).astype(np.float32)
+  relu_margin, pool_margin = reference_margins(tmodel, x)
+  assert min(relu_margin, pool_margin) > 1e-6, (
+      f"seed {seed}: the float64 reference has a ReLU input {relu_margin:.1e} from 0 or a max-pool gap of "
+      f"{pool_margin:.1e}; float32 rounding can flip such a decision. Pick a seed whose margins exceed 1e-6.")
   check_training_steps(tmodel, models.DSNVGG16BN(NUM_CLASSES, dropout_rate=0.0, **widths), jnp.float32,
-                       tol=1e-4, num_steps=1, param_tols=torch_float32_errors(tmodel, size=100, batch=4))
+                       tol=1e-4, num_steps=1, param_tols=torch_float32_errors(tmodel, size, batch, seed), seed=seed)
 
 
-def torch_float32_errors(tmodel, size, batch):
+def reference_margins(tmodel, x):
+  """Smallest |ReLU input| and smallest non-zero top-two gap in a max-pool window, in torch's float64 forward pass.
+
+  A float32 run rounds BatchNorm outputs by ~1e-7. Where the float64 value is
+  closer than that to a decision (ReLU at 0, the larger of two pool inputs),
+  the two runs may decide differently and route one pixel's gradient
+  differently: measured, a ReLU input 2.8e-7 from 0 put 1.7e-4 of error into
+  one output channel of a conv weight gradient. Such a batch tests luck, not
+  the implementation.
+  """
+  model = copy.deepcopy(tmodel).double().train()
+  relu, pool = [], []
+
+  def pool_gap(module, inputs, output):
+    a = inputs[0]
+    n, c, h, w = a.shape
+    windows = a[:, :, :h // 2 * 2, :w // 2 * 2].reshape(n, c, h // 2, 2, w // 2, 2)
+    top2 = windows.permute(0, 1, 2, 4, 3, 5).reshape(n, c, h // 2, w // 2, 4).topk(2, -1).values
+    gap = top2[..., 0] - top2[..., 1]
+    pool.append(gap[gap > 0].min().item())  # exact ties (ReLU zeros) resolve the same way on both sides
+
+  for module in model.features:
+    if isinstance(module, torch.nn.BatchNorm2d):
+      module.register_forward_hook(lambda m, i, o: relu.append(o.abs().min().item()))
+    elif isinstance(module, torch.nn.MaxPool2d):
+      module.register_forward_hook(pool_gap)
+  with torch.no_grad():
+    model(torch_input(x).double())
+  return min(relu), min(pool)
+
+
+def torch_float32_errors(tmodel, size, batch, seed):
   """5x PyTorch's own float32 gradient error (vs its float64 run) per parameter, on check_training_steps' first batch.
 
   A few gradients are sums with heavy cancellation, the side heads' biases
-  above all. Measured: torch's own float32 error is 1.6e-4 on side.1.convs.*.bias
-  and 2.9e-5 on side.1.fuse.bias; ours is 1.2e-4 on side.1.fuse.bias (Eigen dots,
-  see dsn_saal_jax/__init__.py) and below 1e-5 on every other parameter.
+  above all. Measured on seed 5's batch: torch's own float32 error is 3.4e-4
+  on side.0.convs.*.bias and 5.8e-5 on side.0.fuse.bias (limit 2.9e-4); ours
+  is 2.7e-4 on side.0.fuse.bias, 5.3e-5 on side.0.fuse.weight and at most
+  1.8e-5 on every other parameter.
   """
-  rng = np.random.RandomState(7)
+  rng = np.random.RandomState(seed)
   x, y = rng.randn(batch, size, size, 3).astype(np.float32), rng.randint(0, NUM_CLASSES, batch)
   beta = rng.randn(6).astype(np.float32)
   grads = {}
