@@ -149,7 +149,8 @@ def bench(size: int, batch_size: int, peak: float) -> None:
   print(f"\n== {size}x{size}, batch {batch_size}, float32, {FLAGS.rounds} interleaved rounds (medians) ==")
   for phase in ("train", "eval"):
     j, t = med[f"jax_{phase}"], med[f"torch_{phase}"]
-    line = f"{phase:5s}: JAX {batch_size / j:7.1f} img/s  PyTorch {batch_size / t:7.1f} img/s  JAX/PyTorch {t / j:.2f}"
+    line = (f"{phase:5s}: JAX {batch_size / j:7.2f} img/s ({j:.2f} s)  PyTorch {batch_size / t:7.2f} img/s ({t:.2f} s)  "
+            f"JAX/PyTorch {t / j:.2f}")
     if phase == "train":
       line += (f"  | {jx.flops / 1e9:.1f} GFLOP/step: JAX {jx.flops / j / 1e9:.0f}, PyTorch "
                f"{jx.flops / t / 1e9:.0f} GFLOP/s ({jx.flops / j / 1e9 / peak:.0%} / {jx.flops / t / 1e9 / peak:.0%} "
