@@ -144,6 +144,12 @@ def _batch_norm_stats(x, axis_name):
   return centered, mean, var
 
 
+def _batch_norm_count(x: jax.Array, axis_name: str | None):
+  """Elements per channel in the batch statistics: this device's, times the devices on `axis_name`."""
+  count = np.prod(x.shape[:-1])
+  return count if axis_name is None else count * jax.lax.psum(1, axis_name)
+
+
 def _batch_norm_fwd(x, scale, bias, axis_name, epsilon):
   centered, mean, var = _batch_norm_stats(x, axis_name)
   inv = jax.lax.rsqrt(var + epsilon)
@@ -159,10 +165,9 @@ def _batch_norm_bwd(axis_name, epsilon, residuals, cotangents):
   # scale and bias act on this device's slice only: their gradients are local sums (the step
   # averages them over devices). x also moves the shared statistics: dx needs the global sums.
   dbias, dscale = channel_sum(g), channel_sum(g * centered) * inv
-  sum_g, sum_gx, count = dbias, dscale, np.prod(x.shape[:-1])
+  sum_g, sum_gx, count = dbias, dscale, _batch_norm_count(x, axis_name)
   if axis_name is not None:
     sum_g, sum_gx = jax.lax.psum(dbias, axis_name), jax.lax.psum(dscale, axis_name)
-    count = count * jax.lax.psum(1, axis_name)
   dx = (scale * inv) * (g - sum_g / count - centered * (inv * sum_gx / count))
   return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
 
@@ -196,9 +201,7 @@ class BatchNorm(nn.Module):
       return (x - ra_mean.value.astype(x.dtype)) * inv.astype(x.dtype) + bias.astype(x.dtype)
     y, mean, var = batch_norm_train(x, scale, bias, self.axis_name, self.epsilon)
     if not self.is_initializing():
-      count = np.prod(x.shape[:-1])
-      if self.axis_name is not None:
-        count = count * jax.lax.psum(1, self.axis_name)
+      count = _batch_norm_count(x, self.axis_name)
       unbiased = var * (count / jnp.maximum(count - 1, 1))
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
