@@ -44,9 +44,11 @@ def adaptive_pool_matrix(in_size: int, out_size: int = POOLED_SIZE) -> np.ndarra
 
 def adaptive_avg_pool(x: jax.Array, out_size: int = POOLED_SIZE) -> jax.Array:
   """AdaptiveAvgPool2d((out, out)) on an NHWC array."""
-  h, w = x.shape[1:3]
+  b, h, w, c = x.shape
   if h == out_size and w == out_size:
     return x
+  if h % out_size == 0 and w % out_size == 0:  # equal, disjoint windows: a reshape and a mean
+    return jnp.mean(x.reshape(b, out_size, h // out_size, out_size, w // out_size, c), (2, 4))
   ph = jnp.asarray(adaptive_pool_matrix(h, out_size), x.dtype)
   pw = jnp.asarray(adaptive_pool_matrix(w, out_size), x.dtype)
   return jnp.einsum("ih,bhwc,jw->bijc", ph, x, pw, precision=jax.lax.Precision.HIGHEST)
@@ -237,7 +239,13 @@ class BatchNorm(nn.Module):
 
 
 class SideHead(nn.Module):
-  """Side output of one stage: summed 21-channel 1x1 convs, fuse, 7x7 pool, Linear."""
+  """Side output of one stage: summed 21-channel 1x1 convs, fuse, 7x7 pool, Linear.
+
+  Everything before the Linear is linear and average pooling commutes with
+  1x1 convs (each pooling window's weights sum to 1, so biases pass through),
+  so the stage's activations are pooled first: the same function, with the
+  1x1 convs and their gradients on 7x7 maps instead of full resolution.
+  """
 
   num_classes: int
   fuse_channels: int = 1
@@ -248,10 +256,10 @@ class SideHead(nn.Module):
   def __call__(self, activations: Sequence[jax.Array]) -> jax.Array:
     conv = functools.partial(nn.Conv, kernel_size=(1, 1), kernel_init=linear_init, dtype=self.dtype,
                              param_dtype=self.param_dtype, conv_general_dilated=conv1x1_as_dot)
-    side = sum(conv(SIDE_CHANNELS, name=f"conv{j + 1}")(a) for j, a in enumerate(activations))
-    pooled = flatten_nchw(adaptive_avg_pool(conv(self.fuse_channels, name="fuse")(side)))
+    side = sum(conv(SIDE_CHANNELS, name=f"conv{j + 1}")(adaptive_avg_pool(a)) for j, a in enumerate(activations))
+    fused = flatten_nchw(conv(self.fuse_channels, name="fuse")(side))
     return nn.Dense(self.num_classes, kernel_init=linear_init, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="fc")(pooled)
+                    name="fc")(fused)
 
 
 class DSNVGG16BN(nn.Module):
