@@ -34,7 +34,7 @@ def adaptive_pool_matrix(in_size: int, out_size: int = POOLED_SIZE) -> np.ndarra
   Cell i averages rows floor(i*H/out) .. ceil((i+1)*H/out) - 1, which also
   covers H < out (overlapping windows) exactly as torch does.
   """
-  m = np.zeros((out_size, in_size), np.float32)
+  m = np.zeros((out_size, in_size))  # float64: cast to the input dtype where it is used
   for i in range(out_size):
     start = (i * in_size) // out_size
     end = -((-(i + 1) * in_size) // out_size)
@@ -115,8 +115,9 @@ def relu(x: jax.Array) -> jax.Array:
   XLA duplicates chains of one-operand elementwise ops (BatchNorm's
   normalisation and max(x, 0)) into every consumer. The conv weight gradients
   then transpose BatchNorm + ReLU recomputed inside a strided loop instead of
-  transposing the stored activation (about 0.2 s a step at 224/b8 for conv1_2
-  alone). A select has two full-size operands, which XLA does not duplicate.
+  transposing the stored activation. A select has two full-size operands,
+  which XLA does not duplicate (conv1_2's forward + backward at 224/b8: 1.14
+  against 1.24 s).
   """
   return jnp.where(x < 0, jnp.zeros_like(x), x)
 

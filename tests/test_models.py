@@ -107,6 +107,59 @@ def test_bad_input_shape_is_reported(shape):
     model.init(jax.random.PRNGKey(0), jnp.zeros(shape))
 
 
+@pytest.mark.parametrize("size", [5, 7, 14, 25, 28, 100])
+def test_adaptive_avg_pool_matches_torch(size):
+  """Equal windows (a reshape and a mean) and torch's uneven or overlapping ones (a matrix product)."""
+  torch = pytest.importorskip("torch")
+  x = np.random.default_rng(size).standard_normal((2, size, size, 3))
+  want = torch.nn.functional.adaptive_avg_pool2d(torch.tensor(x.transpose(0, 3, 1, 2)), 7).numpy()
+  with jax.enable_x64():
+    np.testing.assert_allclose(models.adaptive_avg_pool(jnp.asarray(x)), want.transpose(0, 2, 3, 1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("size", [14, 25])
+def test_side_head_equals_its_convs_at_full_resolution_then_pooling(size):
+  """Pooling first is the same function as the RCF-style head: 1x1 convs, sum, fuse, pool, Linear."""
+  rng = np.random.default_rng(size)
+  acts = [rng.standard_normal((2, size, size, c)) for c in (3, 5)]
+  head = models.SideHead(num_classes=2, fuse_channels=2, dtype=jnp.float64, param_dtype=jnp.float64)
+  with jax.enable_x64():
+    params = head.init(jax.random.PRNGKey(0), [jnp.asarray(a) for a in acts])["params"]
+    params = jax.tree_util.tree_map(lambda p: p + rng.standard_normal(p.shape), params)  # nonzero biases too
+    conv = lambda x, p: jnp.einsum("nhwc,co->nhwo", x, p["kernel"][0, 0]) + p["bias"]
+    side = sum(conv(jnp.asarray(a), params[f"conv{j + 1}"]) for j, a in enumerate(acts))
+    pooled = models.flatten_nchw(models.adaptive_avg_pool(conv(side, params["fuse"])))
+    want = pooled @ params["fc"]["kernel"] + params["fc"]["bias"]
+    np.testing.assert_allclose(head.apply({"params": params}, [jnp.asarray(a) for a in acts]), want, rtol=1e-10)
+
+
+def test_relu_equals_jax_nn_relu_in_values_nans_and_gradient():
+  x = jnp.array([-2.0, -0.0, 0.0, 1e-30, 3.0, jnp.nan, -jnp.inf, jnp.inf])
+  np.testing.assert_array_equal(models.relu(x), jax.nn.relu(x))
+  grad = lambda f: jax.grad(lambda x: jnp.sum(jnp.where(jnp.isnan(x), 0.0, f(x) * jnp.arange(x.size))))(x)
+  np.testing.assert_array_equal(grad(models.relu), grad(jax.nn.relu))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_conv_bias_gradient_is_exactly_zero_in_training_only(train):
+  """Train-mode BN removes a conv bias, so its gradient is 0; with frozen (eval) BN it is not."""
+  model = models.DSNVGG16BN(num_classes=2, **TINY)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  variables = model.init(jax.random.PRNGKey(1), x)
+
+  def loss(params):
+    heads = model.apply({**variables, "params": params}, x, train=train, mutable=["batch_stats"],
+                        rngs={"dropout": jax.random.PRNGKey(2)})[0]
+    return sum(jnp.sum(h * jnp.arange(1.0, 3.0)) for h in heads)
+
+  grads = jax.grad(loss)(variables["params"])
+  for name in ("conv1_1", "conv3_2", "conv5_3"):
+    bias_grad = np.abs(grads[name]["bias"]).max()
+    assert (bias_grad == 0) if train else (bias_grad > 1e-6), (name, bias_grad)
+  assert np.abs(grads["conv1_1"]["kernel"]).max() > 1e-6
+
+
+
 @pytest.mark.parametrize("size", [8, 7])
 def test_max_pool_2x2_matches_torch_values_and_gradients(size):
   """Floor mode on odd sizes; the whole gradient goes to each window's maximum."""
