@@ -159,7 +159,6 @@ def test_conv_bias_gradient_is_exactly_zero_in_training_only(train):
   assert np.abs(grads["conv1_1"]["kernel"]).max() > 1e-6
 
 
-
 @pytest.mark.parametrize("size", [8, 7])
 def test_max_pool_2x2_matches_torch_values_and_gradients(size):
   """Floor mode on odd sizes; the whole gradient goes to each window's maximum."""
