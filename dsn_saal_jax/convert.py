@@ -2,9 +2,9 @@
 
 The mapping is exact and strict both ways: every key is accounted for, shapes
 are checked, and any mismatch is an error listing all offending keys. Backbone
-and classifier keys are torchvision's `vgg16_bn` (`features.K.*`,
-`classifier.{0,3,6}.*`), side branches `side.{s}.{convs.{j},fuse,fc}.*`, and
-the SAAL scalars, when present, `saal.alpha` / `saal.beta`.
+and classifier keys are torchvision's (each model lists them in
+`torch_layers()`), side branches `side.{s}.{convs.{j},fuse,fc}.*`, and the
+SAAL scalars, when present, `saal.alpha` / `saal.beta`.
 """
 
 from __future__ import annotations
@@ -17,35 +17,28 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from dsn_saal_jax.models import DSNVGG16BN
+import flax.linen as nn
 
-# torch key suffix -> (flax collection, flax leaf name, how torch's array is laid out).
-_CONV = {"weight": ("params", "kernel", "conv"), "bias": ("params", "bias", None)}
-_LINEAR = {"weight": ("params", "kernel", "linear"), "bias": ("params", "bias", None)}
-_BN = {"weight": ("params", "scale", None), "bias": ("params", "bias", None),
-       "running_mean": ("batch_stats", "mean", None), "running_var": ("batch_stats", "var", None)}
+from dsn_saal_jax import models
+
+# torch key suffix -> (flax collection, flax leaf name, how torch's array is laid out), per layer kind.
+_LEAVES = {
+    "conv": {"weight": ("params", "kernel", "conv"), "bias": ("params", "bias", None)},
+    "conv_nobias": {"weight": ("params", "kernel", "conv")},
+    "linear": {"weight": ("params", "kernel", "linear"), "bias": ("params", "bias", None)},
+    "bn": {"weight": ("params", "scale", None), "bias": ("params", "bias", None),
+           "running_mean": ("batch_stats", "mean", None), "running_var": ("batch_stats", "var", None)},
+}
 
 
-def _module_map(model: DSNVGG16BN) -> Iterator[tuple[str, tuple[str, ...], dict]]:
+def _module_map(model: nn.Module) -> Iterator[tuple[str, tuple[str, ...], dict]]:
   """(torch module prefix, flax module path, leaf table) for every layer of `model`."""
-  k = 0
-  for s, n_convs in enumerate(model.stages, start=1):
-    for j in range(1, n_convs + 1):
-      yield f"features.{k}", (f"conv{s}_{j}",), _CONV
-      yield f"features.{k + 1}", (f"bn{s}_{j}",), _BN
-      k += 3  # conv, bn, relu
-    k += 1  # max-pool
-    if model.dsn:
-      for j in range(1, n_convs + 1):
-        yield f"side.{s - 1}.convs.{j - 1}", (f"side{s}", f"conv{j}"), _CONV
-      yield f"side.{s - 1}.fuse", (f"side{s}", "fuse"), _CONV
-      yield f"side.{s - 1}.fc", (f"side{s}", "fc"), _LINEAR
-  for idx, name in ((0, "fc6"), (3, "fc7"), (6, "fc8")):
-    yield f"classifier.{idx}", (name,), _LINEAR
+  for prefix, path, kind in model.torch_layers():
+    yield prefix, path, _LEAVES[kind]
 
 
-def _bn_prefixes(model: DSNVGG16BN) -> list[str]:
-  return [prefix for prefix, _, table in _module_map(model) if table is _BN]
+def _bn_prefixes(model: nn.Module) -> list[str]:
+  return [prefix for prefix, _, table in _module_map(model) if table is _LEAVES["bn"]]
 
 
 def _to_flax_layout(a: np.ndarray, layout: str | None) -> np.ndarray:
@@ -64,7 +57,7 @@ def _to_torch_layout(a: np.ndarray, layout: str | None) -> np.ndarray:
   return a
 
 
-def variables_to_state_dict(variables: Mapping[str, Any], model: DSNVGG16BN) -> dict[str, np.ndarray]:
+def variables_to_state_dict(variables: Mapping[str, Any], model: nn.Module) -> dict[str, np.ndarray]:
   """Flax {'params', 'batch_stats'} -> a torch-layout state_dict of NumPy arrays.
 
   `num_batches_tracked` is written as 0: Flax does not count BN updates, and
@@ -92,7 +85,7 @@ def variables_to_state_dict(variables: Mapping[str, Any], model: DSNVGG16BN) -> 
   return out
 
 
-def state_dict_to_variables(state_dict: Mapping[str, Any], model: DSNVGG16BN,
+def state_dict_to_variables(state_dict: Mapping[str, Any], model: nn.Module,
                             in_channels: int | None = None) -> dict[str, Any]:
   """A torch-layout state_dict -> Flax {'params', 'batch_stats'}, checked against `model`.
 
@@ -102,10 +95,12 @@ def state_dict_to_variables(state_dict: Mapping[str, Any], model: DSNVGG16BN,
   # Copy: jnp.asarray may alias a NumPy view of a torch tensor, which torch later updates in place.
   sd = {k: np.array(v.detach().cpu().numpy() if hasattr(v, "detach") else v, copy=True)
         for k, v in state_dict.items()}
+  first = model.torch_first_conv
   if in_channels is None:
-    in_channels = sd["features.0.weight"].shape[1] if "features.0.weight" in sd else 3
+    in_channels = sd[first].shape[1] if first in sd else 3
+  size = max(model.min_size, 32)
   expected = traverse_util.flatten_dict(jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, in_channels)))))
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, in_channels)))))
   missing, shapes, flat, used = [], [], {}, set()
   for prefix, path, table in _module_map(model):
     for suffix, (collection, leaf, layout) in table.items():
@@ -156,25 +151,26 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   return {k: v.numpy() for k, v in obj.items()}
 
 
-def torchvision_variables(state_dict: Mapping[str, Any], in_channels: int = 3,
+def torchvision_variables(state_dict: Mapping[str, Any], backbone: str = "vgg16_bn", in_channels: int = 3,
                           num_classes: int = 1000) -> dict[str, Any]:
-  """The Flax backbone and classifier variables of a torchvision `vgg16_bn` state_dict.
+  """The Flax backbone and classifier variables of a torchvision `backbone` state_dict.
 
   For 1-channel input the first conv kernel is the sum over RGB (a gray image
   replicated to RGB gives the same response). When `num_classes` != 1000 the
-  last Linear (`fc8`) is left out, so the trainer initialises it afresh; side
+  last Linear is left out, so the trainer initialises it afresh; side
   branches are never part of ImageNet weights and always start random.
   """
   if in_channels not in (1, 3):
     raise ValueError(f"in_channels must be 1 or 3, got {in_channels}.")
+  model = models.get_model(backbone, num_classes=1000, dsn=False)
   sd = dict(state_dict)  # state_dict_to_variables makes the one copy of every array
-  if in_channels == 1 and "features.0.weight" in sd:
-    first = sd["features.0.weight"]
-    sd["features.0.weight"] = np.asarray(first.detach().cpu().numpy() if hasattr(first, "detach") else first
-                                         ).sum(axis=1, keepdims=True)
-  variables = state_dict_to_variables(sd, DSNVGG16BN(1000, dsn=False), in_channels=in_channels)
+  first = model.torch_first_conv
+  if in_channels == 1 and first in sd:
+    w = sd[first]
+    sd[first] = np.asarray(w.detach().cpu().numpy() if hasattr(w, "detach") else w).sum(axis=1, keepdims=True)
+  variables = state_dict_to_variables(sd, model, in_channels=in_channels)
   if num_classes != 1000:
-    variables["params"].pop("fc8")
+    variables["params"].pop(model.classifier)
   return variables
 
 
@@ -213,6 +209,7 @@ def merge_pretrained(variables: Mapping[str, Any], pretrained: Mapping[str, Any]
       flat[key] = jnp.asarray(value, flat[key].dtype)
   if problems:
     raise ValueError(f"{source} does not fit the model: " + "; ".join(problems) +
-                     ". ImageNet weights need the full-size VGG16-BN (default widths, hidden=4096) "
-                     "and the converter's --in_channels equal to the config's channels.")
+                     ". ImageNet weights need the full-size backbone they were converted for (same --arch as "
+                     "config.backbone, default widths) and the converter's --in_channels equal to the config's "
+                     "channels.")
   return traverse_util.unflatten_dict(flat)

@@ -62,7 +62,7 @@ def test_gray_input_and_new_classes(torchvision_file, tmp_path):
     expected = tmodel(torch.from_numpy(np.repeat(x, 3, -1).transpose(0, 3, 1, 2)))[-1].numpy()
   base = models.DSNVGG16BN(num_classes=1000, dsn=False)
   variables = convert.merge_pretrained(jax.eval_shape(lambda: base.init(jax.random.PRNGKey(0), x)),
-                                       convert.torchvision_variables(sd, in_channels=1))
+                                       convert.torchvision_variables(sd, "vgg16_bn", in_channels=1))
   got = jax.jit(base.apply)(variables, x)[-1]
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 

@@ -1,30 +1,33 @@
-"""DSN-VGG16-BN (Hu et al. 2021, Fig. 2) and its VGG16-BN baseline as Flax linen modules.
+"""Shared layers with PyTorch semantics and fast XLA:CPU forms, used by every backbone.
 
-Layouts are NHWC. Everything that must match torchvision's `vgg16_bn` number for
-number (BatchNorm running statistics, adaptive pooling windows, NCHW flattening
-before the first Linear) is implemented here explicitly, so that PyTorch
-weights load unchanged and logits agree with the PyTorch reference.
+Each is the same function as its torch counterpart (BatchNorm2d running
+statistics, AdaptiveAvgPool2d windows, NCHW flattening, MaxPool2d(2, 2) ties),
+so torchvision weights load unchanged and logits match the PyTorch references.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# torchvision's `vgg16_bn` ("D" configuration): convolutions per stage and their widths.
-VGG16_STAGES: tuple[int, ...] = (2, 2, 3, 3, 3)
-VGG16_WIDTHS: tuple[int, ...] = (64, 128, 256, 512, 512)
 SIDE_CHANNELS = 21  # RCF-style side output width
 POOLED_SIZE = 7
 
 # Initialisers as torchvision's VGG: kaiming-normal(fan_out, relu) convs, N(0, 0.01) Linear.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 linear_init = nn.initializers.normal(0.01)
+
+
+def check_input(x: jax.Array, min_size: int, model_name: str) -> None:
+  """NHWC, square, at least `min_size` pixels, 1 or 3 channels: anything else is a clear error."""
+  if x.ndim != 4 or x.shape[1] != x.shape[2] or x.shape[1] < min_size or x.shape[3] not in (1, 3):
+    raise ValueError(f"{model_name} expects NHWC input with H == W >= {min_size} and 1 or 3 channels, "
+                     f"got shape {tuple(x.shape)}.")
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,7 +105,11 @@ def conv1x1_as_dot(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
   instead of a convolution over transposed activations (XLA:CPU copied each
   side input to a (C, H, W, N) layout for it).
   """
-  del window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, kwargs
+  if (rhs.shape[:2] != (1, 1) or any(s != 1 for s in window_strides) or feature_group_count != 1
+      or any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ()))):
+    raise ValueError("conv1x1_as_dot only computes stride-1, undilated, ungrouped 1x1 convolutions; got "
+                     f"kernel {rhs.shape[:2]}, strides {window_strides}, groups {feature_group_count}.")
+  del padding, dimension_numbers, kwargs  # a 1x1 kernel needs no padding; nn.Conv passes NHWC/HWIO
   return jnp.einsum("nhwc,co->nhwo", lhs, rhs[0, 0], precision=precision)
 
 
@@ -121,18 +128,6 @@ def relu(x: jax.Array) -> jax.Array:
 
 
 relu.defjvps(lambda g, ans, x: jnp.where(x > 0, g, jnp.zeros_like(g)))  # torch's and jax.nn.relu's: 0 at 0
-
-
-def promote_dtype_bias_before_train_bn(*arrays: jax.Array | None, **kwargs) -> list[jax.Array | None]:
-  """nn.Conv's dtype promotion, with the bias's gradient made the exact zero it is.
-
-  A train-mode BatchNorm right after the conv subtracts the batch mean, which
-  removes any per-channel constant: the bias cannot change the loss. Saying so
-  spares XLA one reduction of each conv's output gradient per step (they ran
-  as windowed reductions on CPU); the bias still moves the running mean.
-  """
-  inputs, kernel, bias = nn.dtypes.promote_dtype(*arrays, **kwargs)
-  return [inputs, kernel, None if bias is None else jax.lax.stop_gradient(bias)]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -235,92 +230,6 @@ class BatchNorm(nn.Module):
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
     return y
-
-
-class SideHead(nn.Module):
-  """Side output of one stage: summed 21-channel 1x1 convs, fuse, 7x7 pool, Linear.
-
-  Everything before the Linear is linear and average pooling commutes with
-  1x1 convs (each pooling window's weights sum to 1, so biases pass through),
-  so the stage's activations are pooled first: the same function, with the
-  1x1 convs and their gradients on 7x7 maps instead of full resolution.
-  """
-
-  num_classes: int
-  fuse_channels: int = 1
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, activations: Sequence[jax.Array]) -> jax.Array:
-    conv = functools.partial(nn.Conv, kernel_size=(1, 1), kernel_init=linear_init, dtype=self.dtype,
-                             param_dtype=self.param_dtype, conv_general_dilated=conv1x1_as_dot)
-    side = sum(conv(SIDE_CHANNELS, name=f"conv{j + 1}")(adaptive_avg_pool(a)) for j, a in enumerate(activations))
-    fused = flatten_nchw(conv(self.fuse_channels, name="fuse")(side))
-    return nn.Dense(self.num_classes, kernel_init=linear_init, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="fc")(fused)
-
-
-class DSNVGG16BN(nn.Module):
-  """VGG16-BN with RCF-style deep supervision: six heads (side 1..5, final).
-
-  `dsn=False` gives the plain VGG16-BN baseline (only the final head). The
-  `widths` and `hidden` arguments exist for small test/CPU variants; the
-  defaults are torchvision's `vgg16_bn`.
-  """
-
-  num_classes: int
-  dsn: bool = True
-  fuse_channels: int = 1
-  dropout_rate: float = 0.5
-  stages: Sequence[int] = VGG16_STAGES
-  widths: Sequence[int] = VGG16_WIDTHS
-  hidden: int = 4096
-  axis_name: str | None = None
-  dtype: Any = jnp.float32  # compute dtype (bfloat16 for mixed precision)
-  param_dtype: Any = jnp.float32
-
-  @property
-  def num_heads(self) -> int:
-    return len(self.stages) + 1 if self.dsn else 1
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
-    if x.ndim != 4 or x.shape[1] != x.shape[2] or x.shape[1] < 32 or x.shape[3] not in (1, 3):
-      raise ValueError(
-          f"Expected NHWC input with H == W >= 32 and 1 or 3 channels, got shape {x.shape}.")
-    x = x.astype(self.dtype)
-    heads = []
-    promote_dtype = promote_dtype_bias_before_train_bn if train else nn.dtypes.promote_dtype
-    for s, (n_convs, width) in enumerate(zip(self.stages, self.widths), start=1):
-      acts = []
-      for j in range(1, n_convs + 1):
-        x = nn.Conv(width, (3, 3), padding=1, kernel_init=conv_init, dtype=self.dtype,
-                    param_dtype=self.param_dtype, promote_dtype=promote_dtype, name=f"conv{s}_{j}")(x)
-        x = BatchNorm(axis_name=self.axis_name, param_dtype=self.param_dtype, name=f"bn{s}_{j}")(x, train)
-        x = relu(x)
-        acts.append(x)
-      if self.dsn:
-        heads.append(SideHead(self.num_classes, self.fuse_channels, self.dtype, self.param_dtype,
-                              name=f"side{s}")(acts))
-      x = max_pool_2x2(x)
-    x = flatten_nchw(adaptive_avg_pool(x))
-    dense: Callable[..., nn.Dense] = functools.partial(
-        nn.Dense, kernel_init=linear_init, dtype=self.dtype, param_dtype=self.param_dtype)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(dense(self.hidden, name="fc6")(x)))
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(dense(self.hidden, name="fc7")(x)))
-    heads.append(dense(self.num_classes, name="fc8")(x))
-    # Logits leave the model in at least float32, where the loss is computed.
-    return tuple(h.astype(jnp.promote_types(h.dtype, jnp.float32)) for h in heads)
-
-
-def predict_probs(heads: Sequence[jax.Array], eval_head: str = "final") -> jax.Array:
-  """Class probabilities from the heads: the final head, or the mean of all softmaxes."""
-  if eval_head == "final":
-    return jax.nn.softmax(heads[-1], axis=-1)
-  if eval_head == "mean":
-    return jnp.mean(jnp.stack([jax.nn.softmax(h, axis=-1) for h in heads]), axis=0)
-  raise ValueError(f"eval_head must be 'final' or 'mean', got {eval_head!r}.")
 
 
 def count_params(params: Any) -> int:

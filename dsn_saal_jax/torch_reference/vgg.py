@@ -1,4 +1,4 @@
-"""PyTorch reference of DSN-VGG16-BN and the SAAL loss, for parity checks and weight exchange.
+"""PyTorch reference of DSN-VGG16-BN, for parity checks and weight exchange.
 
 The backbone and classifier use torchvision's `vgg16_bn` module layout, so
 their state_dict keys (`features.0.weight`, ..., `classifier.6.bias`) are
@@ -12,24 +12,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dsn_saal_jax.models import POOLED_SIZE, SIDE_CHANNELS, VGG16_STAGES, VGG16_WIDTHS
-
-
-class SideHeadTorch(nn.Module):
-
-  def __init__(self, in_channels: Sequence[int], num_classes: int, fuse_channels: int):
-    super().__init__()
-    self.convs = nn.ModuleList(nn.Conv2d(c, SIDE_CHANNELS, 1) for c in in_channels)
-    self.fuse = nn.Conv2d(SIDE_CHANNELS, fuse_channels, 1)
-    self.fc = nn.Linear(fuse_channels * POOLED_SIZE * POOLED_SIZE, num_classes)
-
-  def forward(self, acts: Sequence[torch.Tensor]) -> torch.Tensor:
-    side = sum(conv(a) for conv, a in zip(self.convs, acts))
-    pooled = F.adaptive_avg_pool2d(self.fuse(side), POOLED_SIZE)
-    return self.fc(torch.flatten(pooled, 1))
+from dsn_saal_jax.models import POOLED_SIZE, VGG16_STAGES, VGG16_WIDTHS
+from dsn_saal_jax.torch_reference.heads import SideHeadTorch
 
 
 class DSNVGG16BNTorch(nn.Module):
@@ -77,22 +63,3 @@ class DSNVGG16BNTorch(nn.Module):
     x = torch.flatten(self.avgpool(x), 1)
     heads.append(self.classifier(x))
     return tuple(heads)
-
-
-def saal_loss_torch(heads: Sequence[torch.Tensor], labels: torch.Tensor, alpha_raw: torch.Tensor,
-                    beta_raw: torch.Tensor, class_counts: torch.Tensor, log_zero: float = -4.0,
-                    normalize_weights: bool = False) -> torch.Tensor:
-  """Eq. 10 summed over heads, written independently of the JAX version."""
-  alpha = torch.sigmoid(alpha_raw)
-  w = (1 - alpha) / (1 - alpha ** class_counts)
-  if normalize_weights:
-    w = len(class_counts) * w / w.sum()
-  total = 0.0
-  for i, logits in enumerate(heads):
-    p = torch.softmax(logits, -1)
-    onehot = F.one_hot(labels, logits.shape[-1]).to(p.dtype)
-    dce = -(w * onehot * torch.log_softmax(logits, -1)).sum(-1)
-    log_q = torch.where(onehot > 0, torch.zeros_like(p), torch.full_like(p, log_zero))
-    drce = -(w * p * log_q).sum(-1)
-    total = total + (dce + torch.sigmoid(beta_raw[i]) * drce).mean()
-  return total

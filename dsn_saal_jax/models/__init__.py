@@ -1,0 +1,45 @@
+"""Backbones with optional deep supervision, found by name.
+
+Every model is a Flax module built as `get_model(name, num_classes=..., dsn=...,
+**kwargs)`. It returns its heads as a tuple (side heads shallow to deep, then
+the final classifier), has `num_heads`, and describes its torchvision
+state_dict layout through `torch_layers()`, `torch_first_conv`, `classifier`
+and `min_size`, so training, conversion, prediction and reports never name
+an architecture. Adding a backbone is one new family module and one
+`register` call.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+
+from dsn_saal_jax.models.heads import SideHead, predict_probs, side_head_torch_layers
+from dsn_saal_jax.models.layers import (POOLED_SIZE, SIDE_CHANNELS, BatchNorm, adaptive_avg_pool,
+                                        adaptive_pool_matrix, batch_norm_train, channel_sum, conv1x1_as_dot,
+                                        count_params, flatten_nchw, max_pool_2x2, relu)
+from dsn_saal_jax.models.vgg import VGG16_STAGES, VGG16_WIDTHS, DSNVGG16BN
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str, builder: Callable[..., nn.Module]) -> None:
+  """Makes `builder(num_classes=..., dsn=..., **kwargs)` available as `get_model(name, ...)`."""
+  if name in _REGISTRY:
+    raise ValueError(f"A backbone is already registered under the name {name!r}.")
+  _REGISTRY[name] = builder
+
+
+def list_models() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def get_model(name: str, **kwargs: Any) -> nn.Module:
+  """The backbone `name` (see `list_models()`) built with `kwargs`."""
+  if name not in _REGISTRY:
+    raise ValueError(f"Unknown backbone {name!r}; choose one of {list_models()}.")
+  return _REGISTRY[name](**kwargs)
+
+
+register("vgg16_bn", DSNVGG16BN)

@@ -1,0 +1,12 @@
+"""PyTorch references with torchvision's module trees and state_dict keys, for parity and weight exchange.
+
+Importing this package needs torch (the `test` extra); nothing else in
+dsn_saal_jax does. `TORCH_MODELS` maps a backbone name to its reference class,
+built as `cls(num_classes, in_channels=..., dsn=..., **kwargs)`.
+"""
+
+from dsn_saal_jax.torch_reference.heads import SideHeadTorch
+from dsn_saal_jax.torch_reference.losses import saal_loss_torch
+from dsn_saal_jax.torch_reference.vgg import DSNVGG16BNTorch
+
+TORCH_MODELS = {"vgg16_bn": DSNVGG16BNTorch}
