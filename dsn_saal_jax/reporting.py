@@ -1,10 +1,10 @@
 """Report figures (confusion matrix, ROC, Grad-CAM grid) and the sweep tables of Tables 5, 6 and 9.
 
-Grad-CAM (Selvaraju et al. 2017, the paper's Fig. 7) is taken at the input of
-the first Linear layer, i.e. the last conv stage after max-pool and the 7x7
-adaptive pool (torchvision's `avgpool` output): `flax.linen.intercept_methods`
-adds a zero perturbation there, so the model needs no hook and its outputs
-are unchanged.
+Grad-CAM (Selvaraju et al. 2017, the paper's Fig. 7) is taken at the feature
+map each model marks (`models.layers.mark_cam`): for VGG the 7x7 adaptive
+pool's output that feeds the first Linear, for the other backbones the last
+feature map before their global pool. A zero perturbation there is
+differentiated, so the model needs no hook and its outputs are unchanged.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from dsn_saal_jax.models import POOLED_SIZE, DSNVGG16BN  # pylint: disable=g-import-not-at-top
 
 
 def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str) -> None:
@@ -64,37 +63,24 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str], 
   plt.close(fig)
 
 
-def grad_cam(model: DSNVGG16BN, variables: Mapping[str, Any], images: np.ndarray,
+def grad_cam(model: nn.Module, variables: Mapping[str, Any], images: np.ndarray,
              target: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Grad-CAM maps (N, H, W) in [0, 1] of the final head's `target` class (default: predicted) and probs."""
+  """Grad-CAM maps (N, H, W) in [0, 1] of the final head's `target` class (default: predicted) and probs.
+
+  Taken at the feature map each model marks with `models.layers.mark_cam`.
+  """
   images = jnp.asarray(images, jnp.float32)
+  heads, state = model.apply(variables, images, train=False, mutable=["intermediates"])
+  features = state["intermediates"]["cam"][0]
+  classes = jnp.argmax(heads[-1], -1) if target is None else jnp.asarray(target)
 
-  def forward(perturbation):
-    captured = []
+  def score(perturbation):
+    logits = model.apply({**variables, "perturbations": {"cam": perturbation}}, images, train=False)[-1]
+    return jnp.sum(jnp.take_along_axis(logits, classes[:, None], axis=1)), logits
 
-    def interceptor(next_fun, args, kwargs, context):
-      if context.module.name == "fc6" and context.method_name == "__call__":
-        captured.append(args[0])
-        args = (args[0] + perturbation,) + tuple(args[1:])
-      return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-      heads = model.apply(variables, images, train=False)
-    return heads[-1], captured[0]
-
-  def score(perturbation, classes):
-    logits, features = forward(perturbation)
-    return jnp.sum(jnp.take_along_axis(logits, classes[:, None], axis=1)), (logits, features)
-
-  channels = model.widths[-1]
-  zeros = jnp.zeros((images.shape[0], channels * POOLED_SIZE * POOLED_SIZE), jnp.float32)
-  logits, _ = forward(zeros)
-  classes = jnp.argmax(logits, -1) if target is None else jnp.asarray(target)
-  grads, (logits, features) = jax.grad(score, has_aux=True)(zeros, classes)
-  # Flattened in NCHW order: back to (N, 7, 7, C).
-  to_map = lambda v: jnp.transpose(v.reshape(-1, channels, POOLED_SIZE, POOLED_SIZE), (0, 2, 3, 1))
-  weights = jnp.mean(to_map(grads), axis=(1, 2), keepdims=True)
-  cam = nn.relu(jnp.sum(weights * to_map(features), axis=-1))
+  grads, logits = jax.grad(score, has_aux=True)(jnp.zeros_like(features))
+  weights = jnp.mean(grads, axis=(1, 2), keepdims=True)
+  cam = nn.relu(jnp.sum(weights * features, axis=-1)).astype(jnp.float32)
   cam = jax.image.resize(cam, (cam.shape[0], *images.shape[1:3]), "bilinear")
   cam = cam / jnp.maximum(cam.max(axis=(1, 2), keepdims=True), 1e-12)
   return np.asarray(cam), np.asarray(jax.nn.softmax(logits, -1))

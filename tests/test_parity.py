@@ -77,8 +77,10 @@ def test_logits_parity_eval_and_train(pair, size):
 
 def conv_bias_before_train_bn(tmodel, name):
   """Conv biases followed by train-mode BatchNorm have a true gradient of exactly 0 (BN removes them)."""
-  parts = name.split(".")
-  return parts[0] == "features" and parts[2] == "bias" and isinstance(tmodel.features[int(parts[1])], torch.nn.Conv2d)
+  owner, leaf = name.rsplit(".", 1)
+  # Only VGG's backbone convs have biases before BatchNorm; side-head convs have none after them.
+  return (leaf == "bias" and not name.startswith("side.")
+          and isinstance(tmodel.get_submodule(owner), torch.nn.Conv2d))
 
 
 def check_training_steps(tmodel, fmodel, dtype, tol, num_steps=2, batch=4, size=100, param_tols=None, seed=7):
@@ -92,7 +94,7 @@ def check_training_steps(tmodel, fmodel, dtype, tol, num_steps=2, batch=4, size=
   rng = np.random.RandomState(seed)
   batches = [(rng.randn(batch, size, size, 3).astype(np.float32), rng.randint(0, NUM_CLASSES, batch))
              for _ in range(num_steps)]
-  saal = {"alpha": jnp.asarray(0.8, dtype), "beta": jnp.asarray(rng.randn(6), dtype)}
+  saal = {"alpha": jnp.asarray(0.8, dtype), "beta": jnp.asarray(rng.randn(fmodel.num_heads), dtype)}
   alpha_t = torch.nn.Parameter(torch.tensor(float(saal["alpha"]), dtype=torch.float64))
   beta_t = torch.nn.Parameter(torch.tensor(np.asarray(saal["beta"]), dtype=torch.float64))
   counts_t = torch.tensor(COUNTS, dtype=torch.float64)

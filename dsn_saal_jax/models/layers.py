@@ -23,6 +23,17 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 linear_init = nn.initializers.normal(0.01)
 
 
+def mark_cam(module: nn.Module, x: jax.Array) -> jax.Array:
+  """Marks `x` (NHWC) as the model's Grad-CAM feature map; call it in the top-level `__call__`.
+
+  Sows a copy into `intermediates` and adds a zero perturbation that
+  `reporting.grad_cam` differentiates (Flax's `perturb`); both are no-ops
+  unless a caller asks for them, and init creates no perturbation variable.
+  """
+  module.sow("intermediates", "cam", x)
+  return x if module.is_initializing() else module.perturb("cam", x)
+
+
 def check_input(x: jax.Array, min_size: int, model_name: str) -> None:
   """NHWC, square, at least `min_size` pixels, 1 or 3 channels: anything else is a clear error."""
   if x.ndim != 4 or x.shape[1] != x.shape[2] or x.shape[1] < min_size or x.shape[3] not in (1, 3):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from dsn_saal_jax.models.heads import SideHead, side_head_torch_layers
 from dsn_saal_jax.models.layers import (BatchNorm, adaptive_avg_pool, check_input, conv_init, flatten_nchw,
-                                         linear_init, max_pool_2x2, relu)
+                                         linear_init, mark_cam, max_pool_2x2, relu)
 
 # torchvision's `vgg16_bn` ("D" configuration): convolutions per stage and their widths.
 VGG16_STAGES: tuple[int, ...] = (2, 2, 3, 3, 3)
@@ -99,7 +99,7 @@ class DSNVGG16BN(nn.Module):
         heads.append(SideHead(self.num_classes, self.fuse_channels, self.dtype, self.param_dtype,
                               name=f"side{s}")(acts))
       x = max_pool_2x2(x)
-    x = flatten_nchw(adaptive_avg_pool(x))
+    x = flatten_nchw(mark_cam(self, adaptive_avg_pool(x)))
     dense: Callable[..., nn.Dense] = functools.partial(
         nn.Dense, kernel_init=linear_init, dtype=self.dtype, param_dtype=self.param_dtype)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(dense(self.hidden, name="fc6")(x)))
