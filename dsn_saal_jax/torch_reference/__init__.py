@@ -5,8 +5,14 @@ dsn_saal_jax does. `TORCH_MODELS` maps a backbone name to its reference class,
 built as `cls(num_classes, in_channels=..., dsn=..., **kwargs)`.
 """
 
+import functools
+
 from dsn_saal_jax.torch_reference.heads import SideHeadTorch
 from dsn_saal_jax.torch_reference.losses import saal_loss_torch
+from dsn_saal_jax.torch_reference.resnet import ResNetTorch
 from dsn_saal_jax.torch_reference.vgg import DSNVGG16BNTorch
 
 TORCH_MODELS = {"vgg16_bn": DSNVGG16BNTorch}
+TORCH_MODELS["resnet50"] = ResNetTorch
+TORCH_MODELS["resnext50_32x4d"] = functools.partial(ResNetTorch, groups=32, width_per_group=4)
+TORCH_MODELS["resnet_tiny"] = functools.partial(ResNetTorch, stage_sizes=(1, 1, 1, 1), width=8)
