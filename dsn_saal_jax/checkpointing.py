@@ -7,18 +7,25 @@ host copy of the state and a JSON `meta` item with the model fingerprint, so
 that a workdir written by a different model is refused with a clear message
 instead of failing deep inside a tree restore. Orbax writes every checkpoint
 to a temporary directory and renames it when complete, so a process killed
-mid-save never leaves a half-written checkpoint that `latest_step` returns.
+mid-save never leaves a half-written checkpoint that `latest_step` returns;
+a step damaged afterwards (disk or copy faults) is set aside on restore and
+the newest intact one used.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+from dsn_saal_jax import models
 
 
 # Version of the `inference` meta item; dsn_saal_jax.predict refuses specs newer than it reads.
@@ -46,11 +53,30 @@ def inference_spec(config: Any, info: Any) -> dict[str, Any]:
       "normalization": dict(info.normalization),
       "lung_mask": {"dicom": config.dataset in _HU_DATASETS or masked_images, "images": masked_images},
       "eval_head": config.eval_head,
-      "model": {"model": config.model, "widths": [int(w) for w in config.widths],
-                "stages": [int(s) for s in config.stages], "hidden": int(config.hidden),
-                "fuse_channels": int(config.fuse_channels), "dropout_rate": float(config.dropout_rate),
-                "loss": config.loss, "compute_dtype": config.compute_dtype},
+      "model": {"backbone": config.backbone, "model": config.model,
+                **{k: config[k] if not isinstance(config[k], tuple) else list(config[k])
+                   for k in models.config_fields(config.backbone)},
+                "fuse_channels": int(config.fuse_channels), "loss": config.loss,
+                "compute_dtype": config.compute_dtype},
   }
+
+
+# What checkpoints written before a fingerprint key existed hold for it.
+_LEGACY_FINGERPRINT = {"backbone": "vgg16_bn"}
+
+
+def fingerprint_differences(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+  """'key: checkpoint X vs config Y' for every key of `expected` that `saved` disagrees with."""
+  return [f"{k}: checkpoint {saved.get(k, _LEGACY_FINGERPRINT.get(k))!r} vs config {v!r}"
+          for k, v in expected.items() if saved.get(k, _LEGACY_FINGERPRINT.get(k)) != v]
+
+
+class CheckpointDamagedError(RuntimeError):
+  """Every checkpoint of a workdir's resume point is unreadable."""
+
+
+class _Unreadable(Exception):
+  """A committed step whose files cannot be read back (its cause is orbax's or tensorstore's error)."""
 
 
 def _all_finite(tree: Any) -> bool:
@@ -62,20 +88,24 @@ class Checkpoints:
   """The workdir's `checkpoints/` and `best/` managers behind one small interface."""
 
   def __init__(self, workdir: str, fingerprint: Mapping[str, Any], keep: int = 2,
-               inference: Mapping[str, Any] | None = None):
+               inference: Mapping[str, Any] | None = None, read_only: bool = False):
+    """`read_only` (evaluation next to a running job): never delete or move anything in `workdir`."""
     self.workdir = os.path.abspath(workdir)
+    self.read_only = read_only
     self.fingerprint = dict(fingerprint)
     self.inference = dict(inference) if inference is not None else None
 
     def manager(name: str, max_to_keep: int) -> ocp.CheckpointManager:
       # Distinct barrier keys: otherwise both managers saving step s at once collide across processes.
       options = ocp.CheckpointManagerOptions(
-          max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
+          max_to_keep=max_to_keep, create=not read_only, cleanup_tmp_directories=not read_only,
+          read_only=read_only,
           multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
       return ocp.CheckpointManager(os.path.join(self.workdir, name), options=options, item_names=("state", "meta"))
 
     self.latest = manager("checkpoints", keep)
     self.best = manager("best", 1)
+    self._saved = {"latest": set(self.latest.all_steps()), "best": set(self.best.all_steps())}
 
   def _manager(self, which: str) -> ocp.CheckpointManager:
     if which not in ("latest", "best"):
@@ -85,35 +115,97 @@ class Checkpoints:
   def latest_step(self, which: str = "latest") -> int | None:
     return self._manager(which).latest_step()
 
-  def meta(self, which: str = "latest") -> dict[str, Any] | None:
+  def _read(self, which: str, step: int, target: Any | None) -> tuple[Any, dict[str, Any]]:
+    """(state or None, meta) of one step. The model check comes before the state is read, so that a
+    checkpoint of another model is refused as such, never taken for a damaged one."""
     mgr = self._manager(which)
-    step = mgr.latest_step()
-    if step is None:
-      return None
-    return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    try:
+      meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore raise many types)
+      raise _Unreadable(e) from e
+    self._check_fingerprint(meta, which)
+    if target is None:
+      return None, meta
+    try:
+      return mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"], meta
+    except Exception as e:  # pylint: disable=broad-except
+      raise _Unreadable(e) from e
+
+  def _newest_intact(self, which: str, target: Any | None) -> tuple[Any, dict[str, Any]] | None:
+    """(state, meta) of the newest `which` step that reads back whole; damaged newer steps are set aside.
+
+    A damaged step (truncated array file, missing metadata: a disk or copy
+    fault, since orbax never commits a half-written step) is moved to
+    `<workdir>/damaged/<which>/<step>`, not deleted, and named in the log. With
+    no intact step left the run stops with an error naming every damaged path.
+    """
+    mgr = self._manager(which)
+    damaged = []
+    for step in sorted(mgr.all_steps(), reverse=True):
+      try:
+        state, meta = self._read(which, step, target)
+      except _Unreadable as e:
+        cause = e.__cause__
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
+        damaged.append((step, os.path.join(mgr.directory, str(step)), reason))
+        continue
+      for bad_step, path, reason in damaged:
+        self._set_aside(which, bad_step, path, reason)
+      if damaged:
+        mgr.reload()
+        self._saved[which] = set(mgr.all_steps())
+      return state, meta
+    if damaged and which == "latest":
+      listing = "; ".join(f"step {s} at {p}: {r}" for s, p, r in damaged)
+      raise CheckpointDamagedError(
+          f"No intact checkpoint in {mgr.directory}: every step is damaged ({listing}). Move those "
+          "directories away to start this run afresh, or use a new --workdir.")
+    for bad_step, path, reason in damaged:  # a damaged best: the next validation saves a new one
+      self._set_aside(which, bad_step, path, reason)
+    if damaged:
+      mgr.reload()
+      self._saved[which] = set(mgr.all_steps())
+    return None
+
+  def _set_aside(self, which: str, step: int, path: str, reason: str) -> None:
+    if self.read_only:
+      logging.warning("The %s checkpoint of step %d (%s) is damaged and cannot be read (%s); using the newest "
+                      "intact one.", which, step, path, reason)
+      return
+    dest = os.path.join(self.workdir, "damaged", which, f"{step}-{int(time.time())}")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(dest), exist_ok=True)
+      os.replace(path, dest)
+    logging.warning("The %s checkpoint of step %d (%s) is damaged and cannot be read (%s); it was moved to "
+                    "%s and the newest intact one is used instead.", which, step, path, reason, dest)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"dsn_saal_jax: set aside {which} {step}")
+
+  def meta(self, which: str = "latest") -> dict[str, Any] | None:
+    """The meta item of the newest intact `which` checkpoint, or None if there is none."""
+    found = self._newest_intact(which, None)
+    return None if found is None else found[1]
 
   def _check_fingerprint(self, meta: Mapping[str, Any], which: str) -> None:
-    saved = meta.get("fingerprint", {})
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in self.fingerprint.items()
-             if saved.get(k) != v]
+    diffs = fingerprint_differences(meta.get("fingerprint", {}), self.fingerprint)
     if diffs:
       raise ValueError(
           f"The workdir {self.workdir} holds a {which} checkpoint of a different model ({'; '.join(diffs)}). "
           "Use a new --workdir for this config, or set the config to match the checkpoint.")
 
   def restore(self, target: Any, which: str = "latest") -> tuple[Any, dict[str, Any]] | None:
-    """(state, meta) of the newest `which` checkpoint shaped like `target`, or None if there is none."""
-    meta = self.meta(which)
-    if meta is None:
-      return None
-    self._check_fingerprint(meta, which)
-    mgr = self._manager(which)
-    step = mgr.latest_step()
-    restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    return restored["state"], meta
+    """(state, meta) of the newest intact `which` checkpoint shaped like `target`, or None if there is none."""
+    return self._newest_intact(which, target)
 
-  def save(self, step: int, state: Any, which: str = "latest", **meta: Any) -> None:
-    """Saves a host copy of `state`; refuses non-finite values so the last good checkpoint survives."""
+  def save(self, step: int, state: Any, which: str = "latest", **meta: Any) -> bool:
+    """Saves a host copy of `state` unless step `step` is saved already; returns whether it saved.
+
+    One save per step, whichever path asks (epoch boundary, SIGTERM, a replay
+    after resume): orbax refuses a second one. Non-finite values are refused
+    so that the last good checkpoint survives.
+    """
+    if int(step) in self._saved[which]:
+      return False
     if not _all_finite(state):
       raise FloatingPointError(
           f"Refusing to save a non-finite state at step {step}; the last good checkpoint "
@@ -123,6 +215,8 @@ class Checkpoints:
             **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in meta.items()}}
     self._manager(which).save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    self._saved[which].add(int(step))
+    return True
 
   def wait(self) -> None:
     self.latest.wait_until_finished()

@@ -21,6 +21,7 @@ crop inputs the same way.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import os
@@ -53,6 +54,10 @@ class InputError(ValueError):
 
 class CheckpointError(ValueError):
   """A checkpoint that cannot serve predictions; the message names it and the fix."""
+
+
+class DamagedCheckpointError(CheckpointError):
+  """A committed checkpoint step whose files cannot be read back."""
 
 
 @dataclasses.dataclass
@@ -173,20 +178,26 @@ def spec_from_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return checkpointing.inference_spec(config, info)
 
 
-def _step_dir(path: str) -> str:
-  """A checkpoint step directory, or the newest step of a manager directory (WORKDIR/best)."""
+def _step_dirs(path: str) -> list[str]:
+  """A checkpoint step directory, or the committed steps of a manager directory (WORKDIR/best), newest first.
+
+  Only committed steps have all-digit names: orbax writes a step under a
+  temporary name and renames it when complete, so a checkpoint that a
+  running job is still writing is never picked.
+  """
   if not os.path.isdir(path):
     raise CheckpointError(f"{path}: no such checkpoint directory. Pass WORKDIR/best/<step> or "
                           "WORKDIR/checkpoints/<step>, or --workdir=WORKDIR.")
   if os.path.isdir(os.path.join(path, "state")) or os.path.isdir(os.path.join(path, "meta")):
-    return path
-  steps = sorted(int(n) for n in os.listdir(path) if n.isdigit() and os.path.isdir(os.path.join(path, n)))
+    return [path]
+  steps = sorted((int(n) for n in os.listdir(path) if n.isdigit() and os.path.isdir(os.path.join(path, n))),
+                 reverse=True)
   if steps:
-    return os.path.join(path, str(steps[-1]))
+    return [os.path.join(path, str(s)) for s in steps]
   if any(os.path.isdir(os.path.join(path, d)) for d in CHECKPOINT_DIRS.values()):
     raise CheckpointError(f"{path} is a training workdir, not a checkpoint: pass --workdir={path} "
                           "(with --checkpoint=best|latest), or use Predictor.from_workdir.")
-  return path  # Let _load say what it is not.
+  return [path]  # Let _load say what it is not.
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -208,6 +219,19 @@ def _check_weights(saved: Mapping[str, Any], expected: Mapping[str, Any], where:
         "trained with, or a checkpoint of this model.")
 
 
+@contextlib.contextmanager
+def _unreadable_as_damaged(step_dir: str) -> Iterator[None]:
+  """orbax/tensorstore read errors of a committed step as one clear error naming the directory."""
+  try:
+    yield
+  except CheckpointError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore raise many types)
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    raise DamagedCheckpointError(f"{step_dir} cannot be read ({reason}): it is damaged (a truncated or "
+                                 "missing file)") from None
+
+
 def _load(step_dir: str, config: ml_collections.ConfigDict | None) -> tuple[dict[str, Any], dict[str, Any]]:
   """(inference spec, {'params', 'batch_stats'}) of one checkpoint step directory."""
   if not (os.path.isdir(os.path.join(step_dir, "state")) and os.path.isdir(os.path.join(step_dir, "meta"))):
@@ -217,13 +241,12 @@ def _load(step_dir: str, config: ml_collections.ConfigDict | None) -> tuple[dict
         "initializations for training, not classifiers.")
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler(
       state=ocp.PyTreeCheckpointHandler(), meta=ocp.JsonCheckpointHandler())) as checkpointer:
-    meta = checkpointer.restore(step_dir, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    with _unreadable_as_damaged(step_dir):
+      meta = checkpointer.restore(step_dir, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     if config is not None:
       spec = spec_from_config(config)
       fingerprint = train.model_fingerprint(config, len(spec["class_names"]))
-      saved = meta.get("fingerprint", {})
-      diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in fingerprint.items()
-               if saved.get(k) != v]
+      diffs = checkpointing.fingerprint_differences(meta.get("fingerprint", {}), fingerprint)
       if diffs:
         raise CheckpointError(f"{step_dir} holds a different model than the config ({'; '.join(diffs)}). "
                               "Pass the --config the run was trained with.")
@@ -242,15 +265,18 @@ def _load(step_dir: str, config: ml_collections.ConfigDict | None) -> tuple[dict
     expected = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)},
                                                  jnp.zeros((1, size, size, channels)), train=False))
     expected = {"params": expected["params"], "batch_stats": expected["batch_stats"]}
-    _check_weights(checkpointer.metadata(step_dir).item_metadata["state"], expected, step_dir)
-    restored = checkpointer.restore(step_dir, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item=expected, partial_restore=True)))["state"]
+    with _unreadable_as_damaged(step_dir):
+      saved = checkpointer.metadata(step_dir).item_metadata["state"]
+    _check_weights(saved, expected, step_dir)
+    with _unreadable_as_damaged(step_dir):
+      restored = checkpointer.restore(step_dir, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(item=expected, partial_restore=True)))["state"]
   return spec, restored
 
 
 def _model(spec: Mapping[str, Any]):
-  # Specs written before mixed precision existed computed in float32.
-  fields = {"compute_dtype": "float32", **spec["model"]}
+  # Specs written before mixed precision or other backbones existed: float32 VGG16-BN.
+  fields = {"compute_dtype": "float32", "backbone": train.DEFAULT_BACKBONE, **spec["model"]}
   return train.create_model(ml_collections.ConfigDict(fields), len(spec["class_names"]), axis_name=None)
 
 
@@ -288,9 +314,17 @@ class Predictor:
     `config` (the run's training config) replaces the stored spec; it is needed
     only for checkpoints saved before specs existed, and must match the weights.
     """
-    step_dir = _step_dir(os.path.abspath(path))
-    spec, variables = _load(step_dir, config)
-    return cls(spec, variables, source=step_dir, **kwargs)
+    step_dirs = _step_dirs(os.path.abspath(path))
+    for i, step_dir in enumerate(step_dirs):
+      try:
+        spec, variables = _load(step_dir, config)
+      except DamagedCheckpointError as e:
+        if i + 1 == len(step_dirs):
+          raise
+        logging.warning("%s; using the next older step.", e)
+        continue
+      return cls(spec, variables, source=step_dir, **kwargs)
+    raise AssertionError("unreachable")
 
   @classmethod
   def from_workdir(cls, workdir: str, which: str = "best", config: ml_collections.ConfigDict | None = None,

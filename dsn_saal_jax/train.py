@@ -11,15 +11,18 @@ network.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import shutil
 import signal
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax
 import flax.jax_utils
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -32,10 +35,12 @@ from dsn_saal_jax import checkpointing
 from dsn_saal_jax import config_lib
 from dsn_saal_jax import losses
 from dsn_saal_jax import metrics as metrics_lib
-from dsn_saal_jax.models import DSNVGG16BN, predict_probs
+from dsn_saal_jax import models
+from dsn_saal_jax.models import predict_probs
 from dsn_saal_jax.optim import make_lr_schedule, make_optimizer
 
 AXIS = "batch"
+DEFAULT_BACKBONE = "vgg16_bn"  # what checkpoints and specs written before config.backbone existed hold
 HISTORY_FILE = "history.jsonl"
 
 
@@ -54,11 +59,18 @@ class TrainState:
 # ----------------------------------------------------------------------------- model, loss, state
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int, axis_name: str | None = AXIS) -> DSNVGG16BN:
-  return DSNVGG16BN(
-      num_classes=num_classes, dsn=config.model == "dsn", fuse_channels=config.fuse_channels,
-      dropout_rate=config.dropout_rate, stages=tuple(config.stages), widths=tuple(config.widths),
-      hidden=config.hidden, axis_name=axis_name, dtype=jnp.dtype(config.compute_dtype))
+def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config fields backbone `config.backbone` is built with beyond the common ones."""
+  return {k: tuple(config[k]) if isinstance(config[k], (tuple, list)) else config[k]
+          for k in models.config_fields(config.get("backbone", DEFAULT_BACKBONE))}
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int, axis_name: str | None = AXIS) -> nn.Module:
+  """The configured backbone (`config.backbone`), with side heads when `config.model == 'dsn'`."""
+  return models.get_model(
+      config.get("backbone", DEFAULT_BACKBONE), num_classes=num_classes, dsn=config.model == "dsn",
+      fuse_channels=config.fuse_channels, axis_name=axis_name, dtype=jnp.dtype(config.compute_dtype),
+      **model_kwargs(config))
 
 
 def make_loss_fn(config: ml_collections.ConfigDict, class_counts: np.ndarray, class_names=None) -> losses.LossFn:
@@ -73,16 +85,17 @@ def make_loss_fn(config: ml_collections.ConfigDict, class_counts: np.ndarray, cl
 
 def model_fingerprint(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
   """What a checkpoint must agree on to be restored into this config's state."""
-  return {"model": config.model, "num_classes": int(num_classes), "channels": int(config.channels),
-          "stages": list(config.stages), "widths": list(config.widths), "hidden": int(config.hidden),
-          "fuse_channels": int(config.fuse_channels), "loss_params": config.loss == "saal"}
+  shape = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model_kwargs(config).items() if k != "dropout_rate"}
+  return {"backbone": config.backbone, "model": config.model, "num_classes": int(num_classes),
+          "channels": int(config.channels), **shape, "fuse_channels": int(config.fuse_channels),
+          "loss_params": config.loss == "saal"}
 
 
 def network_params(params: Mapping[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in params.items() if k != "saal"}
 
 
-def init_variables(config: ml_collections.ConfigDict, model: DSNVGG16BN, image_shape, rng: jax.Array) -> dict:
+def init_variables(config: ml_collections.ConfigDict, model: nn.Module, image_shape, rng: jax.Array) -> dict:
   """Network variables: random (torchvision init), then ImageNet weights from `config.init_checkpoint`.
 
   The checkpoint is launch/convert_torchvision.py's output; leaves it lacks
@@ -100,7 +113,7 @@ def init_variables(config: ml_collections.ConfigDict, model: DSNVGG16BN, image_s
   return jax.tree_util.tree_map(jnp.asarray, dict(variables))
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: DSNVGG16BN, image_shape,
+def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, image_shape,
                        optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
   model_rng, saal_rng = jax.random.split(rng)
   variables = init_variables(config, model, image_shape, model_rng)
@@ -115,7 +128,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: DSNVGG16BN, ima
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], dropout_rng: jax.Array, *,
-               model: DSNVGG16BN, loss_fn: losses.LossFn, optimizer: optax.GradientTransformation,
+               model: nn.Module, loss_fn: losses.LossFn, optimizer: optax.GradientTransformation,
                learning_rate_fn: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on this device's slice of the global batch; run under pmap(axis_name='batch')."""
   # A fresh dropout key per step and per device (axis_index is global across processes).
@@ -144,7 +157,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], dropout_rng: j
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: DSNVGG16BN, loss_fn: losses.LossFn,
+def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module, loss_fn: losses.LossFn,
               eval_head: str) -> dict[str, jax.Array]:
   """Class probabilities and the masked loss sum of one eval batch (padding has mask 0)."""
   heads = model.apply({"params": network_params(state.params), "batch_stats": state.batch_stats},
@@ -193,10 +206,18 @@ def _any_process(flag: bool) -> bool:
 
 
 class _Preemption:
-  """Records SIGTERM so the loop can save and stop at a step boundary."""
+  """SIGTERM handling: raise at once while nothing needs saving, else record it for the next step boundary.
+
+  Outside `deferred()` (building the dataset, compiling, restoring) a SIGTERM
+  raises `Preempted` where the program is: nothing is half-written there, and a
+  dataset build left unfinished is rebuilt on the next run. Inside it (the
+  training loop and the final report) the loop saves a checkpoint at the next
+  step boundary and then raises.
+  """
 
   def __init__(self):
     self.requested = False
+    self._deferred = False
     self._previous = None
 
   def __enter__(self):
@@ -209,12 +230,28 @@ class _Preemption:
 
   def _handle(self, signum, frame):
     del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint at the next step boundary, then stopping.")
     self.requested = True
+    if not self._deferred:
+      raise Preempted("Preempted (SIGTERM) before training started; nothing new to save. Rerun the same "
+                      "command to resume.")
+    logging.warning("SIGTERM received: saving a checkpoint at the next step boundary, then stopping.")
+
+  @contextlib.contextmanager
+  def deferred(self) -> Iterator[None]:
+    self._deferred = True
+    try:
+      yield
+    finally:
+      self._deferred = False
 
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+def itstime(done: int, every: int, total: int) -> bool:
+  """Whether a periodic action (log, evaluate, save) is due after `done` of `total` steps; always at the end."""
+  return (every > 0 and done % every == 0) or done == total
 
 
 class _MetricBuffer:
@@ -273,7 +310,11 @@ class _Writer:
     if jax.process_index() == 0:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self._history = open(os.path.join(workdir, HISTORY_FILE), "a")
+      path = os.path.join(workdir, HISTORY_FILE)
+      torn = os.path.exists(path) and os.path.getsize(path) > 0 and _last_byte(path) != b"\n"
+      self._history = open(path, "a")
+      if torn:  # a run killed mid-write: end its partial record so the next one starts on its own line
+        self._history.write("\n")
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     if self._writer is not None:
@@ -289,6 +330,12 @@ class _Writer:
       self._history.close()
 
 
+def _last_byte(path: str) -> bytes:
+  with open(path, "rb") as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1)
+
+
 def read_history(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{scalar name: (steps, values)} from `workdir/history.jsonl`, one value per step (the last written)."""
   path = os.path.join(workdir, HISTORY_FILE)
@@ -296,12 +343,17 @@ def read_history(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     raise FileNotFoundError(f"{path} does not exist; it is written by train_and_evaluate while training.")
   series: dict[str, dict[int, float]] = {}
   with open(path) as f:
-    for line in f:
-      if line.strip():
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
         record = json.loads(line)
-        step = record.pop("step")
-        for k, v in record.items():
-          series.setdefault(k, {})[step] = v
+      except json.JSONDecodeError:  # the partial last record of a killed run
+        logging.warning("%s:%d is a partial record (the run was killed while writing it); skipped.", path, number)
+        continue
+      step = record.pop("step")
+      for k, v in record.items():
+        series.setdefault(k, {})[step] = v
   return {k: (np.array(sorted(v)), np.array([v[s] for s in sorted(v)])) for k, v in series.items()}
 
 
@@ -341,6 +393,16 @@ def _first_examples(dataset, split: str, per_class: int, num_classes: int) -> tu
   return np.stack(images), np.asarray(labels)
 
 
+def _replace_dir(src: str, dst: str) -> None:
+  """Puts directory `src` at `dst`, replacing what was there; `dst` is never seen half-written."""
+  old = f"{dst}.old"
+  shutil.rmtree(old, ignore_errors=True)
+  if os.path.exists(dst):
+    os.replace(dst, old)
+  os.replace(src, dst)
+  shutil.rmtree(old, ignore_errors=True)
+
+
 def write_report(config: ml_collections.ConfigDict, state: TrainState, dataset, split: str, out_dir: str,
                  p_eval_step: Callable, rstate: TrainState, extra: Mapping[str, Any] | None = None) -> dict:
   """metrics.json and the PNG plots (confusion matrix, ROC, Grad-CAM grid) of `split` into `out_dir`."""
@@ -348,19 +410,24 @@ def write_report(config: ml_collections.ConfigDict, state: TrainState, dataset, 
   info = dataset.info
   pred = predict_split(p_eval_step, rstate, dataset, split)
   result = metrics_lib.compute_metrics(pred["labels"], pred["probs"], info.class_names)
-  result.update({"split": split, "loss": pred["loss"], **(extra or {})})
+  result.update({"split": split, "loss": pred["loss"], "backbone": config.backbone, "model": config.model,
+                 "num_params": models.count_params(network_params(state.params)), **(extra or {})})
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    # Written next to out_dir and renamed when complete: a killed run never leaves a partial report.
+    tmp_dir = f"{out_dir}.tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    os.makedirs(tmp_dir)
+    with open(os.path.join(tmp_dir, "metrics.json"), "w") as f:
       json.dump(metrics_lib.to_json_safe(result), f, indent=2)
     reporting.plot_confusion_matrix(np.asarray(result["confusion_matrix"]), info.class_names,
-                                    os.path.join(out_dir, "confusion_matrix.png"))
-    reporting.plot_roc(pred["labels"], pred["probs"], info.class_names, os.path.join(out_dir, "roc.png"))
+                                    os.path.join(tmp_dir, "confusion_matrix.png"))
+    reporting.plot_roc(pred["labels"], pred["probs"], info.class_names, os.path.join(tmp_dir, "roc.png"))
     images, labels = _first_examples(dataset, split, config.gradcam_per_class, len(info.class_names))
     model = create_model(config, len(info.class_names), axis_name=None)
     variables = {"params": network_params(state.params), "batch_stats": state.batch_stats}
     cams, probs = reporting.grad_cam(model, variables, images)
-    reporting.plot_gradcam_grid(images, cams, labels, probs, info.class_names, os.path.join(out_dir, "gradcam.png"))
+    reporting.plot_gradcam_grid(images, cams, labels, probs, info.class_names, os.path.join(tmp_dir, "gradcam.png"))
+    _replace_dir(tmp_dir, out_dir)
     logging.info("Report for %s (%d examples) in %s: %s", split, result["num_examples"], out_dir,
                  ", ".join(f"{k}={result[k]:.4f}" for k in metrics_lib.SUMMARY_KEYS))
   if jax.process_count() > 1:  # Others must not reach jax.distributed's shutdown barrier (timeout) first.
@@ -374,7 +441,7 @@ def write_report(config: ml_collections.ConfigDict, state: TrainState, dataset, 
 class _Run:
   """Everything built from (config, dataset) that training and evaluation share."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, dataset):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, dataset, read_only: bool = False):
     config_lib.validate_config(config, jax.device_count())
     self.config, self.workdir = config, workdir
     if dataset is None:
@@ -395,7 +462,7 @@ class _Run:
     self.state = create_train_state(config, self.model, info.image_shape, self.optimizer, init_rng)
     self.checkpoints = checkpointing.Checkpoints(
         workdir, model_fingerprint(config, self.num_classes), keep=config.keep_checkpoints,
-        inference=checkpointing.inference_spec(config, info))
+        inference=checkpointing.inference_spec(config, info), read_only=read_only)
     self.p_train_step = jax.pmap(
         functools.partial(train_step, model=self.model, loss_fn=self.loss_fn, optimizer=self.optimizer,
                           learning_rate_fn=self.schedule),
@@ -416,10 +483,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
   """Trains (resuming from `workdir` if it holds a checkpoint), then writes the test report.
 
   `dataset` replaces `input_pipeline.create_dataset(config)` (tests, notebooks
-  with in-memory data). Returns the final host state. On SIGTERM it saves a
-  checkpoint at the next step boundary and raises `Preempted`; rerunning the
-  same command resumes at that step.
+  with in-memory data). Returns the final host state. On SIGTERM it raises
+  `Preempted` (launch/train.py exits 143): during training after saving a
+  checkpoint at the next step boundary (one save per step, whichever path asks
+  for it), during the final report once the report is written, and before
+  training at once. Rerunning the same command resumes.
   """
+  with _Preemption() as preemption:
+    return _train_and_evaluate(config, workdir, dataset, preemption)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset,
+                        preemption: _Preemption) -> TrainState:
   run = _Run(config, workdir, dataset)
   info, ckpt = run.dataset.info, run.checkpoints
   state = run.state
@@ -432,8 +507,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
   start_step = int(state.step)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+    os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
   logging.info("%s: %d classes %s, k_n=%s, %d train examples, %d steps/epoch, %d steps, %d params.",
                config.dataset, run.num_classes, info.class_names, list(np.asarray(info.class_counts)),
                info.num_train, run.steps_per_epoch, run.total_steps,
@@ -455,12 +531,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
     ckpt.save(step, run.host_state(rstate), best_value=best_value)
     last_good = step
 
-  with _Preemption() as preemption:
+  def stop(message: str) -> None:
+    ckpt.wait()
+    writer.close()
+    ckpt.close()
+    raise Preempted(message)
+
+  with preemption.deferred():
     for step in range(start_step, run.total_steps):
       rstate, metrics = run.p_train_step(rstate, next(train_iter), run.dropout_rng)
       buffer.add(step, metrics)
       done = step + 1
-      if done % config.log_every_steps == 0 or done == run.total_steps:
+      if itstime(done, config.log_every_steps, run.total_steps):
         fetched = buffer.flush(workdir, last_good)
         now = time.time()
         values = _summaries(fetched, run.model.num_heads)
@@ -475,7 +557,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
                      values["train/learning_rate"], saal, values["train/examples_per_sec"],
                      time.strftime("%H:%M:%S", time.gmtime(eta)))
         t_log, log_from = now, done
-      if val_split and (done % eval_every == 0 or done == run.total_steps):
+      if val_split and itstime(done, eval_every, run.total_steps):
         pred = predict_split(run.p_eval_step, rstate, run.dataset, val_split)
         val = metrics_lib.compute_metrics(pred["labels"], pred["probs"], info.class_names)
         writer.scalars(done, {f"validation/{k}": val[k] for k in metrics_lib.SUMMARY_KEYS}
@@ -488,25 +570,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
           buffer.flush(workdir, last_good)
           ckpt.save(done, run.host_state(rstate), which="best", best_value=best_value,
                     selection_metric=config.selection_metric)
-      if done % ckpt_every == 0 or done == run.total_steps:
+      if itstime(done, ckpt_every, run.total_steps):
         save(done, rstate)
-      if _any_process(preemption.requested) and done < run.total_steps:
-        save(done, rstate)
-        ckpt.wait()
-        writer.close()
-        ckpt.close()
-        raise Preempted(f"Preempted (SIGTERM) at step {done}/{run.total_steps}; checkpoint saved in "
-                        f"{workdir}/checkpoints. Rerun the same command to resume.")
+      if done < run.total_steps and _any_process(preemption.requested):
+        save(done, rstate)  # a no-op when this step was just saved above
+        stop(f"Preempted (SIGTERM) at step {done}/{run.total_steps}; checkpoint saved in "
+             f"{workdir}/checkpoints. Rerun the same command to resume.")
 
-  ckpt.wait()
-  final = run.host_state(rstate)
-  use_best = config.eval_checkpoint == "best" and ckpt.latest_step("best") is not None
-  report_state = ckpt.restore(jax.device_get(final), which="best")[0] if use_best else final
-  report_step = ckpt.latest_step("best") if use_best else int(final.step)
-  result = write_report(config, report_state, run.dataset, "test", os.path.join(workdir, "report", "test"),
-                        run.p_eval_step, replicate(report_state),
-                        extra={"checkpoint": "best" if use_best else "latest", "checkpoint_step": report_step})
-  writer.scalars(int(final.step), {f"test/{k}": result[k] for k in metrics_lib.SUMMARY_KEYS})
+    ckpt.wait()
+    final = run.host_state(rstate)
+    best = ckpt.restore(jax.device_get(final), which="best") if config.eval_checkpoint == "best" else None
+    report_state, report_step = (best[0], best[1]["step"]) if best else (final, int(final.step))
+    result = write_report(config, report_state, run.dataset, "test", os.path.join(workdir, "report", "test"),
+                          run.p_eval_step, replicate(report_state),
+                          extra={"checkpoint": "best" if best else "latest", "checkpoint_step": report_step})
+    writer.scalars(int(final.step), {f"test/{k}": result[k] for k in metrics_lib.SUMMARY_KEYS})
+  if _any_process(preemption.requested):
+    stop(f"Preempted (SIGTERM) during the final report; training is complete (step {int(final.step)}) and "
+         f"the report in {workdir}/report/test is whole. Rerun the same command to finish.")
   writer.close()
   ckpt.close()
   return final
@@ -515,7 +596,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
 def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = "test", checkpoint: str = "best",
              dataset=None) -> dict:
   """Restores the `checkpoint` ('best' | 'latest') of `workdir` and writes the report of `split`."""
-  run = _Run(config, workdir, dataset)
+  run = _Run(config, workdir, dataset, read_only=True)  # a job may still be writing to workdir
   restored = run.checkpoints.restore(jax.device_get(run.state), which=checkpoint)
   if restored is None:
     raise FileNotFoundError(f"No {checkpoint} checkpoint in {workdir}; train first with launch/train.py "

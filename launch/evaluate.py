@@ -7,11 +7,12 @@ different model is refused.
 """
 
 import json
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from dsn_saal_jax import metrics, train
+from dsn_saal_jax import checkpointing, metrics, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file used for training.", lock_config=True)
@@ -26,7 +27,11 @@ def main(argv):
   del argv
   if FLAGS.distributed:
     train.initialize_distributed()
-  result = train.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.split, FLAGS.checkpoint)
+  try:
+    result = train.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.split, FLAGS.checkpoint)
+  except checkpointing.CheckpointDamagedError as e:
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(1)
   print(json.dumps({k: result[k] for k in metrics.SUMMARY_KEYS}, indent=2))
 
 

@@ -11,7 +11,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dsn_saal_jax import train
+from dsn_saal_jax import checkpointing, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).", lock_config=True)
@@ -23,6 +23,7 @@ flags.DEFINE_integer("process_id", None, "This process's index, for explicit mul
 flags.mark_flags_as_required(["config", "workdir"])
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: schedulers see the run as interrupted, not done.
+FAILED_EXIT_CODE = 1
 
 
 def main(argv):
@@ -35,6 +36,9 @@ def main(argv):
   except train.Preempted as e:
     logging.warning("%s", e)
     sys.exit(PREEMPTED_EXIT_CODE)
+  except checkpointing.CheckpointDamagedError as e:
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(FAILED_EXIT_CODE)
 
 
 if __name__ == "__main__":

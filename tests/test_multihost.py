@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from test_train_pmap import HERE, run_worker
+from conftest import HERE, run_worker
 
 OVERRIDES = '{"num_train_steps": 3, "checkpoint_every_steps": 3, "log_every_steps": 1, "dropout_rate": 0.0}'
 

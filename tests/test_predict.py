@@ -138,8 +138,9 @@ def test_every_checkpoint_carries_the_inference_spec(run):
     assert (spec["dataset"], spec["image_size"], spec["channels"], spec["eval_head"]) == ("covid19_diag", 32, 1, "mean")
     assert spec["lung_mask"] == {"dicom": True, "images": True}
     assert spec["normalization"]["mean"] == [pytest.approx(0.449)] and spec["normalization"]["scale"] == 255.0
-    assert spec["model"] == {"model": "dsn", "widths": [8, 8, 16, 16, 16], "stages": [2, 2, 3, 3, 3], "hidden": 32,
-                             "fuse_channels": 1, "dropout_rate": 0.5, "loss": "saal", "compute_dtype": "float32"}
+    assert spec["model"] == {"backbone": "vgg16_bn", "model": "dsn", "widths": [8, 8, 16, 16, 16],
+                             "stages": [2, 2, 3, 3, 3], "hidden": 32, "dropout_rate": 0.5, "fuse_channels": 1,
+                             "loss": "saal", "compute_dtype": "float32"}
     assert meta["fingerprint"]["widths"] == [8, 8, 16, 16, 16]  # the fingerprint is still there
 
 

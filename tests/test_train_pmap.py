@@ -1,24 +1,8 @@
 """An 8-device pmap'd train step equals a 1-device step on the same global batch."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def run_worker(args, devices, tmp_path, timeout=900, env_extra=None):
-  """Runs tests/train_worker.py in a fresh process with `devices` CPU devices."""
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(str(tmp_path), "..", "jax_cache"))
-  env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-  env.update(env_extra or {})
-  return subprocess.run([sys.executable, os.path.join(HERE, "train_worker.py"), *args], env=env,
-                        capture_output=True, text=True, timeout=timeout)
+from conftest import run_worker
 
 
 def test_eight_devices_equal_one_device_after_three_steps(tmp_path):

@@ -4,9 +4,12 @@ Device counts (XLA_FLAGS), `jax.distributed` and signals must not touch the
 pytest process, so tests run this script and compare the `.npz` it writes.
 Modes:
   equiv      train_step pmapped over all local devices vs over one device, same global batch.
-  train      train_and_evaluate on a tiny in-memory problem; optionally kills itself.
+  train      train_and_evaluate on a tiny in-memory problem; exits 143 when preempted.
   multihost  as `train`, after jax.distributed.initialize on localhost.
   evaluate   train.evaluate of a trained workdir (restores a checkpoint, writes the report).
+  launch     runs a launch/ script (the arguments after `--`) as `python SCRIPT ...` would.
+Every mode takes `--fault=PHASE:AT:SIGNAL`: this process sends itself SIGNAL
+at a chosen moment (see `install_fault`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import functools
 import json
 import os
+import runpy
 import signal
 import sys
 import time
@@ -27,6 +31,7 @@ from dsn_saal_jax import config_lib, train
 from dsn_saal_jax.array_dataset import ArrayDataset
 
 CLASSES = ("normal", "pneumonia", "covid")
+PREEMPTED_EXIT_CODE = 143  # as launch/train.py
 
 
 def tiny_config(**overrides) -> config_lib.ml_collections.ConfigDict:
@@ -90,7 +95,7 @@ class KillingDataset:
   With `wait_for`, first waits until that checkpoint step is finalized on disk.
   """
 
-  def __init__(self, inner, at: int, sig: int, wait_for: str | None):
+  def __init__(self, inner, at: int, sig: int, wait_for: str | None = None):
     self.inner, self.info, self.at, self.sig, self.wait_for = inner, inner.info, at, sig, wait_for
 
   def train_iter(self, start_step: int = 0):
@@ -106,6 +111,88 @@ class KillingDataset:
     return self.inner.eval_iter(split)
 
 
+def install_fault(spec: str) -> None:
+  """Makes this process send itself a signal at one moment of a run: `PHASE:AT:SIGNAL`.
+
+  step:N        when the loop asks for the batch of step N (0-based), mid-training
+  validation:N  at the start of the N-th validation pass (1-based) of this process
+  save:N        right after the async write of the latest checkpoint of step N started
+  commit:N      in the checkpoint writer, when step N's files are written but not yet committed
+  report:0      in the middle of the final test report (before its ROC plot)
+  build:K       in the dataset build, after K generated examples
+  """
+  phase, at, sig = spec.split(":")
+  at, sig = int(at), getattr(signal, sig)
+
+  def fire():
+    os.kill(os.getpid(), sig)
+    if sig == signal.SIGKILL:
+      time.sleep(60)  # it lands here, before the code after the hook runs
+
+  if phase == "step":
+    init = train._Run.__init__
+
+    def run_init(self, *args, **kwargs):
+      init(self, *args, **kwargs)
+      self.dataset = KillingDataset(self.dataset, at, sig)
+
+    train._Run.__init__ = run_init
+  elif phase == "validation":
+    predict_split, calls = train.predict_split, [0]
+
+    def counting_predict_split(p_eval_step, rstate, dataset, split):
+      if split == "validation":
+        calls[0] += 1
+        if calls[0] == at:
+          fire()
+      return predict_split(p_eval_step, rstate, dataset, split)
+
+    train.predict_split = counting_predict_split
+  elif phase == "save":
+    from dsn_saal_jax import checkpointing  # pylint: disable=g-import-not-at-top
+    save = checkpointing.Checkpoints.save
+
+    def firing_save(self, step, state, which="latest", **meta):
+      saved = save(self, step, state, which, **meta)
+      if saved and which == "latest" and step == at:
+        fire()
+      return saved
+
+    checkpointing.Checkpoints.save = firing_save
+  elif phase == "commit":
+    rename = os.rename
+
+    def firing_rename(src, dst, *args, **kwargs):
+      if f"{os.sep}checkpoints{os.sep}{at}.orbax-checkpoint-tmp" in str(src):
+        fire()
+      return rename(src, dst, *args, **kwargs)
+
+    os.rename = firing_rename
+  elif phase == "report":
+    from dsn_saal_jax import reporting  # pylint: disable=g-import-not-at-top
+    plot_roc = reporting.plot_roc
+
+    def firing_plot_roc(*args, **kwargs):
+      fire()
+      return plot_roc(*args, **kwargs)
+
+    reporting.plot_roc = firing_plot_roc
+  elif phase == "build":
+    from dsn_saal_jax.data.builders import synthetic_ct  # pylint: disable=g-import-not-at-top
+    generate, count = synthetic_ct.SyntheticCt._generate_examples, [0]
+
+    def firing_generate(self, *args, **kwargs):
+      for example in generate(self, *args, **kwargs):
+        count[0] += 1
+        if count[0] == at:
+          fire()
+        yield example
+
+    synthetic_ct.SyntheticCt._generate_examples = firing_generate
+  else:
+    raise ValueError(f"Unknown fault phase {phase!r} in {spec!r}.")
+
+
 def run_train(args) -> None:
   overrides = json.loads(args.overrides)
   c = tiny_config(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
@@ -117,7 +204,7 @@ def run_train(args) -> None:
     state = train.train_and_evaluate(c, args.workdir, dataset=ds)
   except train.Preempted as e:
     print(f"PREEMPTED {e}", flush=True)
-    sys.exit(3)
+    sys.exit(PREEMPTED_EXIT_CODE)
   if args.out:  # Every process writes its copy, so tests can check that all processes agree.
     np.savez(args.out if jax.process_count() == 1 else f"{args.out}.{jax.process_index()}.npz", **flat(state))
   print("FINISHED", int(state.step), flush=True)
@@ -126,7 +213,8 @@ def run_train(args) -> None:
 def main() -> None:
   logging.set_verbosity(logging.INFO)  # Tests read the trainer's log lines ("Resumed from ...").
   parser = argparse.ArgumentParser()
-  parser.add_argument("mode", choices=("equiv", "train", "multihost", "evaluate"))
+  parser.add_argument("mode", choices=("equiv", "train", "multihost", "evaluate", "launch"))
+  parser.add_argument("--fault", default="")
   parser.add_argument("--checkpoint", default="best")
   parser.add_argument("--workdir", default="")
   parser.add_argument("--out", default="")
@@ -137,7 +225,15 @@ def main() -> None:
   parser.add_argument("--coordinator", default="")
   parser.add_argument("--num_processes", type=int, default=1)
   parser.add_argument("--process_id", type=int, default=0)
-  args = parser.parse_args()
+  argv = sys.argv[1:]
+  rest = argv[argv.index("--") + 1:] if "--" in argv else []
+  args = parser.parse_args(argv[:len(argv) - len(rest) - (1 if rest else 0)])
+  if args.fault:
+    install_fault(args.fault)
+  if args.mode == "launch":
+    sys.argv = rest
+    runpy.run_path(rest[0], run_name="__main__")
+    return
   if args.mode == "equiv":
     equiv(args.out)
     return

@@ -1,0 +1,51 @@
+"""Fixtures shared by the trainer tests: the subprocess worker and one uninterrupted reference run."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STEPS = 12  # tiny_config's num_train_steps: 3 epochs of 4 steps, a checkpoint every 4
+
+
+def run_worker(args, devices, tmp_path, timeout=900, env_extra=None):
+  """Runs tests/train_worker.py in a fresh process with `devices` CPU devices."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(str(tmp_path), "..", "jax_cache"))
+  env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  env.update(env_extra or {})
+  return subprocess.run([sys.executable, os.path.join(HERE, "train_worker.py"), *args], env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def train(tmp_path, workdir, out=None, devices=1, fault=None, **kwargs):
+  """One tiny in-memory training run in a subprocess; `fault` as train_worker.install_fault takes it."""
+  args = ["train", f"--workdir={workdir}"] + ([f"--out={out}"] if out else [])
+  args += ([f"--fault={fault}"] if fault else []) + [f"--{k}={v}" for k, v in kwargs.items()]
+  return run_worker(args, devices, tmp_path)
+
+
+def latest_steps(workdir):
+  names = os.listdir(os.path.join(workdir, "checkpoints"))
+  return sorted(int(n) for n in names if n.isdigit())
+
+
+def assert_same_state(a, b):
+  """Every array of two final states equal, bit for bit (same machine, same program)."""
+  assert sorted(a.files) == sorted(b.files)
+  for k in a.files:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+  """An uninterrupted run: final parameters and its workdir."""
+  tmp = tmp_path_factory.mktemp("reference")
+  proc = train(tmp, tmp / "work", out=tmp / "final.npz")
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return np.load(tmp / "final.npz"), tmp / "work"
