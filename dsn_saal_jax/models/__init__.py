@@ -20,6 +20,8 @@ from dsn_saal_jax.models.layers import (POOLED_SIZE, SIDE_CHANNELS, BatchNorm, a
                                         adaptive_pool_matrix, batch_norm_train, channel_sum, conv1x1_as_dot,
                                         count_params, flatten_nchw, max_pool_2x2, relu)
 from dsn_saal_jax.models.vgg import VGG16_STAGES, VGG16_WIDTHS, DSNVGG16BN
+from dsn_saal_jax.models.densenet import DenseNet, _densenet_tiny, densenet169
+from dsn_saal_jax.models.mobilenet_v2 import MobileNetV2, _mobilenet_v2_tiny, mobilenet_v2
 from dsn_saal_jax.models.resnet import ResNet, _resnet_tiny, resnet50, resnext50_32x4d
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -47,3 +49,7 @@ register("vgg16_bn", DSNVGG16BN)
 register("resnet50", resnet50)
 register("resnext50_32x4d", resnext50_32x4d)
 register("resnet_tiny", _resnet_tiny)  # used for testing only
+register("densenet169", densenet169)
+register("densenet_tiny", _densenet_tiny)  # used for testing only
+register("mobilenet_v2", mobilenet_v2)
+register("mobilenet_v2_tiny", _mobilenet_v2_tiny)  # used for testing only
