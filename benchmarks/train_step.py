@@ -1,9 +1,10 @@
 """JAX vs the PyTorch reference: DSN-SAAL train and eval step, timed interleaved in one process.
 
   python benchmarks/train_step.py                      # 224/batch 8 and 112/batch 32, float32
+  python benchmarks/train_step.py --backbone=resnet50  # any registered backbone, with its side heads
   python benchmarks/train_step.py --sizes=64:8 --rounds=3 --widths=8x16x32x64x64 --hidden=128
 
-Both sides run the same network (DSN-VGG16-BN, six heads), the SAAL loss and an
+Both sides run the same network (DSN-<backbone>, six heads), the SAAL loss and an
 SGD step with momentum and weight decay (alpha, beta included) on the same
 batch. JAX uses the trainer's own pmapped `train_step`/`eval_step` (one
 device); PyTorch runs eagerly. After warm-up, each round times one JAX step
@@ -25,15 +26,16 @@ import numpy as np
 import torch
 from absl import app, flags
 
-from dsn_saal_jax import config_lib, train
-from dsn_saal_jax.torch_reference import DSNVGG16BNTorch, saal_loss_torch
+from dsn_saal_jax import config_lib, models, train
+from dsn_saal_jax.torch_reference import TORCH_MODELS, saal_loss_torch
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", ["224:8", "112:32"], "image_size:batch pairs.")
 flags.DEFINE_integer("rounds", 5, "Timed rounds (one JAX and one PyTorch step each) per size.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps per side before timing.")
-flags.DEFINE_string("widths", "64x128x256x512x512", "Stage widths (the paper's by default).")
-flags.DEFINE_integer("hidden", 4096, "Classifier width.")
+flags.DEFINE_enum("backbone", "vgg16_bn", models.list_models(), "Backbone (with side heads) on both sides.")
+flags.DEFINE_string("widths", "64x128x256x512x512", "VGG stage widths (the paper's by default).")
+flags.DEFINE_integer("hidden", 4096, "VGG classifier width.")
 flags.DEFINE_integer("channels", 3, "Input channels.")
 
 CLASS_COUNTS = np.array([234, 191])  # COVID19-CT's official training split
@@ -46,6 +48,15 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
   mm(a).block_until_ready()
   best = min(_timed(lambda: mm(a).block_until_ready()) for _ in range(repeats))
   return 2 * n**3 / best / 1e9
+
+
+def cpu_model() -> str:
+  """lscpu's model name, from /proc/cpuinfo."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
+  except OSError:
+    return "unknown CPU"
 
 
 def _timed(fn) -> float:
@@ -101,10 +112,10 @@ class TorchSide:
   """The same network, loss and optimizer in eager PyTorch."""
 
   def __init__(self, config, batch: dict[str, np.ndarray]):
-    self.model = DSNVGG16BNTorch(len(CLASS_COUNTS), in_channels=config.channels, widths=tuple(config.widths),
-                                 hidden=config.hidden)
+    shape = {k: v for k, v in train.model_kwargs(config).items() if k != "dropout_rate"}
+    self.model = TORCH_MODELS[config.backbone](len(CLASS_COUNTS), in_channels=config.channels, **shape)
     self.alpha = torch.zeros((), requires_grad=True)
-    self.beta = torch.zeros(6, requires_grad=True)
+    self.beta = torch.zeros(train.create_model(config, len(CLASS_COUNTS)).num_heads, requires_grad=True)
     self.opt = torch.optim.SGD(list(self.model.parameters()) + [self.alpha, self.beta], lr=config.learning_rate,
                                momentum=config.momentum, weight_decay=config.weight_decay)
     self.x = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
@@ -126,6 +137,7 @@ class TorchSide:
 
 def bench(size: int, batch_size: int, peak: float) -> None:
   config = config_lib.base_config()
+  config.backbone = FLAGS.backbone
   config.image_size, config.batch_size, config.channels = size, batch_size, FLAGS.channels
   config.widths, config.hidden = tuple(int(w) for w in FLAGS.widths.split("x")), FLAGS.hidden
   config.learning_rate = 0.01
@@ -146,7 +158,8 @@ def bench(size: int, batch_size: int, peak: float) -> None:
     times["jax_eval"].append(_timed(jx.eval_step))
     times["torch_eval"].append(_timed(tx.eval_step))
   med = {k: statistics.median(v) for k, v in times.items()}
-  print(f"\n== {size}x{size}, batch {batch_size}, float32, {FLAGS.rounds} interleaved rounds (medians) ==")
+  print(f"\n== {FLAGS.backbone} (DSN), {size}x{size}, batch {batch_size}, float32, {FLAGS.rounds} interleaved "
+        "rounds (medians) ==")
   for phase in ("train", "eval"):
     j, t = med[f"jax_{phase}"], med[f"torch_{phase}"]
     line = (f"{phase:5s}: JAX {batch_size / j:7.2f} img/s ({j:.2f} s)  PyTorch {batch_size / t:7.2f} img/s ({t:.2f} s)  "
@@ -163,7 +176,7 @@ def bench(size: int, batch_size: int, peak: float) -> None:
 def main(argv):
   del argv
   torch.manual_seed(0)
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({cpu_model()}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads)")
   peak = matmul_peak_gflops()
   print(f"float32 matmul peak (XLA, 2048^3): {peak:.0f} GFLOP/s")

@@ -46,7 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.synthetic_seed = 0
 
   # Model.
+  c.backbone = "vgg16_bn"    # vgg16_bn | resnet50 | resnext50_32x4d | densenet169 | mobilenet_v2 (models.list_models())
   c.model = "dsn"            # dsn | baseline
+  # VGG16-BN's shape (torchvision's by default; narrower for CPU runs). Other backbones have their own.
   c.widths = (64, 128, 256, 512, 512)
   c.stages = (2, 2, 3, 3, 3)
   c.hidden = 4096
@@ -99,7 +101,7 @@ def paper_config(dataset: str, channels: int, lung_mask: bool, arg: str | None) 
 def apply_variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
   """Applies `--config=file.py:ARG`, e.g. `baseline,ce` or `dsn,saal,covid_fraction=0.25,seed=2`.
 
-  Bare tokens pick the model (dsn | baseline) or the loss (saal | ce | ...);
+  Bare tokens pick the model (dsn | baseline), the backbone (vgg16_bn | resnet50 | ...) or the loss;
   `key=value` tokens set any top-level field, parsed with the field's type.
   """
   if not arg:
@@ -108,13 +110,16 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_coll
     if not token:
       continue
     if "=" not in token:
+      from dsn_saal_jax import models  # pylint: disable=g-import-not-at-top
       if token in MODELS:
         config.model = token
+      elif token in models.list_models():
+        config.backbone = token
       elif token in LOSS_NAMES:
         config.loss = token
       else:
-        raise ValueError(f"Unknown config variant {token!r}; use a model ({', '.join(MODELS)}), a loss "
-                         f"({', '.join(LOSS_NAMES)}) or key=value.")
+        raise ValueError(f"Unknown config variant {token!r}; use a model ({', '.join(MODELS)}), a backbone "
+                         f"({', '.join(models.list_models())}), a loss ({', '.join(LOSS_NAMES)}) or key=value.")
       continue
     key, value = (s.strip() for s in token.split("=", 1))
     _check_known(key, config.keys(), "config variant")
@@ -169,11 +174,18 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
       raise ValueError(f"config.{key} must be >= 0, got {config[key]!r}.")
   if not 0 < config.covid_fraction <= 1:
     raise ValueError(f"config.covid_fraction must be in (0, 1], got {config.covid_fraction!r}.")
-  if config.image_size < 32:
-    raise ValueError(f"config.image_size must be >= 32 (five 2x2 max-pools), got {config.image_size}.")
+  from dsn_saal_jax import models  # pylint: disable=g-import-not-at-top  (flax only when validating)
+  if config.backbone not in models.list_models():
+    raise ValueError(f"config.backbone={config.backbone!r} is not one of {', '.join(models.list_models())}.")
+  shape = {k: tuple(config[k]) if isinstance(config[k], (tuple, list)) else config[k]
+           for k in models.config_fields(config.backbone)}
+  min_size = models.get_model(config.backbone, num_classes=2, **shape).min_size
+  if config.image_size < min_size:
+    raise ValueError(f"config.image_size must be >= {min_size} for {config.backbone} (its downsampling "
+                     f"stages), got {config.image_size}.")
   if config.channels not in (1, 3):
     raise ValueError(f"config.channels must be 1 or 3, got {config.channels}.")
-  if len(config.widths) != len(config.stages):
+  if config.backbone == "vgg16_bn" and len(config.widths) != len(config.stages):
     raise ValueError(f"config.widths {tuple(config.widths)} and config.stages {tuple(config.stages)} "
                      "need one entry per stage.")
   for key in ("batch_size", "eval_batch_size"):

@@ -1,4 +1,4 @@
-"""Report figures (confusion matrix, ROC, Grad-CAM grid) and the sweep tables of Tables 5, 6 and 9.
+"""Report figures (confusion matrix, ROC, Grad-CAM grid) and the sweep tables of Tables 3-6, 8 and 9.
 
 Grad-CAM (Selvaraju et al. 2017, the paper's Fig. 7) is taken at the feature
 map each model marks (`models.layers.mark_cam`): for VGG the 7x7 adaptive
@@ -182,6 +182,8 @@ def plot_saal_history(groups: Mapping[str, Sequence[History]], path: str) -> Non
 
 # (metric key in metrics.json, column name in the paper).
 TABLE_COLUMNS = {
+    "table3": (("accuracy", "ACC"), ("macro_f1", "F1-score"), ("g_mean", "G-mean")),
+    "table4": (("accuracy", "ACC"), ("macro_f1", "F1-score"), ("g_mean", "G-mean"), ("num_params", "Params")),
     "table5": (("accuracy", "ACC"), ("macro_f1", "F1-score"), ("g_mean", "G-mean")),
     "table6": (("accuracy", "ACC"), ("macro_f1", "F1-score"), ("g_mean", "G-mean"),
                ("macro_sensitivity", "SEN"), ("macro_specificity", "SPE"), ("per_class/covid/sensitivity", "COVID SEN")),
@@ -194,10 +196,20 @@ TABLE_COLUMNS = {
 DELTA_COLUMNS = ("SEN", "COVID SEN")
 
 
-def method_name(model: str, loss: str) -> str:
+BACKBONE_NAMES = {"vgg16_bn": "VGG-16", "resnet50": "ResNet-50", "resnext50_32x4d": "ResNeXt-50",
+                  "densenet169": "DenseNet-169", "mobilenet_v2": "MobileNet-V2"}
+
+
+def method_name(model: str, loss: str, backbone: str = "vgg16_bn", table: str = "") -> str:
+  """A row's name as the paper writes it: 'VGG-16 + CE', 'DSN-SAAL', Table 3's 'ResNet-50', Table 4's 'ResNet-50 DSN'."""
+  name = BACKBONE_NAMES.get(backbone, backbone)
+  if table == "table4":
+    return f"{name} {'DSN' if model == 'dsn' else 'Baseline'}"
   if model == "dsn" and loss == "saal":
-    return "DSN-SAAL"
-  return {"baseline": "VGG-16", "dsn": "DSN"}[model] + f" + {loss.upper()}"
+    return "DSN-SAAL" if backbone == "vgg16_bn" else f"DSN-SAAL ({name})"
+  if table == "table3" and model == "baseline" and loss == "ce":
+    return name
+  return {"baseline": name, "dsn": "DSN" if backbone == "vgg16_bn" else f"{name} DSN"}[model] + f" + {loss.upper()}"
 
 
 def _mean_std(values: Sequence[float]) -> dict[str, Any]:
@@ -218,11 +230,11 @@ def aggregate(runs: Sequence[Mapping[str, Any]], table: str) -> dict[str, Any]:
   if table not in TABLE_COLUMNS:
     raise ValueError(f"Unknown table {table!r}; choose one of {', '.join(TABLE_COLUMNS)}.")
   columns = TABLE_COLUMNS[table]
-  row_key = (lambda r: f"{r['covid_fraction']:g}") if table == "table6" else (
-      lambda r: method_name(r["model"], r["loss"]))
+  name = lambda r: method_name(r["model"], r["loss"], r.get("backbone") or "vgg16_bn", table)
+  row_key = (lambda r: f"{r['covid_fraction']:g}") if table == "table6" else name
   rows: dict[str, dict[str, dict[str, list]]] = {}
   for r in runs:
-    group = method_name(r["model"], r["loss"]) if table == "table6" else ""
+    group = name(r) if table == "table6" else ""
     cell = rows.setdefault(row_key(r), {}).setdefault(group, {k: [] for k, _ in columns})
     for k, _ in columns:
       cell[k].append(_lookup(r["metrics"], k))
@@ -256,9 +268,11 @@ def to_markdown(table: Mapping[str, Any]) -> str:
   """The aggregated table as Markdown, `mean ± std` per cell (Table 6: SEN's change in brackets)."""
   groups = sorted({g for row in table["rows"].values() for g in row})
 
-  def cell(stat):
+  def cell(stat, column):
     if stat["mean"] is None:
       return "-"
+    if column == "Params":  # the same in every run of a row
+      return f"{stat['mean'] / 1e6:.2f} M"
     text = f"{stat['mean']:.3f} ± {stat['std']:.3f}"
     return text + (f" ({stat['delta']:+.3f})" if "delta" in stat else "")
 
@@ -267,7 +281,7 @@ def to_markdown(table: Mapping[str, Any]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for row, cells in table["rows"].items():
     label = ("Stand. split" if row == "1" else f"{float(row):.0%} of COVID-19") if table["table"] == "table6" else row
-    values = [cell(cells[g][c]) if g in cells else "-" for c in table["columns"] for g in groups]
+    values = [cell(cells[g][c], c) if g in cells else "-" for c in table["columns"] for g in groups]
     lines.append("| " + " | ".join([label] + values) + " |")
   n = sorted({s["n"] for row in table["rows"].values() for c in row.values() for s in c.values()})
   lines.append("")

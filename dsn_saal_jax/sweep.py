@@ -1,4 +1,4 @@
-"""Sweeps of the paper's experiments: methods x COVID fractions x seeds (Tables 5, 6, 8) or x folds (Table 9).
+"""Sweeps of the paper's experiments: methods x COVID fractions x seeds (Tables 3-6, 8) or x folds (Table 9).
 
 Each run trains in its own sub-workdir, so an interrupted sweep resumes where
 it stopped (finished runs are skipped, an unfinished one resumes from its
@@ -19,8 +19,16 @@ from absl import logging
 
 from dsn_saal_jax import reporting
 
-# Defaults per table: which methods and which axis the paper varies.
+_BACKBONES = ("vgg16_bn", "resnet50", "densenet169", "resnext50_32x4d")  # Table 4's, in its order
+
+# Defaults per table: which methods and which axis the paper varies. A method is (model, loss) on the
+# config's backbone, or (backbone, model, loss).
 TABLE_DEFAULTS = {
+    "table3": dict(methods=tuple((b, "baseline", "ce") for b in ("vgg16_bn", "resnet50", "densenet169",
+                                                                  "mobilenet_v2", "resnext50_32x4d"))
+                   + (("vgg16_bn", "dsn", "saal"),), covid_fractions=(1.0,), folds=(0,), seeds=(0, 1, 2)),
+    "table4": dict(methods=tuple((b, m, "ce") for b in _BACKBONES for m in ("baseline", "dsn")),
+                   covid_fractions=(1.0,), folds=(0,), seeds=(0, 1, 2)),
     "table5": dict(methods=(("baseline", "ce"), ("baseline", "focal"), ("baseline", "cb"), ("baseline", "sce"),
                             ("baseline", "saal")), covid_fractions=(1.0,), folds=(0,), seeds=(0, 1, 2)),
     "table6": dict(methods=(("baseline", "ce"), ("dsn", "saal")), covid_fractions=(1.0, 0.25, 0.1, 0.05, 0.01),
@@ -38,20 +46,31 @@ class Run:
   covid_fraction: float
   seed: int
   fold: int
+  backbone: str = ""  # "" = the base config's
 
   @property
   def name(self) -> str:
-    return f"{self.model}_{self.loss}/covid{self.covid_fraction:g}_seed{self.seed}_fold{self.fold}"
+    prefix = f"{self.backbone}/" if self.backbone else ""
+    return f"{prefix}{self.model}_{self.loss}/covid{self.covid_fraction:g}_seed{self.seed}_fold{self.fold}"
 
   def config(self, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c = copy.deepcopy(base)
     c.model, c.loss, c.covid_fraction, c.seed, c.fold = self.model, self.loss, self.covid_fraction, self.seed, self.fold
+    if self.backbone:
+      c.backbone = self.backbone
     return c
 
 
-def plan(methods: Sequence[tuple[str, str]], covid_fractions: Sequence[float], seeds: Sequence[int],
+def plan(methods: Sequence[tuple[str, ...]], covid_fractions: Sequence[float], seeds: Sequence[int],
          folds: Sequence[int]) -> list[Run]:
-  return [Run(m, l, f, s, k) for (m, l), f, s, k in itertools.product(methods, covid_fractions, seeds, folds)]
+  """Every method x fraction x seed x fold; a method is (model, loss) or (backbone, model, loss)."""
+  runs = []
+  for method, f, s, k in itertools.product(methods, covid_fractions, seeds, folds):
+    if len(method) not in (2, 3):
+      raise ValueError(f"A method is (model, loss) or (backbone, model, loss), got {method!r}.")
+    *backbone, model, loss = method
+    runs.append(Run(model, loss, f, s, k, backbone[0] if backbone else ""))
+  return runs
 
 
 def metrics_path(root: str, run: Run) -> str:
@@ -79,5 +98,5 @@ def run_sweep(base: ml_collections.ConfigDict, root: str, runs: Sequence[Run], t
   records = []
   for run in runs:
     with open(metrics_path(root, run)) as f:
-      records.append({**dataclasses.asdict(run), "metrics": json.load(f)})
+      records.append({**dataclasses.asdict(run), "backbone": run.backbone or base.backbone, "metrics": json.load(f)})
   return reporting.write_table(reporting.aggregate(records, table), root)

@@ -3,8 +3,9 @@
   python launch/sweep.py --config=configs/covid19_diag.py --workdir=/runs/table6 --table=table6
   python launch/sweep.py --config=configs/sars_cov2_ct.py --workdir=/runs/table9 --table=table9
   python launch/sweep.py --config=configs/covid19_diag.py --workdir=/runs/table5 --table=table5 --seeds=0,1,2
+  python launch/sweep.py --config=configs/covid19_diag.py --workdir=/runs/table4 --table=table4
 
-Methods are model:loss pairs; fractions, seeds and folds default to the paper's
+Methods are model:loss pairs (on the config's backbone) or backbone:model:loss; fractions, seeds and folds default to the paper's
 grid for the table. Rerunning skips finished runs and resumes the rest; --aggregate_only
 rebuilds the table from saved runs without training.
 """
@@ -18,7 +19,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Base config file (configs/*.py[:variant]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Root directory: one sub-workdir per run, tables at the top.")
 flags.DEFINE_enum("table", "table6", sorted(sweep.TABLE_DEFAULTS), "Paper table layout (and default grid).")
-flags.DEFINE_list("methods", None, "model:loss pairs, e.g. baseline:ce,dsn:saal.")
+flags.DEFINE_list("methods", None, "model:loss or backbone:model:loss, e.g. baseline:ce,resnet50:dsn:ce.")
 flags.DEFINE_list("covid_fractions", None, "COVID training fractions, e.g. 1,0.25,0.1.")
 flags.DEFINE_list("seeds", None, "Seeds, e.g. 0,1,2.")
 flags.DEFINE_list("folds", None, "Folds, e.g. 0,1,2,3,4 (sars_cov2_ct).")
@@ -32,8 +33,8 @@ def main(argv):
   if FLAGS.methods:
     grid["methods"] = [tuple(m.split(":")) for m in FLAGS.methods]
     for m in grid["methods"]:
-      if len(m) != 2:
-        raise app.UsageError(f"--methods entries are model:loss, got {':'.join(m)!r}.")
+      if len(m) not in (2, 3):
+        raise app.UsageError(f"--methods entries are model:loss or backbone:model:loss, got {':'.join(m)!r}.")
   if FLAGS.covid_fractions:
     grid["covid_fractions"] = [float(f) for f in FLAGS.covid_fractions]
   if FLAGS.seeds:

@@ -42,8 +42,10 @@ def test_variants_from_the_config_argument():
            "init_checkpoint=/w/vgg16_bn.pth,widths=8x16x16x32x32")
   assert (c.model, c.loss, c.covid_fraction, c.seed, c.image_size, c.fold) == ("baseline", "focal", 0.25, 3, 128, 2)
   assert c.init_checkpoint == "/w/vgg16_bn.pth" and tuple(c.widths) == (8, 16, 16, 32, 32)
-  with pytest.raises(ValueError, match="Unknown config variant 'resnet'"):
+  with pytest.raises(ValueError, match="Unknown config variant 'resnet'.*a backbone .*resnet50"):
     load("covid19_diag", "resnet")
+  c = load("covid19_diag", "resnext50_32x4d,baseline,ce")
+  assert (c.backbone, c.model, c.loss) == ("resnext50_32x4d", "baseline", "ce")
   with pytest.raises(ValueError, match="Unknown config variant key 'learing_rate'.*'learning_rate'"):
     load("covid19_diag", "learing_rate=0.1")
 
@@ -61,6 +63,8 @@ def test_dataset_names_match_the_data_layer():
     (dict(batch_size=30), r"config.batch_size=30 is not divisible by the 8 devices; .*--config.batch_size=24"),
     (dict(eval_batch_size=12), "config.eval_batch_size=12 is not divisible by the 8 devices"),
     (dict(model="resnet"), "config.model='resnet' is not one of dsn, baseline"),
+    (dict(backbone="resnet"), "config.backbone='resnet' is not one of .*resnet50"),
+    (dict(backbone="resnet50", image_size=16), "config.image_size must be >= 32 for resnet50"),
     (dict(loss="dice"), "config.loss='dice' is not one of saal"),
     (dict(covid_fraction=0.0), r"covid_fraction must be in \(0, 1\]"),
 ])

@@ -224,3 +224,34 @@ def test_batch_norm_train_and_its_vjp_equal_autodiff_of_the_formula(shape):
     zeros = jnp.zeros(shape[-1])
     for got, want in zip(vjp((jnp.asarray(dy), zeros, zeros)), want_vjp(jnp.asarray(dy))):
       np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backbone, kwargs", [("vgg16_bn", dict(widths=(4, 8, 8, 8, 8), hidden=16)),
+                                              ("mobilenet_v2_tiny", {})])
+def test_cpu_kernels_and_plain_xla_forms_compute_the_same_function_and_gradients(monkeypatch, backbone, kwargs):
+  """GPUs and TPUs run the plain forms (DSN_SAAL_CPU_KERNELS=off): same logits, loss gradients, BN statistics.
+
+  VGG uses every shared kernel (BatchNorm, channel sums, ReLU, 2x2 max-pool, 1x1 convs as dots);
+  MobileNet-V2 adds ReLU6. The other families use only shared kernels.
+  """
+  results = {}
+  with jax.enable_x64(True):
+    model = models.get_model(backbone, num_classes=3, dtype=jnp.float64, param_dtype=jnp.float64, **kwargs)
+    x = jnp.asarray(np.random.RandomState(0).randn(3, 36, 36, 3))
+    variables = model.init(jax.random.PRNGKey(0), x[:1])
+    for choice in ("on", "off"):
+      monkeypatch.setenv("DSN_SAAL_CPU_KERNELS", choice)
+
+      def loss(params):
+        heads, updates = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
+                                     rngs={"dropout": jax.random.PRNGKey(1)})
+        return sum(jnp.sum(jnp.sin(h)) for h in heads), (heads, updates["batch_stats"])
+
+      # A new function each time: traced afresh under each setting, never served from the jit cache.
+      (value, aux), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+      results[choice] = (value, aux, grads)
+  for a, b in zip(jax.tree_util.tree_leaves(results["on"]), jax.tree_util.tree_leaves(results["off"])):
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+  monkeypatch.setenv("DSN_SAAL_CPU_KERNELS", "sometimes")
+  with pytest.raises(ValueError, match="DSN_SAAL_CPU_KERNELS must be auto, on or off, got 'sometimes'"):
+    models.relu(jnp.zeros(2))

@@ -25,13 +25,31 @@ from dsn_saal_jax.models.mobilenet_v2 import MobileNetV2, _mobilenet_v2_tiny, mo
 from dsn_saal_jax.models.resnet import ResNet, _resnet_tiny, resnet50, resnext50_32x4d
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_CONFIG_FIELDS: dict[str, tuple[str, ...]] = {}
 
 
-def register(name: str, builder: Callable[..., nn.Module]) -> None:
-  """Makes `builder(num_classes=..., dsn=..., **kwargs)` available as `get_model(name, ...)`."""
+def register(name: str, builder: Callable[..., nn.Module], config_fields: tuple[str, ...] = ()) -> None:
+  """Makes `builder(num_classes=..., dsn=..., **kwargs)` available as `get_model(name, ...)`.
+
+  `config_fields`: training-config keys the builder takes as keyword
+  arguments beyond the common ones (VGG's widths, stages, hidden, dropout).
+  """
   if name in _REGISTRY:
     raise ValueError(f"A backbone is already registered under the name {name!r}.")
   _REGISTRY[name] = builder
+  _CONFIG_FIELDS[name] = tuple(config_fields)
+
+
+def config_fields(name: str) -> tuple[str, ...]:
+  """The config keys that shape backbone `name` (they go into checkpoints' model fingerprint)."""
+  get_model_builder(name)
+  return _CONFIG_FIELDS[name]
+
+
+def get_model_builder(name: str) -> Callable[..., nn.Module]:
+  if name not in _REGISTRY:
+    raise ValueError(f"Unknown backbone {name!r}; choose one of {list_models()}.")
+  return _REGISTRY[name]
 
 
 def list_models() -> list[str]:
@@ -40,12 +58,10 @@ def list_models() -> list[str]:
 
 def get_model(name: str, **kwargs: Any) -> nn.Module:
   """The backbone `name` (see `list_models()`) built with `kwargs`."""
-  if name not in _REGISTRY:
-    raise ValueError(f"Unknown backbone {name!r}; choose one of {list_models()}.")
-  return _REGISTRY[name](**kwargs)
+  return get_model_builder(name)(**kwargs)
 
 
-register("vgg16_bn", DSNVGG16BN)
+register("vgg16_bn", DSNVGG16BN, config_fields=("widths", "stages", "hidden", "dropout_rate"))
 register("resnet50", resnet50)
 register("resnext50_32x4d", resnext50_32x4d)
 register("resnet_tiny", _resnet_tiny)  # used for testing only

@@ -8,6 +8,7 @@ so torchvision weights load unchanged and logits match the PyTorch references.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -71,8 +72,28 @@ def flatten_nchw(x: jax.Array) -> jax.Array:
   return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
 
 
-@jax.custom_vjp
+def cpu_kernels() -> bool:
+  """Whether the XLA:CPU forms below run (decided when a function is traced).
+
+  They were measured on CPUs only (benchmarks/README.md), so GPUs and TPUs
+  get the plain XLA formulation of the same function. `DSN_SAAL_CPU_KERNELS`
+  = on | off overrides the backend check (tests compare both paths).
+  """
+  choice = os.environ.get("DSN_SAAL_CPU_KERNELS", "auto")
+  if choice not in ("auto", "on", "off"):
+    raise ValueError(f"DSN_SAAL_CPU_KERNELS must be auto, on or off, got {choice!r}.")
+  return choice == "on" or (choice == "auto" and jax.default_backend() == "cpu")
+
+
 def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """MaxPool2d(2, 2), floor mode: on CPU `_max_pool_2x2_cpu`, elsewhere XLA's reduce-window."""
+  if cpu_kernels():
+    return _max_pool_2x2_cpu(x)
+  return nn.max_pool(x, (2, 2), (2, 2), padding="VALID")
+
+
+@jax.custom_vjp
+def _max_pool_2x2_cpu(x: jax.Array) -> jax.Array:
   """MaxPool2d(2, 2) (floor mode) as a reshape and a max; its gradient goes to each window's first maximum.
 
   XLA lowers `nn.max_pool`'s gradient to a windowed argmax carrying four int32
@@ -105,12 +126,12 @@ def _max_pool_bwd(residuals, dy):
   return (jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
 
 
-max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+_max_pool_2x2_cpu.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def conv1x1_as_dot(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                    dimension_numbers=None, feature_group_count=1, precision=None, **kwargs) -> jax.Array:
-  """nn.Conv's 1x1 convolution (NHWC, HWIO) as a dot over channels.
+  """nn.Conv's 1x1 convolution (NHWC, HWIO) as a dot over channels on CPU; XLA's convolution elsewhere.
 
   Same parameters and result; its weight gradient is then a plain matmul
   instead of a convolution over transposed activations (XLA:CPU copied each
@@ -120,12 +141,20 @@ def conv1x1_as_dot(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
       or any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ()))):
     raise ValueError("conv1x1_as_dot only computes stride-1, undilated, ungrouped 1x1 convolutions; got "
                      f"kernel {rhs.shape[:2]}, strides {window_strides}, groups {feature_group_count}.")
+  if not cpu_kernels():
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, precision=precision, **kwargs)
   del padding, dimension_numbers, kwargs  # a 1x1 kernel needs no padding; nn.Conv passes NHWC/HWIO
   return jnp.einsum("nhwc,co->nhwo", lhs, rhs[0, 0], precision=precision)
 
 
-@jax.custom_jvp
 def relu(x: jax.Array) -> jax.Array:
+  """max(x, 0), NaN-propagating: on CPU `_relu_cpu`, elsewhere `jax.nn.relu` (same values and gradient)."""
+  return _relu_cpu(x) if cpu_kernels() else jax.nn.relu(x)
+
+
+@jax.custom_jvp
+def _relu_cpu(x: jax.Array) -> jax.Array:
   """max(x, 0), NaN-propagating, written as select(x < 0, 0, x) so that XLA:CPU stores it once.
 
   XLA duplicates chains of one-operand elementwise ops (BatchNorm's
@@ -138,29 +167,38 @@ def relu(x: jax.Array) -> jax.Array:
   return jnp.where(x < 0, jnp.zeros_like(x), x)
 
 
-relu.defjvps(lambda g, ans, x: jnp.where(x > 0, g, jnp.zeros_like(g)))  # torch's and jax.nn.relu's: 0 at 0
+_relu_cpu.defjvps(lambda g, ans, x: jnp.where(x > 0, g, jnp.zeros_like(g)))  # torch's and jax.nn.relu's: 0 at 0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, axis_name: str | None,
                      epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Training-mode batch norm over all but the last axis: (y, batch mean, biased batch variance).
 
   Statistics are in at least float32 and, with `axis_name`, global over that
-  axis. The VJP is the closed form (two channel sums), which XLA cannot derive
-  from the forward's reductions on its own.
+  axis. On CPU the VJP is the closed form (`_batch_norm_train_cpu`); elsewhere
+  JAX differentiates the forward pass.
   """
+  if cpu_kernels():
+    return _batch_norm_train_cpu(x, scale, bias, axis_name, epsilon)
+  return _batch_norm_fwd(x, scale, bias, axis_name, epsilon)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batch_norm_train_cpu(x: jax.Array, scale: jax.Array, bias: jax.Array, axis_name: str | None,
+                          epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`batch_norm_train` with the closed-form VJP (two channel sums), which XLA cannot derive from the
+  forward's reductions on its own."""
   return _batch_norm_fwd(x, scale, bias, axis_name, epsilon)[0]
 
 
 def channel_sum(x: jax.Array) -> jax.Array:
-  """Sum over all but the last axis, as two reductions whose kept axis is wide.
+  """Sum over all but the last axis; on CPU as two reductions whose kept axis is wide.
 
   XLA:CPU reduces an (N*H*W, C) array over its rows 4-13x slower than it
   reduces (N*H, W*C) and then (W, C), which also rounds less (measured at
   8x224x224x64 and 8x28x28x512).
   """
-  if x.ndim < 3:
+  if x.ndim < 3 or not cpu_kernels():
     return jnp.sum(x, tuple(range(x.ndim - 1)))
   rows = jnp.sum(x.reshape(-1, x.shape[-2] * x.shape[-1]), 0)
   return jnp.sum(rows.reshape(x.shape[-2], x.shape[-1]), 0)
@@ -207,7 +245,7 @@ def _batch_norm_bwd(axis_name, epsilon, residuals, cotangents):
   return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
 
 
-batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+_batch_norm_train_cpu.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 class BatchNorm(nn.Module):

@@ -1,0 +1,100 @@
+"""Every backbone trains, reports and predicts through the same code: nothing downstream names VGG.
+
+The registered tiny variants (same families, a few channels) stand in for the
+full-size ones, whose numbers `test_models_<family>.py` check against PyTorch.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import HERE
+from train_worker import blobs, tiny_config, tiny_dataset
+
+from dsn_saal_jax import models, predict, train
+
+ROOT = os.path.dirname(HERE)
+TINY = ("resnet_tiny", "densenet_tiny", "mobilenet_v2_tiny")
+
+
+@pytest.mark.parametrize("backbone", TINY)
+def test_tiny_backbone_trains_reports_and_predicts_from_its_checkpoint_alone(tmp_path, backbone):
+  c = tiny_config(backbone=backbone, num_train_steps=4, gradcam_per_class=1)
+  train.train_and_evaluate(c, str(tmp_path), dataset=tiny_dataset(c))
+  report = tmp_path / "report" / "test"
+  metrics = json.loads((report / "metrics.json").read_text())
+  assert metrics["backbone"] == backbone and metrics["num_examples"] == 29
+  assert (report / "gradcam.png").stat().st_size > 0
+  history = train.read_history(str(tmp_path))
+  assert len([k for k in history if k.startswith("train/loss_side")]) == 5  # five side heads, then final
+  assert metrics["num_params"] == models.count_params(
+      train.create_model(c, 3).init(jax_key(), np.zeros((1, 32, 32, 1)))["params"])
+
+  predictor = predict.Predictor.from_workdir(str(tmp_path), "best")  # the checkpoint's spec alone
+  assert predictor.spec["model"]["backbone"] == backbone
+  x, y = blobs(29, 2)
+  probs = predictor.predict_inputs(x)
+  assert np.mean(np.argmax(probs, -1) == y) == metrics["accuracy"]
+  cams = predictor.grad_cam(x[:2], np.argmax(probs[:2], -1))
+  # Normalized to a maximum of 1, or all 0 where the class evidence at the CAM layer is negative.
+  assert cams.shape == (2, 32, 32) and np.all((cams >= 0) & (cams <= 1)) and np.max(cams) in (0, 1)
+
+
+def jax_key():
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.random.PRNGKey(0)
+
+
+def test_train_and_predict_launchers_on_the_embedded_default_with_another_backbone(tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=str(tmp_path / ".." / "jax_cache"))
+  workdir = tmp_path / "work"
+  overrides = dict(data_dir=tmp_path / "data", synthetic_scale=0.01, synthetic_image_size=32, image_size=32,
+                   num_train_steps=3, batch_size=16, eval_batch_size=16, log_every_steps=3, gradcam_per_class=1)
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch", "train.py"),
+       f"--config={ROOT}/configs/default.py:resnet_tiny", f"--workdir={workdir}"]
+      + [f"--config.{k}={v}" for k, v in overrides.items()], env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  metrics = json.loads((workdir / "report" / "test" / "metrics.json").read_text())
+  assert metrics["backbone"] == "resnet_tiny" and metrics["num_examples"] == 20  # 11 + 4 + 5 test slices
+
+  slices = tmp_path / "slices"
+  slices.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)).save(slices / f"slice{i}.png")
+  out = tmp_path / "predictions.csv"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch", "predict.py"), f"--workdir={workdir}", f"--output={out}",
+       str(slices)], env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  rows = out.read_text().strip().splitlines()
+  assert len(rows) == 4 and "3 predicted, 0 failed" in proc.stdout
+
+
+def test_checkpoints_from_before_backbones_existed_load_as_vgg16_bn():
+  from dsn_saal_jax import checkpointing, config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.base_config()
+  old_fingerprint = {k: v for k, v in train.model_fingerprint(c, 3).items() if k != "backbone"}
+  assert checkpointing.fingerprint_differences(old_fingerprint, train.model_fingerprint(c, 3)) == []
+  c.backbone = "resnet50"
+  assert checkpointing.fingerprint_differences(old_fingerprint, train.model_fingerprint(c, 3)) == [
+      "backbone: checkpoint 'vgg16_bn' vs config 'resnet50'"]
+  old_spec = {"class_names": ["a", "b", "c"], "model": {
+      "model": "dsn", "widths": [8, 16, 16, 32, 32], "stages": [2, 2, 3, 3, 3], "hidden": 64, "fuse_channels": 1,
+      "dropout_rate": 0.5, "loss": "saal"}}
+  model = predict._model(old_spec)  # pylint: disable=protected-access
+  assert isinstance(model, models.DSNVGG16BN) and model.widths == (8, 16, 16, 32, 32) and model.num_heads == 6
+
+
+def test_unknown_backbone_and_too_small_input_are_clear_errors():
+  with pytest.raises(ValueError, match=r"Unknown backbone 'resnet'; choose one of \[.*'resnet50'"):
+    models.get_model("resnet", num_classes=3)
+  model = models.get_model("resnet_tiny", num_classes=3)
+  with pytest.raises(ValueError, match=r"expects NHWC input with H == W >= 32 .* got shape \(1, 16, 16, 1\)"):
+    model.init(jax_key(), np.zeros((1, 16, 16, 1), np.float32))
