@@ -160,20 +160,26 @@ def check_training_steps(tmodel, fmodel, dtype, tol, num_steps=2, batch=4, size=
     assert rel_err(params["saal"]["beta"] - old_params["saal"]["beta"], beta_t.detach().numpy() - saal_before[1]) < tol
 
 
-def test_full_size_training_steps_match_torch_in_float64(pair):
-  """The full network's SAAL gradients and two SGD steps, both sides in float64.
+def test_full_width_training_steps_match_torch_in_float64():
+  """The full-width network's SAAL gradients and one SGD step, both sides in float64.
 
   float64 because the full-size comparison is ill-conditioned in float32: from
   random weights, train-mode BatchNorm's backward turns rounding into ~1e-2
   relative error in the first stages' weight gradients, for PyTorch's float32
   CPU backward as for ours (measured: 9e-3 and 3e-3 from the float64 values at
   224x224). Same math, exact arithmetic: the agreement shown here is ~1e-10.
+  All 13 convs, BatchNorms and side heads are full width; the classifier is
+  512 wide instead of 4096: its 119 M float64 weights (1 GB a copy, and the
+  step holds about ten copies on the two sides) are plain Linear layers that
+  the float32 tests check at full size, and they put this test's peak memory
+  far over the suite's 8 GB budget.
   """
-  tmodel = DSNVGG16BNTorch(NUM_CLASSES, in_channels=3, dropout_rate=0.0)
-  tmodel.load_state_dict(pair[0].state_dict())
+  torch.manual_seed(3)
+  tmodel = DSNVGG16BNTorch(NUM_CLASSES, in_channels=3, dropout_rate=0.0, hidden=512)
+  randomize_batchnorm(tmodel, 4)
   with jax.enable_x64(True):
-    fmodel = models.DSNVGG16BN(NUM_CLASSES, dropout_rate=0.0, dtype=jnp.float64, param_dtype=jnp.float64)
-    check_training_steps(tmodel, fmodel, jnp.float64, tol=1e-6)
+    fmodel = models.DSNVGG16BN(NUM_CLASSES, dropout_rate=0.0, hidden=512, dtype=jnp.float64, param_dtype=jnp.float64)
+    check_training_steps(tmodel, fmodel, jnp.float64, tol=1e-6, num_steps=1)
 
 
 def test_float32_training_steps_match_torch():
