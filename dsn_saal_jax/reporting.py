@@ -9,6 +9,7 @@ differentiated, so the model needs no hook and its outputs are unchanged.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -70,9 +71,17 @@ def grad_cam(model: nn.Module, variables: Mapping[str, Any], images: np.ndarray,
   Taken at the feature map each model marks with `models.layers.mark_cam`.
   """
   images = jnp.asarray(images, jnp.float32)
+  classes = None if target is None else jnp.asarray(target)
+  cam, probs = _grad_cam(model, variables, images, classes)
+  return np.asarray(cam), np.asarray(probs)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _grad_cam(model: nn.Module, variables: Mapping[str, Any], images: jax.Array,
+              classes: jax.Array | None) -> tuple[jax.Array, jax.Array]:
   heads, state = model.apply(variables, images, train=False, mutable=["intermediates"])
   features = state["intermediates"]["cam"][0]
-  classes = jnp.argmax(heads[-1], -1) if target is None else jnp.asarray(target)
+  classes = jnp.argmax(heads[-1], -1) if classes is None else classes
 
   def score(perturbation):
     logits = model.apply({**variables, "perturbations": {"cam": perturbation}}, images, train=False)[-1]
@@ -83,7 +92,7 @@ def grad_cam(model: nn.Module, variables: Mapping[str, Any], images: np.ndarray,
   cam = nn.relu(jnp.sum(weights * features, axis=-1)).astype(jnp.float32)
   cam = jax.image.resize(cam, (cam.shape[0], *images.shape[1:3]), "bilinear")
   cam = cam / jnp.maximum(cam.max(axis=(1, 2), keepdims=True), 1e-12)
-  return np.asarray(cam), np.asarray(jax.nn.softmax(logits, -1))
+  return cam, jax.nn.softmax(logits, -1)
 
 
 def _display_gray(image: np.ndarray) -> np.ndarray:

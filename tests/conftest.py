@@ -1,6 +1,7 @@
 """Fixtures shared by the trainer tests: the subprocess worker and one uninterrupted reference run."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -21,6 +22,20 @@ def run_worker(args, devices, tmp_path, timeout=900, env_extra=None):
   env.update(env_extra or {})
   return subprocess.run([sys.executable, os.path.join(HERE, "train_worker.py"), *args], env=env,
                         capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def multiprocess_env(tmp_path, devices_per_process: int = 2) -> dict[str, str]:
+  """Environment for train_worker.py processes joined by jax.distributed on localhost."""
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+              PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]),
+              JAX_COMPILATION_CACHE_DIR=str(tmp_path / ".." / "jax_cache"),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 def train(tmp_path, workdir, out=None, devices=1, fault=None, **kwargs):

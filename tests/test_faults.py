@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -22,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import HERE, STEPS, assert_same_state, latest_steps, run_worker, train
+from conftest import HERE, STEPS, assert_same_state, free_port, latest_steps, multiprocess_env, run_worker, train
 
 PREEMPTED = 143
 
@@ -96,54 +95,46 @@ def damage(step_dir, how):
     os.remove(os.path.join(step_dir, "meta", "metadata"))
 
 
-@pytest.mark.parametrize("how", ["truncated array file", "missing metadata"])
-def test_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_intact_one(reference, tmp_path, how):
-  workdir = tmp_path / "work"
-  proc = train(tmp_path, workdir, fault="step:10:SIGTERM")
-  assert proc.returncode == PREEMPTED and latest_steps(workdir) == [8, 10]
-  damage(str(workdir / "checkpoints" / "10"), how)
-  proc = resume_and_compare(tmp_path, workdir, reference)
-  assert f"The latest checkpoint of step 10 ({workdir / 'checkpoints' / '10'}) is damaged" in proc.stderr
-  assert "at step 8." in proc.stderr
-  assert [n.split("-")[0] for n in os.listdir(workdir / "damaged" / "latest")] == ["10"]  # kept, not deleted
+def test_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_intact_one(reference, tmp_path):
+  interrupted = tmp_path / "interrupted"
+  proc = train(tmp_path, interrupted, fault="step:10:SIGTERM")
+  assert proc.returncode == PREEMPTED and latest_steps(interrupted) == [8, 10]
+  for how in ("truncated array file", "missing metadata"):
+    workdir = tmp_path / how.replace(" ", "_")
+    shutil.copytree(interrupted, workdir)
+    damage(str(workdir / "checkpoints" / "10"), how)
+    proc = resume_and_compare(tmp_path, workdir, reference)
+    assert f"The latest checkpoint of step 10 ({workdir / 'checkpoints' / '10'}) is damaged" in proc.stderr, how
+    assert "at step 8." in proc.stderr
+    assert [n.split("-")[0] for n in os.listdir(workdir / "damaged" / "latest")] == ["10"]  # kept, not deleted
 
 
 def test_predictor_names_a_damaged_checkpoint_and_falls_back_to_an_intact_one(reference, tmp_path):
   from dsn_saal_jax import predict  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / "work"
   shutil.copytree(reference[1], workdir)
-  damage(str(workdir / "checkpoints" / "12"), "truncated array file")
+  damage(str(workdir / "checkpoints" / "12"), "missing metadata")
   with pytest.raises(predict.CheckpointError, match=r"checkpoints/12 cannot be read .*damaged"):
     predict.Predictor.from_checkpoint(str(workdir / "checkpoints" / "12"))
   assert predict.Predictor.from_workdir(str(workdir), "latest").source.endswith(os.path.join("checkpoints", "8"))
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(reference, tmp_path):
   workdir = tmp_path / "work"
-  proc = train(tmp_path, workdir, overrides=json.dumps({"num_train_steps": 4}))
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  proc = train(tmp_path, workdir, overrides=json.dumps({"num_train_steps": 12, "learning_rate": 1e30}))
+  shutil.copytree(reference[1], workdir)  # a finished 12-step run: checkpoints 8 and 12
+  proc = train(tmp_path, workdir, overrides=json.dumps({"num_train_steps": 20, "learning_rate": 1e30}))
   assert proc.returncode not in (0, PREEMPTED)
   assert "FloatingPointError" in proc.stderr and "The training loss became nan at step" in proc.stderr
-  assert "last good checkpoint (step 4)" in proc.stderr
-  assert latest_steps(workdir) == [4]
+  assert "last good checkpoint (step 12)" in proc.stderr
+  assert latest_steps(workdir) == [8, 12]
   # The surviving checkpoint is intact: a normal run resumes from it and finishes.
-  proc = train(tmp_path, workdir, overrides=json.dumps({"num_train_steps": 8}))
+  proc = train(tmp_path, workdir, overrides=json.dumps({"num_train_steps": 16}))
   assert proc.returncode == 0, proc.stderr[-4000:]
-  assert "Resumed from" in proc.stderr and latest_steps(workdir) == [4, 8]
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
+  assert "Resumed from" in proc.stderr and latest_steps(workdir) == [12, 16]
 
 
 def test_sigterm_to_one_of_two_processes_makes_both_save_the_same_step_and_exit_143(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]),
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / ".." / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env = multiprocess_env(tmp_path)
   coordinator, workdir = f"localhost:{free_port()}", tmp_path / "multi"
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(HERE, "train_worker.py"), "multihost", f"--workdir={workdir}",

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch", reason="the PyTorch parity tests need the `
 from dsn_saal_jax import convert, models  # noqa: E402
 from dsn_saal_jax.models.mobilenet_v2 import relu6  # noqa: E402
 from dsn_saal_jax.torch_reference import TORCH_MODELS, saal_loss_torch  # noqa: E402
-from test_parity import COUNTS, check_training_steps, randomize_batchnorm, rel_err, torch_input  # noqa: E402
+from test_parity import COUNTS, check_logits, check_training_steps, randomize_batchnorm, rel_err, torch_input  # noqa: E402
 
 NUM_CLASSES = 3
 TORCHVISION_NUM_PARAMS = 3_504_872  # MobileNet_V2_Weights.IMAGENET1K_V1.meta["num_params"]
@@ -141,27 +141,7 @@ def test_logits_parity_eval_and_train(pair, size):
   are 4.7e-5 and 3.8e-5 from the float64 values for us, 4.3e-5 and 2.9e-5 for torch's own float32
   run, so two float32 runs differ by up to 9e-5: the exact values are the fair reference.
   """
-  tmodel, fmodel, variables = pair
-  x = np.random.RandomState(size).randn(2, size, size, 3).astype(np.float32)
-  with torch.no_grad():
-    expected = [h.numpy() for h in tmodel.eval()(torch_input(x))]
-  heads = jax.jit(lambda v, x: fmodel.apply(v, x, train=False))(variables, x)
-  assert len(heads) == len(expected) == fmodel.num_heads == 6
-  for i, (h, e) in enumerate(zip(heads, expected)):
-    assert h.shape == (2, NUM_CLASSES) and h.dtype == jnp.float32
-    assert rel_err(h, e) <= 1e-4, f"head {i + 1}, eval: rel err {rel_err(h, e):.2e}"
-
-  exact = copy.deepcopy(tmodel).double().train()
-  with torch.no_grad():
-    expected = [h.numpy() for h in exact(torch_input(x).double())]
-  heads, updates = jax.jit(lambda v, x: fmodel.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
-  for i, (h, e) in enumerate(zip(heads, expected)):
-    assert h.shape == (2, NUM_CLASSES) and h.dtype == jnp.float32
-    assert rel_err(h, e) <= 1e-4, f"head {i + 1}, train: rel err {rel_err(h, e):.2e}"
-  # Running statistics move exactly as torch's (unbiased variance, momentum 0.1).
-  new_stats = convert.variables_to_state_dict({**variables, **updates}, fmodel)
-  for key in (k for k in new_stats if "running" in k):
-    assert rel_err(new_stats[key], exact.state_dict()[key].numpy()) < 1e-4, key
+  check_logits(pair, size, exact_train=True)
 
 
 def test_tiny_variant_matches_its_reference_marks_its_cam_layer_and_drops_out():

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch", reason="the PyTorch parity tests need the `
 
 from dsn_saal_jax import convert, models  # noqa: E402
 from dsn_saal_jax.torch_reference import TORCH_MODELS  # noqa: E402
-from test_parity import check_training_steps, randomize_batchnorm, rel_err, torch_input  # noqa: E402
+from test_parity import check_logits, check_training_steps, randomize_batchnorm, rel_err, torch_input  # noqa: E402
 
 NUM_CLASSES = 3
 FAMILY = ("resnet50", "resnext50_32x4d")
@@ -86,29 +86,7 @@ def pair(request):
 
 @pytest.mark.parametrize("size", [64, 80])  # 80: odd maps (5, 3) at layer3/4, uneven pool windows everywhere
 def test_logits_parity_eval_and_train(pair, size):
-  _, tmodel, fmodel, variables = pair
-  x = np.random.RandomState(size).randn(2, size, size, 3).astype(np.float32)
-  apply = jax.jit(fmodel.apply, static_argnames="train")
-  for train in (False, True):
-    tmodel.train(train)
-    state = {k: v.clone() for k, v in tmodel.state_dict().items()}
-    with torch.no_grad():
-      expected = [h.numpy() for h in tmodel(torch_input(x))]
-    if train:
-      heads, updates = jax.jit(
-          lambda v, x: fmodel.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
-      # Running statistics move exactly as torch's (unbiased variance, momentum 0.1).
-      new_stats = convert.variables_to_state_dict({**variables, **updates}, fmodel)
-      for key in (k for k in new_stats if "running" in k):
-        assert rel_err(new_stats[key], tmodel.state_dict()[key].numpy()) < 1e-4, key
-      tmodel.load_state_dict(state)
-    else:
-      heads = apply(variables, x, train=False)
-    assert len(heads) == len(expected) == fmodel.num_heads == 6
-    for i, (h, e) in enumerate(zip(heads, expected)):
-      assert h.shape == (2, NUM_CLASSES) and h.dtype == jnp.float32
-      assert rel_err(h, e) <= 1e-4, f"head {i + 1}, train={train}: rel err {rel_err(h, e):.2e}"
-  tmodel.eval()
+  check_logits(pair[1:], size)
 
 
 def test_missing_extra_and_misshapen_keys_are_all_reported():

@@ -1,28 +1,18 @@
 """Two processes joined by jax.distributed (CPU collectives over localhost) train like one process."""
 
-import socket
 import subprocess
 import sys
 import os
 
 import numpy as np
 
-from conftest import HERE, run_worker
+from conftest import HERE, free_port, multiprocess_env, run_worker
 
 OVERRIDES = '{"num_train_steps": 3, "checkpoint_every_steps": 3, "log_every_steps": 1, "dropout_rate": 0.0}'
 
 
-def free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]),
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / ".." / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env = multiprocess_env(tmp_path)
   coordinator = f"localhost:{free_port()}"
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(HERE, "train_worker.py"), "multihost", f"--workdir={tmp_path / 'multi'}",

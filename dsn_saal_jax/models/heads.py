@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsn_saal_jax.models.layers import (POOLED_SIZE, SIDE_CHANNELS, adaptive_avg_pool, conv1x1_as_dot,
+from dsn_saal_jax.models.layers import (SIDE_CHANNELS, adaptive_avg_pool, conv1x1_as_dot,
                                          flatten_nchw, linear_init)
 
 
