@@ -168,10 +168,38 @@ def torchvision_variables(state_dict: Mapping[str, Any], backbone: str = "vgg16_
   if in_channels == 1 and first in sd:
     w = sd[first]
     sd[first] = np.asarray(w.detach().cpu().numpy() if hasattr(w, "detach") else w).sum(axis=1, keepdims=True)
-  variables = state_dict_to_variables(sd, model, in_channels=in_channels)
+  try:
+    variables = state_dict_to_variables(sd, model, in_channels=in_channels)
+  except ValueError as e:
+    guess = [name for name in guess_architectures(sd) if name != backbone]
+    if not guess:
+      raise
+    raise ValueError(f"These weights are not torchvision's {backbone}: they have the keys and shapes of "
+                     f"{' or '.join(guess)}; pass --arch={guess[0]} (choices: "
+                     f"{', '.join(models.list_models())}). Details: {e}") from None
   if num_classes != 1000:
     variables["params"].pop(model.classifier)
   return variables
+
+
+def guess_architectures(state_dict: Mapping[str, Any]) -> list[str]:
+  """The registered backbones whose torchvision state_dict (1000 classes) has exactly these keys and shapes."""
+  shapes = {k: tuple(np.shape(v)) for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+  found = []
+  for name in models.list_models():
+    model = models.get_model(name, num_classes=1000, dsn=False)
+    keys = {f"{prefix}.{suffix}" for prefix, _, table in _module_map(model) for suffix in table}
+    if keys != set(shapes):
+      continue
+    flat = traverse_util.flatten_dict(jax.eval_shape(
+        lambda m=model: m.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))))
+    expected = {f"{prefix}.{suffix}": _to_torch_layout(np.empty(flat[(collection, *path, leaf)].shape, np.int8),
+                                                       layout).shape
+                for prefix, path, table in _module_map(model)
+                for suffix, (collection, leaf, layout) in table.items()}
+    if all(expected[k] == shapes[k] for k in shapes if k != model.torch_first_conv):
+      found.append(name)
+  return found
 
 
 def save_pretrained(path: str | os.PathLike, variables: Mapping[str, Any]) -> None:

@@ -98,3 +98,17 @@ def test_unknown_backbone_and_too_small_input_are_clear_errors():
   model = models.get_model("resnet_tiny", num_classes=3)
   with pytest.raises(ValueError, match=r"expects NHWC input with H == W >= 32 .* got shape \(1, 16, 16, 1\)"):
     model.init(jax_key(), np.zeros((1, 16, 16, 1), np.float32))
+
+
+def test_weights_of_another_architecture_are_refused_naming_the_right_one():
+  torch = pytest.importorskip("torch", reason="needs the `test` extra (CPU torch)")
+  from dsn_saal_jax import convert  # pylint: disable=g-import-not-at-top
+  from dsn_saal_jax.torch_reference import TORCH_MODELS  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  sd = {k: v.numpy() for k, v in TORCH_MODELS["resnext50_32x4d"](1000, in_channels=3, dsn=False).state_dict().items()}
+  assert convert.guess_architectures(sd) == ["resnext50_32x4d"]  # same keys as resnet50; the shapes decide
+  with pytest.raises(ValueError, match=r"not torchvision's resnet50: they have the keys and shapes of "
+                                       r"resnext50_32x4d; pass --arch=resnext50_32x4d \(choices: .*vgg16_bn\)"):
+    convert.torchvision_variables(sd, "resnet50", in_channels=1, num_classes=3)
+  with pytest.raises(ValueError, match=r"not torchvision's vgg16_bn: .* of resnext50_32x4d"):
+    convert.torchvision_variables(sd, "vgg16_bn")
