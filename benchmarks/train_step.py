@@ -112,7 +112,7 @@ class TorchSide:
   """The same network, loss and optimizer in eager PyTorch."""
 
   def __init__(self, config, batch: dict[str, np.ndarray]):
-    shape = {k: v for k, v in train.model_kwargs(config).items() if k != "dropout_rate"}
+    shape = {k: v for k, v in models.config_kwargs(config).items() if k != "dropout_rate"}
     self.model = TORCH_MODELS[config.backbone](len(CLASS_COUNTS), in_channels=config.channels, **shape)
     self.alpha = torch.zeros((), requires_grad=True)
     self.beta = torch.zeros(train.create_model(config, len(CLASS_COUNTS)).num_heads, requires_grad=True)

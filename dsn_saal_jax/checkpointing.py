@@ -54,15 +54,14 @@ def inference_spec(config: Any, info: Any) -> dict[str, Any]:
       "lung_mask": {"dicom": config.dataset in _HU_DATASETS or masked_images, "images": masked_images},
       "eval_head": config.eval_head,
       "model": {"backbone": config.backbone, "model": config.model,
-                **{k: config[k] if not isinstance(config[k], tuple) else list(config[k])
-                   for k in models.config_fields(config.backbone)},
+                **{k: list(v) if isinstance(v, tuple) else v for k, v in models.config_kwargs(config).items()},
                 "fuse_channels": int(config.fuse_channels), "loss": config.loss,
                 "compute_dtype": config.compute_dtype},
   }
 
 
 # What checkpoints written before a fingerprint key existed hold for it.
-_LEGACY_FINGERPRINT = {"backbone": "vgg16_bn"}
+_LEGACY_FINGERPRINT = {"backbone": models.DEFAULT_BACKBONE}
 
 
 def fingerprint_differences(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
@@ -140,32 +139,26 @@ class Checkpoints:
     no intact step left the run stops with an error naming every damaged path.
     """
     mgr = self._manager(which)
-    damaged = []
+    damaged, found = [], None
     for step in sorted(mgr.all_steps(), reverse=True):
       try:
-        state, meta = self._read(which, step, target)
+        found = self._read(which, step, target)
+        break
       except _Unreadable as e:
         cause = e.__cause__
         reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
         damaged.append((step, os.path.join(mgr.directory, str(step)), reason))
-        continue
-      for bad_step, path, reason in damaged:
-        self._set_aside(which, bad_step, path, reason)
-      if damaged:
-        mgr.reload()
-        self._saved[which] = set(mgr.all_steps())
-      return state, meta
-    if damaged and which == "latest":
+    if found is None and damaged and which == "latest":
       listing = "; ".join(f"step {s} at {p}: {r}" for s, p, r in damaged)
       raise CheckpointDamagedError(
           f"No intact checkpoint in {mgr.directory}: every step is damaged ({listing}). Move those "
           "directories away to start this run afresh, or use a new --workdir.")
-    for bad_step, path, reason in damaged:  # a damaged best: the next validation saves a new one
+    for bad_step, path, reason in damaged:  # a damaged best only: the next validation saves a new one
       self._set_aside(which, bad_step, path, reason)
     if damaged:
       mgr.reload()
       self._saved[which] = set(mgr.all_steps())
-    return None
+    return found
 
   def _set_aside(self, which: str, step: int, path: str, reason: str) -> None:
     if self.read_only:

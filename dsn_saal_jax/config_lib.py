@@ -177,9 +177,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   from dsn_saal_jax import models  # pylint: disable=g-import-not-at-top  (flax only when validating)
   if config.backbone not in models.list_models():
     raise ValueError(f"config.backbone={config.backbone!r} is not one of {', '.join(models.list_models())}.")
-  shape = {k: tuple(config[k]) if isinstance(config[k], (tuple, list)) else config[k]
-           for k in models.config_fields(config.backbone)}
-  min_size = models.get_model(config.backbone, num_classes=2, **shape).min_size
+  min_size = models.get_model(config.backbone, num_classes=2, **models.config_kwargs(config)).min_size
   if config.image_size < min_size:
     raise ValueError(f"config.image_size must be >= {min_size} for {config.backbone} (its downsampling "
                      f"stages), got {config.image_size}.")

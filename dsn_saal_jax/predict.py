@@ -39,7 +39,7 @@ import tensorflow as tf
 from absl import logging
 from PIL import Image
 
-from dsn_saal_jax import checkpointing, config_lib, train
+from dsn_saal_jax import checkpointing, config_lib, models, train
 from dsn_saal_jax.data import builders, ct, input_pipeline
 from dsn_saal_jax.data.builders import common
 from dsn_saal_jax.models import predict_probs
@@ -276,7 +276,7 @@ def _load(step_dir: str, config: ml_collections.ConfigDict | None) -> tuple[dict
 
 def _model(spec: Mapping[str, Any]):
   # Specs written before mixed precision or other backbones existed: float32 VGG16-BN.
-  fields = {"compute_dtype": "float32", "backbone": train.DEFAULT_BACKBONE, **spec["model"]}
+  fields = {"compute_dtype": "float32", "backbone": models.DEFAULT_BACKBONE, **spec["model"]}
   return train.create_model(ml_collections.ConfigDict(fields), len(spec["class_names"]), axis_name=None)
 
 

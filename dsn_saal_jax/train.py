@@ -40,7 +40,6 @@ from dsn_saal_jax.models import predict_probs
 from dsn_saal_jax.optim import make_lr_schedule, make_optimizer
 
 AXIS = "batch"
-DEFAULT_BACKBONE = "vgg16_bn"  # what checkpoints and specs written before config.backbone existed hold
 HISTORY_FILE = "history.jsonl"
 
 
@@ -59,18 +58,12 @@ class TrainState:
 # ----------------------------------------------------------------------------- model, loss, state
 
 
-def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The config fields backbone `config.backbone` is built with beyond the common ones."""
-  return {k: tuple(config[k]) if isinstance(config[k], (tuple, list)) else config[k]
-          for k in models.config_fields(config.get("backbone", DEFAULT_BACKBONE))}
-
-
 def create_model(config: ml_collections.ConfigDict, num_classes: int, axis_name: str | None = AXIS) -> nn.Module:
   """The configured backbone (`config.backbone`), with side heads when `config.model == 'dsn'`."""
   return models.get_model(
-      config.get("backbone", DEFAULT_BACKBONE), num_classes=num_classes, dsn=config.model == "dsn",
+      config.get("backbone", models.DEFAULT_BACKBONE), num_classes=num_classes, dsn=config.model == "dsn",
       fuse_channels=config.fuse_channels, axis_name=axis_name, dtype=jnp.dtype(config.compute_dtype),
-      **model_kwargs(config))
+      **models.config_kwargs(config))
 
 
 def make_loss_fn(config: ml_collections.ConfigDict, class_counts: np.ndarray, class_names=None) -> losses.LossFn:
@@ -85,7 +78,8 @@ def make_loss_fn(config: ml_collections.ConfigDict, class_counts: np.ndarray, cl
 
 def model_fingerprint(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
   """What a checkpoint must agree on to be restored into this config's state."""
-  shape = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model_kwargs(config).items() if k != "dropout_rate"}
+  shape = {k: (list(v) if isinstance(v, tuple) else v) for k, v in models.config_kwargs(config).items()
+           if k != "dropout_rate"}
   return {"backbone": config.backbone, "model": config.model, "num_classes": int(num_classes),
           "channels": int(config.channels), **shape, "fuse_channels": int(config.fuse_channels),
           "loss_params": config.loss == "saal"}

@@ -24,6 +24,7 @@ from dsn_saal_jax.models.densenet import DenseNet, _densenet_tiny, densenet169
 from dsn_saal_jax.models.mobilenet_v2 import MobileNetV2, _mobilenet_v2_tiny, mobilenet_v2
 from dsn_saal_jax.models.resnet import ResNet, _resnet_tiny, resnet50, resnext50_32x4d
 
+DEFAULT_BACKBONE = "vgg16_bn"  # what configs, checkpoints and specs from before other backbones existed hold
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _CONFIG_FIELDS: dict[str, tuple[str, ...]] = {}
 
@@ -44,6 +45,12 @@ def config_fields(name: str) -> tuple[str, ...]:
   """The config keys that shape backbone `name` (they go into checkpoints' model fingerprint)."""
   get_model_builder(name)
   return _CONFIG_FIELDS[name]
+
+
+def config_kwargs(config: Any) -> dict[str, Any]:
+  """The keyword arguments `config.backbone`'s builder takes from a training config (sequences as tuples)."""
+  return {k: tuple(config[k]) if isinstance(config[k], (tuple, list)) else config[k]
+          for k in config_fields(config.get("backbone", DEFAULT_BACKBONE))}
 
 
 def get_model_builder(name: str) -> Callable[..., nn.Module]:
