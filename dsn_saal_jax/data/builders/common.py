@@ -111,19 +111,27 @@ def is_slice(path: epath.Path) -> bool:
   return path.suffix.lower() in IMAGE_EXTENSIONS or is_dicom(path)
 
 
-def slice_files(folder: epath.Path) -> list[epath.Path]:
-  """All slice files under `folder` (recursively), sorted; other files are logged and skipped."""
-  found, skipped = [], []
+def slice_files(folder: epath.Path, skipped: list[tuple[str, str]] | None = None,
+                relative_to: epath.Path | None = None) -> list[epath.Path]:
+  """All slice files under `folder` (recursively), sorted.
+
+  Other files are logged and skipped, or, given a `skipped` list, appended
+  to it as (path relative to `relative_to`, reason) for the caller to report.
+  """
+  found, others = [], []
   for dirpath, dirnames, filenames in folder.walk():
     dirnames[:] = [d for d in dirnames if not _ignored(d)]
     for name in filenames:
       if not _ignored(name):
         path = dirpath / name
-        (found if is_slice(path) else skipped).append(path)
+        (found if is_slice(path) else others).append(path)
   found.sort()
-  if skipped:
-    logging.warning("Skipping %d non-image files under %s, e.g. %s", len(skipped), folder,
-                    skipped[0])
+  if skipped is not None:
+    base = os.fspath(relative_to or folder)
+    skipped.extend((os.path.relpath(os.fspath(p), base).replace(os.sep, "/"),
+                    "not an image or DICOM file (by its extension)") for p in sorted(others))
+  elif others:
+    logging.warning("Skipping %d non-image files under %s, e.g. %s", len(others), folder, others[0])
   return found
 
 
