@@ -25,6 +25,7 @@ class ArrayInfo:
   image_shape: tuple[int, int, int]
   steps_per_epoch: int
   normalization: dict
+  duplicates_removed: dict = dataclasses.field(default_factory=dict)  # none: arrays are not deduplicated
 
 
 class ArrayDataset:

@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.batch_size = 32          # Global, over all devices of all processes.
   c.eval_batch_size = 64     # Global.
+  c.dedup = False            # Evaluate validation/test without copies of training (or validation) slices.
   c.lung_mask = True
   c.norm_mean = ()           # Per-channel input normalization; () = ImageNet statistics.
   c.norm_std = ()

@@ -404,7 +404,9 @@ def write_report(config: ml_collections.ConfigDict, state: TrainState, dataset, 
   info = dataset.info
   pred = predict_split(p_eval_step, rstate, dataset, split)
   result = metrics_lib.compute_metrics(pred["labels"], pred["probs"], info.class_names)
+  # num_examples (from compute_metrics) counts what was evaluated; this, what config.dedup left out.
   result.update({"split": split, "loss": pred["loss"], "backbone": config.backbone, "model": config.model,
+                 "duplicates_removed": info.duplicates_removed.get(split, 0),
                  "num_params": models.count_params(network_params(state.params)), **(extra or {})})
   if jax.process_index() == 0:
     # Written next to out_dir and renamed when complete: a killed run never leaves a partial report.

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 from jax.experimental import multihost_utils
 
 from dsn_saal_jax.data import builders
@@ -36,10 +37,12 @@ class DataInfo:
   class_names: tuple[str, ...]
   class_counts: np.ndarray  # k_n of the global training split after subsampling, int64 (C,)
   num_train: int
-  num_eval: dict[str, int]
+  num_eval: dict[str, int]  # examples each eval split evaluates (after config.dedup)
   image_shape: tuple[int, int, int]
   steps_per_epoch: int
   normalization: dict[str, Any]  # JSON-serializable, see `preprocess`
+  # Copies of earlier splits' slices left out of each eval split by config.dedup.
+  duplicates_removed: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def normalization_for(config: Any) -> dict[str, Any]:
@@ -159,6 +162,11 @@ class Dataset:
                                          int(config.get("fold", 0)))
     self._train = _Split(builder, train_spec)
     self._eval = {name: _Split(builder, spec) for name, spec in eval_specs.items()}
+    removed = (self._duplicates(train_spec.split("+"), eval_specs) if config.get("dedup", False)
+               else {name: np.zeros(0, np.int64) for name in eval_specs})
+    # Rows of each eval split that are evaluated, in storage order.
+    self._eval_rows = {name: np.setdiff1d(np.arange(len(split)), removed[name])
+                       for name, split in self._eval.items()}
     class_names = tuple(builder.info.features["label"].names)
     self._kept = subsample_class(self._train.labels, builder.COVID_CLASS,
                                  float(config.get("covid_fraction", 1.0)), self._seed,
@@ -174,11 +182,32 @@ class Dataset:
         class_names=class_names,
         class_counts=counts.astype(np.int64),
         num_train=len(self._kept),
-        num_eval={name: len(split) for name, split in self._eval.items()},
+        num_eval={name: len(rows) for name, rows in self._eval_rows.items()},
         image_shape=(self._image_size, self._image_size, normalization["channels"]),
         steps_per_epoch=steps,
         normalization=normalization,
+        duplicates_removed={name: len(rows) for name, rows in removed.items()},
     )
+
+  def _duplicates(self, train_splits: list[str], eval_specs: dict[str, str]) -> dict[str, np.ndarray]:
+    """Rows of each eval split identical to a training slice or an earlier eval split's, logged."""
+    report = builders.duplicates.ensure(self._builder)
+    copies = builders.duplicates.copies_to_remove(report, train_splits, list(eval_specs.values()))
+    removed = {}
+    for name, spec in eval_specs.items():
+      rows = np.asarray([m["index"] for m in copies[spec]], np.int64)
+      total = len(self._eval[name])
+      if len(rows) == total:
+        raise ValueError(f"config.dedup removes all {total} examples of {name} ({spec}): each is a "
+                         f"copy of a slice in {', '.join(train_splits)} or an earlier eval split (see "
+                         f"{builders.duplicates.report_path(self._builder)}). Evaluate without "
+                         "config.dedup, or split the data again.")
+      logging.warning("config.dedup: %s (%s) evaluates %d of %d examples; %d are copies of slices in "
+                      "%s or an earlier eval split%s", name, spec, total - len(rows), total, len(rows),
+                      ", ".join(train_splits),
+                      f", e.g. {', '.join(m['id'] for m in copies[spec][:5])}." if len(rows) else ".")
+      removed[name] = rows
+    return removed
 
   def _per_device_batch(self, global_batch: int, field: str) -> int:
     shards = self._process_count * self._local_devices
@@ -189,10 +218,14 @@ class Dataset:
     return global_batch // shards
 
   def example_ids(self, split: str) -> list[str]:
-    """File ids of `split` ('train' = the kept training examples) by the 'index' eval yields."""
+    """File ids of `split` by the 'index' eval yields.
+
+    'train' is the kept training examples; eval splits leave out what config.dedup removed.
+    """
     if split == "train":
       return [self._train.ids[i] for i in self._kept]
-    return list(self._split(split).ids)
+    ids = self._split(split).ids
+    return [ids[i] for i in self._eval_rows[split]]
 
   def _split(self, split: str) -> _Split:
     if split not in self._eval:
@@ -224,14 +257,15 @@ class Dataset:
       for i in range(begin, begin + per_process):
         yield i if i < n else -1
 
-  def _pipeline(self, source: Sequence[bytes], indices: Iterator[int], per_device: int,
+  def _pipeline(self, source: Sequence[bytes], items: Iterator[tuple[int, int]], per_device: int,
                 with_index: bool) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of the records `source[row]` for each (row, index) of `items`; `index` is yielded."""
     features = self._builder.info.features
     size, normalization = self._image_size, self._normalization
 
     def records():
-      for i in indices:
-        yield source[max(i, 0)], i
+      for row, index in items:
+        yield source[row], index
 
     def parse(raw, index):
       ex = features.deserialize_example(raw, decoders={"image": tfds.decode.SkipDecoding()})
@@ -264,19 +298,19 @@ class Dataset:
     """
     if start_step < 0:
       raise ValueError(f"start_step must be >= 0, got {start_step}.")
-    return self._pipeline(self._train.raw, self._train_indices(start_step), self._per_device,
-                          with_index=False)
+    return self._pipeline(self._train.raw, ((i, i) for i in self._train_indices(start_step)),
+                          self._per_device, with_index=False)
 
   def eval_iter(self, split: str) -> Iterator[dict[str, np.ndarray]]:
     """One deterministic pass over `split`, padded to whole global batches.
 
-    Adds 'mask' (1 real, 0 padding) and 'index' (position in the split, -1 for
-    padding; `example_ids(split)[index]` is the file), so every example counts
-    exactly once across all processes.
+    Adds 'mask' (1 real, 0 padding) and 'index' (position among the evaluated
+    examples, -1 for padding; `example_ids(split)[index]` is the file), so every
+    example counts exactly once across all processes.
     """
-    source = self._split(split)
-    return self._pipeline(source.raw, self._eval_indices(len(source)), self._eval_per_device,
-                          with_index=True)
+    source, rows = self._split(split), self._eval_rows[split]
+    items = ((int(rows[max(i, 0)]), i) for i in self._eval_indices(len(rows)))
+    return self._pipeline(source.raw, items, self._eval_per_device, with_index=True)
 
 
 def create_dataset(config: Any, *, process_index: int | None = None,

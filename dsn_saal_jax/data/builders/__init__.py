@@ -7,6 +7,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from dsn_saal_jax.data.builders import duplicates
 from dsn_saal_jax.data.builders.common import DatasetError
 from dsn_saal_jax.data.builders.covid19_ct import Covid19Ct
 from dsn_saal_jax.data.builders.covid19_diag import Covid19Diag
@@ -50,17 +51,19 @@ def make_builder(config: Any) -> tfds.core.GeneratorBasedBuilder:
 
 
 def prepare(builder: tfds.core.GeneratorBasedBuilder, manual_dir: str | None) -> None:
-  """Builds the dataset unless it is already complete.
+  """Builds the dataset unless it is already complete, then warns about slices shared by splits.
 
   TFDS writes into a temporary directory and renames it when every split is
   written, so an interrupted or failed build never looks finished. Files are
   ArrayRecord, which the input pipeline reads by index for exact global shuffles.
+  `duplicates.json` is then written beside them (or computed now for a build that
+  predates it), and its cross-split groups are logged on every run.
   """
-  if builder.is_prepared():
-    return
-  builder.download_and_prepare(
-      file_format="array_record",
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  if not builder.is_prepared():
+    builder.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  duplicates.warn(duplicates.ensure(builder), duplicates.report_path(builder))
 
 
 __all__ = ["BUILDERS", "DatasetError", "default_manual_dir", "make_builder", "prepare"]

@@ -1,0 +1,232 @@
+"""Identical (and near-identical) slices of a built dataset, and the split leaks they cause.
+
+Public COVID CT sets hold exact copies (the SARS-CoV-2 CT-scan set has byte-identical
+slices; some reappear in other collections), so a split can put one slice in train and
+test and inflate every metric. `ensure` writes `duplicates.json` beside the built data:
+every group of identical slices (split, index, id and label of each member), the groups
+that cross split boundaries or disagree on the label, and the same for near-duplicates.
+
+Hashes are taken from the built splits in `prepare()`, not while generating, because
+- the stored slice is exactly what the model sees (grayscale, cropped, lung-masked):
+  a JPEG screenshot and a PNG of one slice decode to one array;
+- an example's index in its split exists only once TFDS has shuffled and written it;
+- one pass covers every builder, including ones added later, and data built before
+  this check (its first use computes the file).
+The price is one more decode of every slice per build. sars_cov2_ct also hashes its
+source files before it deals the folds, so that identical slices share a fold.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import hashlib
+import io
+import itertools
+import json
+import os
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+from etils import epath
+from PIL import Image
+
+FILENAME = "duplicates.json"
+FORMAT = 1
+EXACT = "blake2b-128 of the dtype, shape and pixels of the decoded stored slice"
+NEAR = ("64-bit difference hash of the slice box-filtered to 9x8; equal hashes, different pixels "
+        "(blank slices all share one)")
+_CHUNK = 256
+_SHOWN = 3  # example ids per warning
+
+
+def slice_hash(image: np.ndarray) -> str:
+  """Exact hash of a decoded slice: equal iff dtype, shape and every pixel are equal."""
+  image = np.ascontiguousarray(image)
+  h = hashlib.blake2b(f"{image.dtype.str}{image.shape}".encode(), digest_size=16)
+  h.update(image.tobytes())
+  return h.hexdigest()
+
+
+def difference_hash(image: np.ndarray) -> str:
+  """dHash: whether each pixel of the 9x8 box-filtered slice is brighter than its left neighbour.
+
+  Usually unchanged by rescaling, lossy re-encoding and small intensity shifts, so it
+  groups copies that exact hashing misses; the mean over channels makes RGB and gray
+  copies equal.
+  """
+  channels = np.asarray(image).reshape(image.shape[0], image.shape[1], -1)
+  gray = channels[:, :, 0] if channels.shape[2] == 1 else channels.mean(-1)
+  small = np.asarray(Image.fromarray(gray.astype(np.float32)).resize((9, 8), Image.Resampling.BOX))
+  return np.packbits(small[:, 1:] > small[:, :-1]).tobytes().hex()
+
+
+def report_path(builder: tfds.core.DatasetBuilder) -> epath.Path:
+  return epath.Path(builder.data_dir) / FILENAME
+
+
+def split_order(splits: Iterable[str]) -> list[str]:
+  """train, validation, test, then the rest (e.g. folds) by name: earlier splits keep their copies."""
+  rank = {"train": 0, "validation": 1, "test": 2}
+  return sorted(splits, key=lambda s: (rank.get(s, 3), s))
+
+
+def _decode_and_hash(data: bytes) -> tuple[str, str]:
+  with Image.open(io.BytesIO(data)) as im:
+    image = np.asarray(im)
+  if image.ndim == 2:
+    image = image[:, :, None]  # what the (H, W, 1) image feature decodes to
+  return slice_hash(image), difference_hash(image)
+
+
+def _members(builder: tfds.core.DatasetBuilder, split: str,
+             pool: concurrent.futures.Executor) -> list[dict[str, Any]]:
+  """One record per stored example of `split`, in storage order, with both hashes."""
+  source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+  label = builder.info.features["label"]
+  out = []
+  for start in range(0, len(source), _CHUNK):
+    examples = source.__getitems__(range(start, min(start + _CHUNK, len(source))))
+    hashes = pool.map(_decode_and_hash, [ex["image"] for ex in examples])
+    for index, (ex, (exact, near)) in enumerate(zip(examples, hashes), start=start):
+      out.append({"split": split, "index": index, "id": ex["id"].decode(),
+                  "label": label.int2str(int(ex["label"])), "exact": exact, "near": near})
+  return out
+
+
+def _group_report(members: list[dict[str, Any]], key: str, order: Sequence[str]) -> dict[str, Any]:
+  """Groups of members sharing `key`, flagged, plus counts per pair of splits and per split."""
+  by_hash: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+  for m in members:
+    by_hash[m[key]].append(m)
+  groups = []
+  for digest, group in by_hash.items():
+    if len(group) < 2 or (key == "near" and len({m["exact"] for m in group}) < 2):
+      continue  # a near group is only news when its pixels differ
+    splits = [s for s in order if any(m["split"] == s for m in group)]
+    groups.append({
+        "hash": digest, "splits": splits, "cross_split": len(splits) > 1,
+        "label_conflict": len({m["label"] for m in group}) > 1,
+        "members": [{k: m[k] for k in ("split", "index", "id", "label")}
+                    for m in sorted(group, key=lambda m: (order.index(m["split"]), m["id"]))]})
+  groups.sort(key=lambda g: (order.index(g["splits"][0]), g["members"][0]["id"]))
+  cross: dict[str, dict[str, Any]] = {}
+  for g in groups:
+    for a, b in itertools.combinations(g["splits"], 2):
+      pair = cross.setdefault(f"{a}/{b}", {"groups": 0, "examples": {a: 0, b: 0}})
+      pair["groups"] += 1
+      for s in (a, b):
+        pair["examples"][s] += sum(m["split"] == s for m in g["members"])
+  within: dict[str, dict[str, int]] = {}
+  for g in groups:
+    for s in g["splits"]:
+      n = sum(m["split"] == s for m in g["members"])
+      if n > 1:
+        entry = within.setdefault(s, {"groups": 0, "examples": 0})
+        entry["groups"] += 1
+        entry["examples"] += n
+  return {"groups": groups, "cross_split": cross, "within_split": within,
+          "label_conflicts": sum(g["label_conflict"] for g in groups)}
+
+
+def compute(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
+  """The duplicates report of a prepared builder (decodes and hashes every stored slice)."""
+  order = split_order(builder.info.splits)
+  with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL decodes without the GIL
+    members = [m for split in order for m in _members(builder, split, pool)]
+  return {
+      "format": FORMAT, "dataset": builder.info.full_name, "exact_hash": EXACT, "near_hash": NEAR,
+      "splits": {s: sum(m["split"] == s for m in members) for s in order},
+      "exact": _group_report(members, "exact", order),
+      "near": _group_report(members, "near", order),
+  }
+
+
+def write(builder: tfds.core.DatasetBuilder, report: dict[str, Any]) -> None:
+  """Writes under a temporary name and renames: a killed build never leaves a half file."""
+  path = report_path(builder)
+  tmp = path.with_name(f"{FILENAME}.tmp-{uuid.uuid4().hex}")  # unique: processes may race here
+  try:
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def _current(builder: tfds.core.DatasetBuilder, path: epath.Path) -> dict[str, Any] | None:
+  """The stored report when it describes this build, else None (with the reason logged)."""
+  try:
+    report = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    logging.warning("%s is unreadable (%s); recomputing it.", path, e)
+    return None
+  expected = {s: builder.info.splits[s].num_examples for s in builder.info.splits}
+  if report.get("format") != FORMAT or report.get("splits") != expected:
+    logging.warning("%s describes another build (format %s, splits %s; the data has %s); "
+                    "recomputing it.", path, report.get("format"), report.get("splits"), expected)
+    return None
+  return report
+
+
+def ensure(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
+  """The report of a prepared builder: read from `duplicates.json`, or computed and written there."""
+  path = report_path(builder)
+  if path.exists() and (report := _current(builder, path)) is not None:
+    return report
+  logging.info("Hashing every slice of %s for %s.", builder.info.full_name, path)
+  report = compute(builder)
+  write(builder, report)
+  return report
+
+
+def _example(group: dict[str, Any], splits: Sequence[str]) -> str:
+  return " = ".join(f"{m['split']}:{m['id']}" for m in group["members"] if m["split"] in splits)
+
+
+def warn(report: dict[str, Any], path: epath.Path | str) -> None:
+  """Logs exact cross-split copies (per pair of splits) and label conflicts as warnings.
+
+  Near-duplicates are logged as information only: equal difference hashes also
+  join unrelated slices (all blank ones, for instance), so a person must look.
+  """
+  kinds = (("exact", "identical", logging.warning,
+            "Metrics on {b} are inflated; config.dedup=True evaluates without these copies."),
+           ("near", "near-identical (equal difference hash)", logging.info,
+            "Look at them; config.dedup removes exact copies only."))
+  for kind, what, log, advice in kinds:
+    part = report[kind]
+    for pair, stats in part["cross_split"].items():
+      a, b = pair.split("/")
+      shown = [_example(g, (a, b)) for g in part["groups"] if a in g["splits"] and b in g["splits"]]
+      counts = ", ".join(f"{n} in {s}" for s, n in stats["examples"].items())
+      log("%s: %d group(s) of %s slices cross %s and %s (%s), e.g. %s. %s All groups: %s",
+          report["dataset"], stats["groups"], what, a, b, counts, "; ".join(shown[:_SHOWN]),
+          advice.format(b=b), path)
+    if part["label_conflicts"]:
+      shown = [", ".join(f"{m['split']}:{m['id']} ({m['label']})" for m in g["members"])
+               for g in part["groups"] if g["label_conflict"]]
+      log("%s: %d group(s) of %s slices carry different labels (a labelling conflict), e.g. %s. "
+          "See %s", report["dataset"], part["label_conflicts"], what, "; ".join(shown[:_SHOWN]), path)
+
+
+def copies_to_remove(report: dict[str, Any], train_splits: Sequence[str],
+                     eval_splits: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+  """Per eval split, its members identical to a slice of the training splits or of an earlier eval split.
+
+  Training is never touched; between eval splits the earlier one (validation before test)
+  keeps its copy, so no slice is both selected on and reported.
+  """
+  removed: dict[str, list[dict[str, Any]]] = {s: [] for s in eval_splits}
+  for group in report["exact"]["groups"]:
+    present, earlier = set(group["splits"]), set(train_splits)
+    for split in eval_splits:
+      if split in present and present & earlier:
+        removed[split].extend(m for m in group["members"] if m["split"] == split)
+      earlier.add(split)
+  for members in removed.values():
+    members.sort(key=lambda m: m["index"])
+  return removed
