@@ -16,7 +16,7 @@ import ml_collections
 from dsn_saal_jax.losses import LOSS_NAMES
 
 MODELS = ("dsn", "baseline")
-DATASETS = ("synthetic_ct", "covid19_diag", "covidx_ct", "covid19_ct", "sars_cov2_ct")
+DATASETS = ("synthetic_ct", "covid19_diag", "covidx_ct", "covid19_ct", "sars_cov2_ct", "image_folder")
 EVAL_HEADS = ("final", "mean")
 CHECKPOINT_CHOICES = ("best", "latest")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -30,10 +30,15 @@ def base_config() -> ml_collections.ConfigDict:
   # Data (read by dsn_saal_jax.data.input_pipeline).
   c.dataset = "synthetic_ct"
   c.data_dir = ""            # TFDS data_dir; "" = TFDS default.
-  c.manual_dir = ""          # Where the real data sets' downloaded files are.
+  c.manual_dir = ""          # Where the real data sets' downloaded files are (image_folder: your folder).
+  c.class_names = ()         # image_folder's class order (folder names); () = the sorted folder names.
+  c.split_fractions = (0.7, 0.1, 0.2)  # image_folder without split folders: train/val/test shares of each class's cases.
+  c.split_seed = 0           # image_folder's case split; apart from seed so that repeated runs share one test set.
   c.image_size = 224
   c.channels = 1
-  c.covid_fraction = 1.0     # Seeded fraction of the COVID training examples kept (Table 6).
+  c.covid_fraction = 1.0     # Seeded fraction of the minority class's training examples kept (Table 6).
+  c.minority_class = ""      # The class covid_fraction thins; "" = the dataset's COVID class (a class named covid).
+  c.train_per_class = 0      # Seeded training examples kept per class, before covid_fraction (Table 7: 1000); 0 = all.
   c.fold = 0                 # For data sets without an official split (5 folds).
   c.seed = 0
   c.batch_size = 32          # Global, over all devices of all processes.
@@ -133,8 +138,13 @@ def _parse_like(current: Any, value: str, key: str) -> Any:
     if value.lower() not in ("true", "false", "1", "0"):
       raise ValueError(f"Config variant {key}={value!r}: expected true or false.")
     return value.lower() in ("true", "1")
-  if isinstance(current, tuple):
-    return tuple(int(v) for v in value.split("x"))  # e.g. widths=8x16x16x32x32
+  if isinstance(current, tuple):  # widths=8x16x16x32x32, split_fractions=0.8x0.1x0.1, class_names=normal+covid
+    kind = type(current[0]) if current else str
+    try:
+      return tuple(kind(v) for v in value.split("+" if kind is str else "x"))
+    except ValueError as e:
+      raise ValueError(f"Config variant {key}={value!r}: expected {kind.__name__}s joined by "
+                       f"{'+' if kind is str else 'x'}.") from e
   try:
     return type(current)(value)
   except ValueError as e:
@@ -150,6 +160,16 @@ def _check_known(key: str, known: Iterable[str], where: str) -> None:
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+def check_split_fractions(fractions: Iterable[float]) -> None:
+  """Raises ValueError unless `fractions` are three train/val/test shares >= 0 (train > 0) summing to 1."""
+  fractions = tuple(fractions)
+  if (len(fractions) != 3 or any(f < 0 for f in fractions) or fractions[0] <= 0
+      or abs(sum(fractions) - 1) > 1e-6):
+    raise ValueError(
+        f"config.split_fractions={fractions} must be three train/val/test shares >= 0 (train > 0) that sum to 1 "
+        f"(they sum to {sum(fractions):g}), e.g. --config.split_fractions='(0.7, 0.1, 0.2)'.")
+
+
   """Raises ValueError for any key or value the trainer cannot run with."""
   schema = base_config()
   for key in config.keys():
@@ -176,6 +196,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   if not 0 < config.covid_fraction <= 1:
     raise ValueError(f"config.covid_fraction must be in (0, 1], got {config.covid_fraction!r}.")
   from dsn_saal_jax import models  # pylint: disable=g-import-not-at-top  (flax only when validating)
+  if config.train_per_class < 0:
+    raise ValueError(f"config.train_per_class must be >= 0 (0 = every training example), got {config.train_per_class!r}.")
+  check_split_fractions(config.split_fractions)
+  if len(set(config.class_names)) != len(config.class_names):
+    raise ValueError(f"config.class_names {tuple(config.class_names)} names a class twice.")
+  if config.minority_class and config.class_names and config.minority_class not in config.class_names:
+    raise ValueError(f"config.minority_class={config.minority_class!r} is not one of config.class_names "
+                     f"{tuple(config.class_names)}.")
   if config.backbone not in models.list_models():
     raise ValueError(f"config.backbone={config.backbone!r} is not one of {', '.join(models.list_models())}.")
   min_size = models.get_model(config.backbone, num_classes=2, **models.config_kwargs(config)).min_size

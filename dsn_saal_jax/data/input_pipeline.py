@@ -9,6 +9,7 @@ same global batches. TensorFlow only decodes, resizes and normalizes.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Independent random streams derived from config.seed.
 _SUBSAMPLE_STREAM = 0
 _SHUFFLE_STREAM = 1
+_PER_CLASS_STREAM = 2
 _SCAN_CHUNK = 1024
 
 
@@ -35,7 +37,7 @@ _SCAN_CHUNK = 1024
 class DataInfo:
   """What the trainer, the loss and inference need to know about the data."""
   class_names: tuple[str, ...]
-  class_counts: np.ndarray  # k_n of the global training split after subsampling, int64 (C,)
+  class_counts: np.ndarray  # k_n of the kept training examples (train_per_class, covid_fraction), int64 (C,)
   num_train: int
   num_eval: dict[str, int]  # examples each eval split evaluates (after config.dedup)
   image_shape: tuple[int, int, int]
@@ -106,6 +108,52 @@ def subsample_class(labels: np.ndarray, target: int, fraction: float, seed: int,
   return np.sort(np.concatenate([np.flatnonzero(labels != target), chosen]))
 
 
+def keep_per_class(labels: np.ndarray, per_class: int, seed: int,
+                   class_names: Sequence[str]) -> np.ndarray:
+  """Sorted indices of a seeded `per_class` examples of every class (COVIDx-CT's 1000 per class, Table 7)."""
+  counts = np.bincount(labels, minlength=len(class_names))
+  short = [f"{name} ({n})" for name, n in zip(class_names, counts) if n < per_class]
+  if short:
+    raise ValueError(f"config.train_per_class={per_class} exceeds the training examples of class "
+                     f"{', '.join(short)}; lower it to at most {counts.min()}, or 0 to keep all.")
+  rng = np.random.default_rng([seed, _PER_CLASS_STREAM])
+  return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), size=per_class, replace=False)
+                                 for c in range(len(class_names))]))
+
+
+def minority_class(name: str, class_names: Sequence[str], default: int | None) -> int | None:
+  """The class covid_fraction thins: `name`, else the builder's COVID class, else one named covid.
+
+  "Named covid" ignores case and punctuation and takes covid19 too, so
+  COVID-19/ matches. None when no class (or more than one) matches.
+  """
+  if name:
+    if name not in class_names:
+      raise ValueError(f"config.minority_class={name!r} is not one of the classes {list(class_names)}.")
+    return list(class_names).index(name)
+  if default is not None:
+    return default
+  covid = [i for i, c in enumerate(class_names) if re.sub(r"[^a-z0-9]", "", c.lower()) in ("covid", "covid19")]
+  return covid[0] if len(covid) == 1 else None
+
+
+def training_subset(labels: np.ndarray, class_names: Sequence[str], *, per_class: int, fraction: float,
+                    minority: int | None, seed: int) -> np.ndarray:
+  """Sorted indices of the training examples a run uses.
+
+  `per_class` (> 0) first keeps that many of each class, then `fraction`
+  (< 1) thins the `minority` class of what is left, so "1000 per class,
+  COVID at 10%" keeps 1000 of every class and 100 COVID examples.
+  """
+  kept = keep_per_class(labels, per_class, seed, class_names) if per_class else np.arange(len(labels))
+  if fraction == 1.0:
+    return kept
+  if minority is None:
+    raise ValueError(f"config.covid_fraction={fraction} thins the minority class, but none of the classes "
+                     f"{list(class_names)} is named covid; set --config.minority_class to one of them.")
+  return kept[subsample_class(labels[kept], minority, fraction, seed, class_names[minority])]
+
+
 def split_specs(dataset: str, splits: Sequence[str], fold: int) -> tuple[str, dict[str, str]]:
   """(TFDS train split, {eval name: TFDS split}); sars_cov2_ct holds out fold `fold` as 'test'."""
   if dataset == "sars_cov2_ct":
@@ -168,9 +216,10 @@ class Dataset:
     self._eval_rows = {name: np.setdiff1d(np.arange(len(split)), removed[name])
                        for name, split in self._eval.items()}
     class_names = tuple(builder.info.features["label"].names)
-    self._kept = subsample_class(self._train.labels, builder.COVID_CLASS,
-                                 float(config.get("covid_fraction", 1.0)), self._seed,
-                                 class_names[builder.COVID_CLASS])
+    self._kept = training_subset(
+        self._train.labels, class_names, per_class=int(config.get("train_per_class", 0)),
+        fraction=float(config.get("covid_fraction", 1.0)), seed=self._seed,
+        minority=minority_class(config.get("minority_class", ""), class_names, builder.COVID_CLASS))
     counts = np.bincount(self._train.labels[self._kept], minlength=len(class_names))
     steps = len(self._kept) // self._batch_size
     if steps == 0:

@@ -7,7 +7,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from dsn_saal_jax.data.builders import duplicates
+from dsn_saal_jax.data.builders import duplicates, image_folder
 from dsn_saal_jax.data.builders.common import DatasetError
 from dsn_saal_jax.data.builders.covid19_ct import Covid19Ct
 from dsn_saal_jax.data.builders.covid19_diag import Covid19Diag
@@ -16,7 +16,8 @@ from dsn_saal_jax.data.builders.sars_cov2_ct import SarsCov2Ct
 from dsn_saal_jax.data.builders.synthetic_ct import SyntheticCt, make_config
 
 BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
-    cls.name: cls for cls in (SyntheticCt, Covid19Ct, SarsCov2Ct, CovidxCt, Covid19Diag)}
+    cls.name: cls for cls in (SyntheticCt, Covid19Ct, SarsCov2Ct, CovidxCt, Covid19Diag,
+                              image_folder.ImageFolder)}
 
 # Where `covid19_ct` looks when config.manual_dir is unset: <repo>/../shared/data/covid19_ct,
 # overridable with this environment variable.
@@ -35,7 +36,7 @@ def default_manual_dir(dataset: str) -> str | None:
 
 
 def make_builder(config: Any) -> tfds.core.GeneratorBasedBuilder:
-  """The TFDS builder that `config` (dataset, data_dir, lung_mask, synthetic_*) selects."""
+  """The TFDS builder that `config` (dataset, data_dir, lung_mask, synthetic_*, image_folder's fields) selects."""
   name = config.dataset
   if name not in BUILDERS:
     raise ValueError(f"Unknown dataset {name!r}; choose one of {', '.join(BUILDERS)}.")
@@ -45,6 +46,11 @@ def make_builder(config: Any) -> tfds.core.GeneratorBasedBuilder:
                                  config.get("synthetic_seed", 0))
     if builder_config.name in SyntheticCt.builder_configs:  # TFDS wants the registered object.
       builder_config = builder_config.name
+  elif name == "image_folder":
+    builder_config = image_folder.make_config(
+        config.get("manual_dir", ""), tuple(config.get("class_names", ())),
+        tuple(config.get("split_fractions", image_folder.DEFAULT_FRACTIONS)),
+        config.get("split_seed", 0), config.get("lung_mask", False))
   else:
     builder_config = "lung_mask" if config.get("lung_mask", False) else "original"
   return BUILDERS[name](data_dir=config.get("data_dir") or None, config=builder_config)

@@ -72,7 +72,7 @@ def decode_image(data: bytes, name: str, mask: bool = False) -> np.ndarray:
         raise DatasetError(
             f"{name}: {im.mode} image with more than 8 bits per pixel. These builders expect "
             "8-bit windowed slices; convert it, or provide the DICOM file (HU) to a builder that "
-            "reads DICOM (covid19_diag).")
+            "reads DICOM (covid19_diag, image_folder).")
       gray = np.asarray(im.convert("L"), dtype=np.uint8)
   except DatasetError:
     raise
