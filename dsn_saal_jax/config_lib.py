@@ -159,7 +159,6 @@ def _check_known(key: str, known: Iterable[str], where: str) -> None:
     raise ValueError(f"Unknown {where} key {key!r}.{hint} Known keys: {', '.join(sorted(known))}.")
 
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
 def check_split_fractions(fractions: Iterable[float]) -> None:
   """Raises ValueError unless `fractions` are three train/val/test shares >= 0 (train > 0) summing to 1."""
   fractions = tuple(fractions)
@@ -170,6 +169,7 @@ def check_split_fractions(fractions: Iterable[float]) -> None:
         f"(they sum to {sum(fractions):g}), e.g. --config.split_fractions='(0.7, 0.1, 0.2)'.")
 
 
+def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises ValueError for any key or value the trainer cannot run with."""
   schema = base_config()
   for key in config.keys():
@@ -195,7 +195,6 @@ def check_split_fractions(fractions: Iterable[float]) -> None:
       raise ValueError(f"config.{key} must be >= 0, got {config[key]!r}.")
   if not 0 < config.covid_fraction <= 1:
     raise ValueError(f"config.covid_fraction must be in (0, 1], got {config.covid_fraction!r}.")
-  from dsn_saal_jax import models  # pylint: disable=g-import-not-at-top  (flax only when validating)
   if config.train_per_class < 0:
     raise ValueError(f"config.train_per_class must be >= 0 (0 = every training example), got {config.train_per_class!r}.")
   check_split_fractions(config.split_fractions)
@@ -204,6 +203,7 @@ def check_split_fractions(fractions: Iterable[float]) -> None:
   if config.minority_class and config.class_names and config.minority_class not in config.class_names:
     raise ValueError(f"config.minority_class={config.minority_class!r} is not one of config.class_names "
                      f"{tuple(config.class_names)}.")
+  from dsn_saal_jax import models  # pylint: disable=g-import-not-at-top  (flax only when validating)
   if config.backbone not in models.list_models():
     raise ValueError(f"config.backbone={config.backbone!r} is not one of {', '.join(models.list_models())}.")
   min_size = models.get_model(config.backbone, num_classes=2, **models.config_kwargs(config)).min_size
