@@ -11,9 +11,11 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from dsn_saal_jax import config_lib
 from dsn_saal_jax.data import builders, input_pipeline
 from dsn_saal_jax.data.builders import duplicates, sars_cov2_ct, synthetic_ct
-from test_data_builders import _build, _examples, _fold_of, _ids, _slice, make_covid19_ct, make_diag, make_sars
+from test_data_builders import (_build, _examples, _fold_of, _slice, _write_image, make_covid19_ct, make_diag,
+                                make_sars)
 
 tfds.disable_progress_bar()
 
@@ -164,7 +166,7 @@ def test_dedup_that_empties_a_split_names_it(tmp_path):
   images = manual / IMAGES
   shutil.copy(images / "CT_COVID" / "c0.png", images / "CT_COVID" / "c3.png")   # all of validation
   shutil.copy(images / "CT_NonCOVID" / "1.jpg", images / "CT_NonCOVID" / "4.jpg")
-  with pytest.raises(ValueError, match=r"config.dedup removes all 2 examples of validation .*duplicates\.json"):
+  with pytest.raises(ValueError, match=r"dedup removes all 2 examples of validation .*duplicates\.json"):
     input_pipeline.create_dataset(_config(tmp_path / "tfds", manual, dedup=True), process_index=0,
                                   process_count=1, local_device_count=1)
 
@@ -225,6 +227,29 @@ def test_covid19_diag_dicom_copies_cross_cases_classes_and_splits(tmp_path):
   assert ids == {ex["id"].decode() for s in ("train", "test") for ex in _examples(builder, s)
                  if ex["id"].decode().endswith(("IM0001", "IM0002.dcm"))}
   assert dicom[0]["cross_split"] and dicom[0]["label_conflict"] and dicom[0]["splits"] == ["train", "test"]
+
+
+def test_image_folder_copies_are_found_and_removed_like_any_builder(tmp_path, caplog):
+  """Users' own folders (explicit split folders here) get the same check, warning and config.dedup."""
+  manual = tmp_path / "manual"
+  for k, (split, n) in enumerate((("train", 4), ("val", 2), ("test", 2))):
+    for c, name in enumerate(("covid", "normal")):
+      for i in range(n):
+        _write_image(manual / split / name / f"{i:02d}.png", 100 * k + 10 * c + i, size=(16, 16))
+  shutil.copy(manual / "train" / "covid" / "00.png", manual / "test" / "normal" / "leak.png")
+  shutil.copy(manual / "train" / "normal" / "01.png", manual / "val" / "normal" / "again.png")
+  config = config_lib.base_config()
+  config.update(dict(dataset="image_folder", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual),
+                     lung_mask=False, image_size=16, batch_size=2, eval_batch_size=2, dedup=True))
+  with caplog.at_level(logging.WARNING):
+    ds = input_pipeline.create_dataset(config, process_index=0, process_count=1, local_device_count=1)
+  logged = " ".join(r.getMessage() for r in caplog.records)
+  assert "cross train and test" in logged and "test:test/normal/leak.png" in logged
+  assert "carry different labels" in logged
+  assert ds.info.duplicates_removed == {"validation": 1, "test": 1}
+  assert ds.info.num_eval == {"validation": 4, "test": 4} and ds.info.num_train == 8
+  assert "test/normal/leak.png" not in ds.example_ids("test")
+  assert "val/normal/again.png" not in ds.example_ids("validation")
 
 
 # ---------------------------------------------------------------- sars_cov2_ct folds
