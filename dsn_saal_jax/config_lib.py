@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.widths = (64, 128, 256, 512, 512)
   c.stages = (2, 2, 3, 3, 3)
   c.hidden = 4096
+  c.width_scale = 1.0        # Other backbones: channels x this (1.0 = torchvision's; < 1 for CPU-budget runs).
   c.fuse_channels = 1
   c.dropout_rate = 0.5
   c.eval_head = "final"      # final | mean (average of the six softmaxes)
@@ -212,6 +213,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
                      f"stages), got {config.image_size}.")
   if config.channels not in (1, 3):
     raise ValueError(f"config.channels must be 1 or 3, got {config.channels}.")
+  if config.width_scale != 1.0 and "width_scale" not in models.config_fields(config.backbone):
+    raise ValueError(f"config.width_scale={config.width_scale} does not apply to {config.backbone}"
+                     + ("; narrow it with config.widths instead." if config.backbone == "vgg16_bn" else "."))
+  if not config.width_scale > 0:
+    raise ValueError(f"config.width_scale must be positive, got {config.width_scale!r}.")
   if config.backbone == "vgg16_bn" and len(config.widths) != len(config.stages):
     raise ValueError(f"config.widths {tuple(config.widths)} and config.stages {tuple(config.stages)} "
                      "need one entry per stage.")

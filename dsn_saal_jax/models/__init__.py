@@ -69,10 +69,10 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 register("vgg16_bn", DSNVGG16BN, config_fields=("widths", "stages", "hidden", "dropout_rate"))
-register("resnet50", resnet50)
-register("resnext50_32x4d", resnext50_32x4d)
+register("resnet50", resnet50, config_fields=("width_scale",))
+register("resnext50_32x4d", resnext50_32x4d, config_fields=("width_scale",))
 register("resnet_tiny", _resnet_tiny)  # used for testing only
-register("densenet169", densenet169)
+register("densenet169", densenet169, config_fields=("width_scale",))
 register("densenet_tiny", _densenet_tiny)  # used for testing only
-register("mobilenet_v2", mobilenet_v2)
+register("mobilenet_v2", mobilenet_v2, config_fields=("width_scale",))
 register("mobilenet_v2_tiny", _mobilenet_v2_tiny)  # used for testing only

@@ -204,15 +204,18 @@ def _densenet(growth_rate: int, block_config: Sequence[int], num_init_features: 
                   num_init_features=num_init_features, **kwargs)
 
 
-def densenet169(num_classes: int, dsn: bool = True, **kwargs: Any) -> DenseNet:
+def densenet169(num_classes: int, dsn: bool = True, width_scale: float = 1.0, **kwargs: Any) -> DenseNet:
   """DenseNet-169 (torchvision's `densenet169`), with side heads unless `dsn=False`.
 
   Args:
     num_classes: outputs of every head.
     dsn: add the five side heads (see the module docstring).
+    width_scale: scales the growth rate (32) and the stem's 64 channels (not torchvision's; for
+      CPU-budget studies). The depth stays 169.
     **kwargs: further DenseNet fields (fuse_channels, axis_name, dtype, param_dtype).
   """
-  return _densenet(32, DENSENET169_BLOCKS, 64, num_classes, dsn, **kwargs)
+  return _densenet(max(1, round(32 * width_scale)), DENSENET169_BLOCKS, max(1, round(64 * width_scale)),
+                   num_classes, dsn, **kwargs)
 
 
 def _densenet_tiny(num_classes: int, dsn: bool = True, **kwargs: Any) -> DenseNet:

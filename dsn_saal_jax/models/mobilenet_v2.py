@@ -209,17 +209,19 @@ def _mobilenet_v2(setting: Sequence[Sequence[int]], width_mult: float, num_class
                      width_mult=width_mult, **kwargs)
 
 
-def mobilenet_v2(num_classes: int, dsn: bool = True, width_mult: float = 1.0, **kwargs: Any) -> MobileNetV2:
+def mobilenet_v2(num_classes: int, dsn: bool = True, width_mult: float = 1.0, width_scale: float = 1.0,
+                 **kwargs: Any) -> MobileNetV2:
   """MobileNetV2 (torchvision's `mobilenet_v2`), with side heads unless `dsn=False`.
 
   Args:
     num_classes: outputs of every head.
     dsn: add the five side heads (see the module docstring).
     width_mult: channel multiplier, rounded with `make_divisible` as torchvision does.
+    width_scale: the training config's name for it (config.width_scale); the two multiply.
     **kwargs: further MobileNetV2 fields (dropout_rate, round_nearest, fuse_channels, axis_name,
       dtype, param_dtype).
   """
-  return _mobilenet_v2(MOBILENET_V2_SETTING, width_mult, num_classes, dsn, **kwargs)
+  return _mobilenet_v2(MOBILENET_V2_SETTING, width_mult * width_scale, num_classes, dsn, **kwargs)
 
 
 def _mobilenet_v2_tiny(num_classes: int, dsn: bool = True, **kwargs: Any) -> MobileNetV2:

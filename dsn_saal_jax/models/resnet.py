@@ -206,13 +206,27 @@ def _overwrite_named_param(kwargs: dict[str, Any], name: str, value: Any) -> Non
   kwargs[name] = value
 
 
-def resnet50(num_classes: int, dsn: bool = True, **kwargs: Any) -> ResNet:
-  """torchvision's `resnet50` (25,557,032 parameters at 3 channels, 1000 classes) with optional side heads."""
+def _scaled_width(width_scale: float, kwargs: dict[str, Any]) -> None:
+  """`width_scale` x torchvision's 64 stem channels and base planes (all stages follow), for CPU-budget runs."""
+  if width_scale != 1.0:
+    _overwrite_named_param(kwargs, "width", max(1, round(64 * width_scale)))
+
+
+def resnet50(num_classes: int, dsn: bool = True, width_scale: float = 1.0, **kwargs: Any) -> ResNet:
+  """torchvision's `resnet50` (25,557,032 parameters at 3 channels, 1000 classes) with optional side heads.
+
+  `width_scale` < 1 narrows every stage (not torchvision's; for CPU-budget studies).
+  """
+  _scaled_width(width_scale, kwargs)
   return _resnet(RESNET50_STAGES, num_classes=num_classes, dsn=dsn, **kwargs)
 
 
-def resnext50_32x4d(num_classes: int, dsn: bool = True, **kwargs: Any) -> ResNet:
-  """torchvision's `resnext50_32x4d` (25,028,904 parameters): ResNet-50 with 32 groups of width 4."""
+def resnext50_32x4d(num_classes: int, dsn: bool = True, width_scale: float = 1.0, **kwargs: Any) -> ResNet:
+  """torchvision's `resnext50_32x4d` (25,028,904 parameters): ResNet-50 with 32 groups of width 4.
+
+  `width_scale` scales the planes; the 32 groups stay, each group narrower.
+  """
+  _scaled_width(width_scale, kwargs)
   _overwrite_named_param(kwargs, "groups", 32)
   _overwrite_named_param(kwargs, "width_per_group", 4)
   return _resnet(RESNET50_STAGES, num_classes=num_classes, dsn=dsn, **kwargs)
