@@ -32,13 +32,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data_dir = ""            # TFDS data_dir; "" = TFDS default.
   c.manual_dir = ""          # Where the real data sets' downloaded files are (image_folder: your folder).
   c.class_names = ()         # image_folder's class order (folder names); () = the sorted folder names.
-  c.split_fractions = (0.7, 0.1, 0.2)  # image_folder without split folders: train/val/test shares of each class's cases.
-  c.split_seed = 0           # image_folder's case split; apart from seed so that repeated runs share one test set.
+  c.split_fractions = (0.7, 0.1, 0.2)  # image_folder: train/val/test shares of each class's cases.
+  c.split_seed = 0           # image_folder's case split; apart from seed, so repeated runs share a test set.
   c.image_size = 224
   c.channels = 1
   c.covid_fraction = 1.0     # Seeded fraction of the minority class's training examples kept (Table 6).
-  c.minority_class = ""      # The class covid_fraction thins; "" = the dataset's COVID class (a class named covid).
-  c.train_per_class = 0      # Seeded training examples kept per class, before covid_fraction (Table 7: 1000); 0 = all.
+  c.minority_class = ""      # The class covid_fraction thins; "" = the COVID class (a class named covid).
+  c.train_per_class = 0      # Seeded training examples kept per class, before covid_fraction; 0 = all.
   c.fold = 0                 # For data sets without an official split (5 folds).
   c.seed = 0
   c.batch_size = 32          # Global, over all devices of all processes.
@@ -197,7 +197,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   if not 0 < config.covid_fraction <= 1:
     raise ValueError(f"config.covid_fraction must be in (0, 1], got {config.covid_fraction!r}.")
   if config.train_per_class < 0:
-    raise ValueError(f"config.train_per_class must be >= 0 (0 = every training example), got {config.train_per_class!r}.")
+    raise ValueError(f"config.train_per_class must be >= 0 (0 = all), got {config.train_per_class!r}.")
   check_split_fractions(config.split_fractions)
   if len(set(config.class_names)) != len(config.class_names):
     raise ValueError(f"config.class_names {tuple(config.class_names)} names a class twice.")

@@ -1,9 +1,11 @@
 """The image_folder builder on tiny folders made here, its training-set protocols, and its errors."""
 
+import importlib.util
 import json
 import re
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ tfds.disable_progress_bar()
 
 SIZE = (16, 16)
 DICOM = get_testdata_file("CT_small.dcm")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_flat(root, counts: dict[str, int], ext: str = ".png"):
@@ -58,6 +61,10 @@ def build(data_dir, manual_dir, **fields):
   return builder
 
 
+def split_ids(builder):
+  return {split: set(_ids(builder, split)) for split in builder.info.splits}
+
+
 def per_class_split(builder):
   """{split: Counter(label)} of a built dataset."""
   return {split: Counter(int(ex["label"]) for ex in _examples(builder, split)) for split in builder.info.splits}
@@ -79,13 +86,13 @@ def test_flat_folders_split_per_class_by_the_fractions(tmp_path):
   for key, e in ex.items():
     assert e["label"] == (0 if key.startswith("covid/") else 1) and e["case"].decode() == key
     assert e["image"].shape == (16, 16, 1) and e["image"].dtype == np.uint8
-  key = next(k for k in ex if k.startswith("covid/"))
+  key = next(k for k in ex if k.startswith("covid/"))   # covid/<i>.png was made with seed i
   np.testing.assert_array_equal(ex[key]["image"][:, :, 0], _slice(int(key[6:8]), SIZE))
   # Another split seed moves slices; the same one does not (fresh data_dir, same assignment).
   other = build(tmp_path / "tfds", manual, split_seed=1)
   assert set(_ids(other, "test")) != set(_ids(builder, "test"))
   again = build(tmp_path / "again", manual)
-  assert {s: set(_ids(again, s)) for s in again.info.splits} == {s: set(_ids(builder, s)) for s in builder.info.splits}
+  assert split_ids(again) == split_ids(builder)
 
 
 def test_split_depends_only_on_the_ids_and_the_seed(tmp_path):
@@ -203,7 +210,7 @@ def test_bad_layouts_name_the_folder(tmp_path, damage, message):
 
 
 @pytest.mark.parametrize("damage,message", [
-    ("not_an_image", r"(?s)1 file\(s\) under the class folders are not slices:.*manual/b/notes\.txt: not an image"),
+    ("not_an_image", r"(?s)1 file\(s\) under the class folders are not slices:.*manual/b/notes\.txt: not an"),
     ("16bit", r"(?s)manual/b/01\.png: I;16 image with more than 8 bits per pixel.*convert it"),
     ("garbage", r"manual/b/01\.png: cannot decode image"),
 ])
@@ -232,6 +239,26 @@ def test_split_fractions_must_be_three_shares_summing_to_one(tmp_path, fractions
   with pytest.raises(ValueError, match=pattern):
     image_folder.make_config(str(make_flat(tmp_path / "manual", {"a": 1, "b": 1})), split_fractions=fractions)
   config_lib.validate_config(tiny_config(split_fractions=(0.7, 0.2, 0.1 + 1e-7)), num_devices=1)
+
+
+def test_config_file_and_its_variants():
+  spec = importlib.util.spec_from_file_location("image_folder_config", ROOT / "configs" / "image_folder.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("train_per_class=1000,split_fractions=0.8x0.1x0.1,class_names=normal+covid,"
+                        "minority_class=covid")
+  assert (c.dataset, c.manual_dir, c.train_per_class) == ("image_folder", "", 1000)
+  assert c.split_fractions == (0.8, 0.1, 0.1) and c.class_names == ("normal", "covid")
+  config_lib.validate_config(c, num_devices=1)
+  with pytest.raises(ValueError, match=r"split_fractions='0\.8xa': expected floats joined by x"):
+    module.get_config("split_fractions=0.8xa")
+  for change, message in ((dict(minority_class="sick"), r"minority_class='sick' is not one of config\.class_"),
+                          (dict(class_names=("a", "a")), r"class_names \('a', 'a'\) names a class twice"),
+                          (dict(train_per_class=-1), r"train_per_class must be >= 0")):
+    bad = module.get_config("class_names=normal+covid")
+    bad.update(change)
+    with pytest.raises(ValueError, match=message):
+      config_lib.validate_config(bad, num_devices=1)
 
 
 # ---------------------------------------------------------------- training-set protocols
@@ -303,8 +330,8 @@ def test_train_per_class_keeps_a_seeded_subset_of_each_class(folder_data):
 def test_trains_and_reports_on_a_folder(tmp_path):
   manual = make_flat(tmp_path / "manual", {"covid": 12, "normal": 16}, ext=".jpg")
   c = tiny_config(dataset="image_folder", manual_dir=str(manual), data_dir=str(tmp_path / "tfds"),
-                  lung_mask=False, batch_size=8, eval_batch_size=8, num_train_steps=4,
-                  checkpoint_every_steps=4, gradcam_per_class=1, model="baseline")
+                  lung_mask=False, batch_size=8, eval_batch_size=8, num_train_steps=2,
+                  checkpoint_every_steps=2, gradcam_per_class=1, model="baseline")
   train.train_and_evaluate(c, str(tmp_path / "work"))
   metrics = json.loads((tmp_path / "work" / "report" / "test" / "metrics.json").read_text())
   assert metrics["num_examples"] == 6   # round(0.2 * 12) + round(0.2 * 16) test slices
