@@ -13,18 +13,59 @@ import functools
 import json
 import math
 import os
-from typing import Any, Mapping, Sequence
+import shutil
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import matplotlib
+from absl import logging
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from dsn_saal_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def write_report(out_dir: str, result: Mapping[str, Any], labels: np.ndarray, probs: np.ndarray,
+                 model: nn.Module, variables: Mapping[str, Any], cam_images: np.ndarray, cam_labels: np.ndarray,
+                 write_more: Callable[[str], None] | None = None) -> None:
+  """metrics.json (`result`), the confusion matrix, ROC curves and a Grad-CAM grid of `cam_images` into `out_dir`.
+
+  Training's split reports and `launch/evaluate.py --data` share it, so both
+  read alike. Everything is written beside `out_dir` and renamed into place
+  when complete (`write_more(folder)` adds files first): a killed run never
+  leaves a partial report.
+  """
+  class_names = result["class_names"]
+  tmp_dir = f"{out_dir}.tmp"
+  shutil.rmtree(tmp_dir, ignore_errors=True)
+  os.makedirs(tmp_dir)
+  with open(os.path.join(tmp_dir, "metrics.json"), "w") as f:
+    json.dump(metrics_lib.to_json_safe(result), f, indent=2)
+  plot_confusion_matrix(np.asarray(result["confusion_matrix"]), class_names,
+                        os.path.join(tmp_dir, "confusion_matrix.png"))
+  plot_roc(labels, probs, class_names, os.path.join(tmp_dir, "roc.png"))
+  cams, cam_probs = grad_cam(model, variables, cam_images)
+  plot_gradcam_grid(cam_images, cams, cam_labels, cam_probs, class_names, os.path.join(tmp_dir, "gradcam.png"))
+  if write_more is not None:
+    write_more(tmp_dir)
+  _replace_dir(tmp_dir, out_dir)
+  logging.info("Report (%d examples) in %s: %s", result["num_examples"], out_dir,
+               ", ".join(f"{k}={result[k]:.4f}" for k in metrics_lib.SUMMARY_KEYS))
+
+
+def _replace_dir(src: str, dst: str) -> None:
+  """Puts directory `src` at `dst`, replacing what was there; `dst` is never seen half-written."""
+  old = f"{dst}.old"
+  shutil.rmtree(old, ignore_errors=True)
+  if os.path.exists(dst):
+    os.replace(dst, old)
+  os.replace(src, dst)
+  shutil.rmtree(old, ignore_errors=True)
 
 
 def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str) -> None:

@@ -15,7 +15,6 @@ import contextlib
 import functools
 import json
 import os
-import shutil
 import signal
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -387,16 +386,6 @@ def _first_examples(dataset, split: str, per_class: int, num_classes: int) -> tu
   return np.stack(images), np.asarray(labels)
 
 
-def _replace_dir(src: str, dst: str) -> None:
-  """Puts directory `src` at `dst`, replacing what was there; `dst` is never seen half-written."""
-  old = f"{dst}.old"
-  shutil.rmtree(old, ignore_errors=True)
-  if os.path.exists(dst):
-    os.replace(dst, old)
-  os.replace(src, dst)
-  shutil.rmtree(old, ignore_errors=True)
-
-
 def write_report(config: ml_collections.ConfigDict, state: TrainState, dataset, split: str, out_dir: str,
                  p_eval_step: Callable, rstate: TrainState, extra: Mapping[str, Any] | None = None) -> dict:
   """metrics.json and the PNG plots (confusion matrix, ROC, Grad-CAM grid) of `split` into `out_dir`."""
@@ -409,23 +398,10 @@ def write_report(config: ml_collections.ConfigDict, state: TrainState, dataset, 
                  "duplicates_removed": info.duplicates_removed.get(split, 0),
                  "num_params": models.count_params(network_params(state.params)), **(extra or {})})
   if jax.process_index() == 0:
-    # Written next to out_dir and renamed when complete: a killed run never leaves a partial report.
-    tmp_dir = f"{out_dir}.tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    os.makedirs(tmp_dir)
-    with open(os.path.join(tmp_dir, "metrics.json"), "w") as f:
-      json.dump(metrics_lib.to_json_safe(result), f, indent=2)
-    reporting.plot_confusion_matrix(np.asarray(result["confusion_matrix"]), info.class_names,
-                                    os.path.join(tmp_dir, "confusion_matrix.png"))
-    reporting.plot_roc(pred["labels"], pred["probs"], info.class_names, os.path.join(tmp_dir, "roc.png"))
     images, labels = _first_examples(dataset, split, config.gradcam_per_class, len(info.class_names))
-    model = create_model(config, len(info.class_names), axis_name=None)
     variables = {"params": network_params(state.params), "batch_stats": state.batch_stats}
-    cams, probs = reporting.grad_cam(model, variables, images)
-    reporting.plot_gradcam_grid(images, cams, labels, probs, info.class_names, os.path.join(tmp_dir, "gradcam.png"))
-    _replace_dir(tmp_dir, out_dir)
-    logging.info("Report for %s (%d examples) in %s: %s", split, result["num_examples"], out_dir,
-                 ", ".join(f"{k}={result[k]:.4f}" for k in metrics_lib.SUMMARY_KEYS))
+    reporting.write_report(out_dir, result, pred["labels"], pred["probs"],
+                           create_model(config, len(info.class_names), axis_name=None), variables, images, labels)
   if jax.process_count() > 1:  # Others must not reach jax.distributed's shutdown barrier (timeout) first.
     multihost_utils.sync_global_devices(f"dsn_saal_jax: {split} report written")
   return result
