@@ -96,9 +96,10 @@ class Checkpoints:
 
     def manager(name: str, max_to_keep: int) -> ocp.CheckpointManager:
       # Distinct barrier keys: otherwise both managers saving step s at once collide across processes.
+      # Read-only, orbax would override (and warn about) anything that saves or deletes.
       options = ocp.CheckpointManagerOptions(
-          max_to_keep=max_to_keep, create=not read_only, cleanup_tmp_directories=not read_only,
-          read_only=read_only,
+          max_to_keep=None if read_only else max_to_keep, save_interval_steps=0 if read_only else 1,
+          create=not read_only, cleanup_tmp_directories=not read_only, read_only=read_only,
           multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
       return ocp.CheckpointManager(os.path.join(self.workdir, name), options=options, item_names=("state", "meta"))
 

@@ -12,6 +12,7 @@ network.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import json
 import os
@@ -190,6 +191,53 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                              process_id=process_id)
+  if jax.default_backend() == "cpu":
+    logging.warning(
+        "jax.distributed joined %d processes, but JAX found only CPUs: each host trains on its CPU cores. For "
+        "GPUs or TPUs install JAX's build for them (pip install -e '.[cuda12]' or '.[tpu]').", jax.process_count())
+
+
+def log_backend() -> None:
+  """One line naming the platform and devices JAX found (a CPU-only JAX on a GPU machine shows here)."""
+  count, local = jax.device_count(), jax.local_device_count()
+  kinds = ", ".join(sorted({d.device_kind for d in jax.local_devices()}))
+  logging.info("JAX backend %s: %d device%s%s (%sprocess %d of %d).", jax.default_backend(), count,
+               "" if count == 1 else "s", f", {local} in this process" if local != count else "",
+               "" if jax.default_backend() == "cpu" else f"{kinds}; ", jax.process_index(), jax.process_count())
+
+
+# Training work, in FLOPs, from which a config is GPU/TPU scale: 3x XLA's count of one example's forward pass
+# (forward and backward), times the examples training sees. 1e15 is about a day at the ~13 GFLOP/s at which
+# configs/default.py trains on 2 CPU cores, a few hours on 16; the paper configs (VGG16-BN at 224 px, 30 GFLOPs
+# an image, 120 epochs) need ~5e15 on COVID19-CT's 425 training slices and more on the other sets.
+CPU_SCALE_FLOPS = 1e15
+
+
+def training_flops(config: ml_collections.ConfigDict, model: nn.Module, variables: Any, image_shape,
+                   total_steps: int) -> float | None:
+  """Estimated FLOPs of a whole training run (see CPU_SCALE_FLOPS); None if XLA gives no count.
+
+  `variables` may be `jax.ShapeDtypeStruct`s: only the forward pass is traced, nothing is compiled.
+  """
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  cost = jax.jit(functools.partial(model.apply, train=False)).lower(variables, x).cost_analysis()
+  if not cost or "flops" not in cost:
+    return None
+  return 3.0 * float(cost["flops"]) * total_steps * config.batch_size
+
+
+def _warn_if_gpu_scale_on_cpu(config: ml_collections.ConfigDict, run: _Run, state: TrainState) -> None:
+  """A warning when only CPUs train a GPU/TPU-scale config; costs a trace of the forward pass (~0.5 s)."""
+  if jax.default_backend() != "cpu":
+    return
+  variables = {"params": network_params(state.params), "batch_stats": state.batch_stats}
+  flops = training_flops(config, create_model(config, run.num_classes, axis_name=None), variables,
+                         run.dataset.info.image_shape, run.total_steps)
+  if flops is not None and flops > CPU_SCALE_FLOPS:
+    logging.warning(
+        "This config is GPU/TPU scale (training takes ~%.0e FLOPs, over %.0e), but JAX found only CPUs. Install "
+        "JAX's build for your accelerator (pip install -e '.[cuda12]' or '.[tpu]'), or train a CPU-sized config "
+        "such as configs/covid19_ct_cpu.py.", flops, CPU_SCALE_FLOPS)
 
 
 def _any_process(flag: bool) -> bool:
@@ -248,24 +296,45 @@ def itstime(done: int, every: int, total: int) -> bool:
 
 
 class _MetricBuffer:
-  """Device metrics of recent steps, fetched in one transfer at log/save time (keeps dispatch async)."""
+  """Device metrics of recent steps, fetched in one transfer when a log, save or epoch end needs them.
 
-  def __init__(self):
-    self.items: list[tuple[int, Any]] = []
+  Dispatch stays async in between. Each fetched step is checked for a finite
+  loss, then kept for two readers: the logged window (TensorBoard,
+  history.jsonl) and the epoch's console line.
+  """
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self._device: list[tuple[int, Any]] = []
+    self._window: list[tuple[int, dict[str, np.ndarray]]] = []
+    self._epoch: list[tuple[int, dict[str, np.ndarray]]] = []
 
   def add(self, step: int, metrics) -> None:
-    self.items.append((step, metrics))
+    self._device.append((step, metrics))
 
-  def flush(self, workdir: str, last_good: int | None) -> list[tuple[int, dict[str, np.ndarray]]]:
-    fetched = [(s, unreplicate(m)) for s, m in self.items]
-    self.items = []
+  def fetch(self, last_good: int | None) -> None:
+    fetched = [(s, unreplicate(m)) for s, m in self._device]
+    self._device = []
     for step, m in fetched:
       if not np.isfinite(m["loss"]):
         raise FloatingPointError(
             f"The training loss became {m['loss']} at step {step}; training stopped. The last good checkpoint "
-            f"(step {last_good}) in {workdir}/checkpoints is kept. Lower config.learning_rate, check the input "
-            "data for NaN/inf, or (SAAL) try --config.saal.normalize_weights=true.")
-    return fetched
+            f"(step {last_good}) in {self.workdir}/checkpoints is kept. Lower config.learning_rate, check the "
+            "input data for NaN/inf, or (SAAL) try --config.saal.normalize_weights=true.")
+    self._window += fetched
+    self._epoch += fetched
+
+  def take_window(self, last_good: int | None) -> list[tuple[int, dict[str, np.ndarray]]]:
+    """The steps since the last logged window."""
+    self.fetch(last_good)
+    taken, self._window = self._window, []
+    return taken
+
+  def take_epoch(self, last_good: int | None) -> list[tuple[int, dict[str, np.ndarray]]]:
+    """The steps since the last epoch line (since the start, for the first epoch of a resumed run)."""
+    self.fetch(last_good)
+    taken, self._epoch = self._epoch, []
+    return taken
 
 
 def _summaries(fetched: list[tuple[int, dict[str, np.ndarray]]], num_heads: int) -> dict[str, float]:
@@ -280,6 +349,23 @@ def _summaries(fetched: list[tuple[int, dict[str, np.ndarray]]], num_heads: int)
     out["train/alpha"] = float(last["alpha"])
     out.update({f"train/beta_{i}": float(b) for i, b in enumerate(last["beta"], start=1)})
   return out
+
+
+def _epoch_line(done: int, total: int, steps_per_epoch: int, fetched: list[tuple[int, dict[str, np.ndarray]]],
+                validation: str, examples_per_sec: float, eta: float) -> str:
+  """The console's line for an epoch: its mean loss and accuracy, `validation` and speed."""
+  mean = lambda k: float(np.mean([m[k] for _, m in fetched]))
+  return (f"epoch {round(done / steps_per_epoch, 2):g}/{round(total / steps_per_epoch, 2):g} (step {done}/{total}): "
+          f"loss {mean('loss'):.4f}, accuracy {mean('accuracy'):.3f}{validation}; {examples_per_sec:.0f} ex/s, "
+          f"ETA {datetime.timedelta(seconds=round(eta))}")
+
+
+def _validation_text(metric: str, value: float | None, best: float | None, best_step: int | None) -> str:
+  """The epoch line's validation part: this epoch's `metric`, if it was validated, and the best so far."""
+  best_text = "none yet" if best is None else f"{best:.4f} at step {best_step}"
+  if value is None:
+    return f"; best validation {metric} {best_text}"
+  return f"; validation {metric} {value:.4f} (best {best_text})"
 
 
 def _saal_weight_summaries(config: ml_collections.ConfigDict, info, alpha: float) -> dict[str, float]:
@@ -467,12 +553,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset,
                         preemption: _Preemption) -> TrainState:
+  log_backend()
   run = _Run(config, workdir, dataset)
   info, ckpt = run.dataset.info, run.checkpoints
   state = run.state
   restored = ckpt.restore(jax.device_get(state))
   best_meta = ckpt.meta("best")
-  best_value = best_meta.get("best_value") if best_meta else None
+  best_value, best_step = (best_meta.get("best_value"), best_meta["step"]) if best_meta else (None, None)
   if restored is not None:
     state = restored[0]
     logging.info("Resumed from %s at step %d.", os.path.join(workdir, "checkpoints"), int(state.step))
@@ -483,23 +570,28 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset
       f.write(config.to_json_best_effort(indent=2))
     os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
   logging.info("%s: %d classes %s, k_n=%s, %d train examples, %d steps/epoch, %d steps, %d params.",
-               config.dataset, run.num_classes, info.class_names, list(np.asarray(info.class_counts)),
+               config.dataset, run.num_classes, list(info.class_names), [int(k) for k in info.class_counts],
                info.num_train, run.steps_per_epoch, run.total_steps,
                sum(np.size(x) for x in jax.tree_util.tree_leaves(state.params)))
+  _warn_if_gpu_scale_on_cpu(config, run, state)
+  logging.info("Every %d steps the training scalars go to TensorBoard (tensorboard --logdir=%s) and %s.",
+               config.log_every_steps, os.path.join(workdir, "tensorboard"), os.path.join(workdir, HISTORY_FILE))
 
   rstate = replicate(state)
   writer = _Writer(workdir)
-  buffer = _MetricBuffer()
+  buffer = _MetricBuffer(workdir)
   val_split = _validation_split(info)
   ckpt_every = config.checkpoint_every_steps or run.steps_per_epoch
   eval_every = config.eval_every_epochs * run.steps_per_epoch
   last_good = ckpt.latest_step()
-  t_log, t_start, log_from = time.time(), time.time(), start_step
+  t_log = t_epoch = t_start = time.time()
+  log_from = epoch_from = start_step
+  val_value = None
   train_iter = flax.jax_utils.prefetch_to_device(run.dataset.train_iter(start_step), 2)
 
   def save(step: int, rstate: TrainState) -> None:
     nonlocal last_good
-    buffer.flush(workdir, last_good)
+    buffer.fetch(last_good)
     ckpt.save(step, run.host_state(rstate), best_value=best_value)
     last_good = step
 
@@ -515,7 +607,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset
       buffer.add(step, metrics)
       done = step + 1
       if itstime(done, config.log_every_steps, run.total_steps):
-        fetched = buffer.flush(workdir, last_good)
+        fetched = buffer.take_window(last_good)
         now = time.time()
         values = _summaries(fetched, run.model.num_heads)
         if "train/alpha" in values:
@@ -524,24 +616,32 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset
         writer.scalars(done, values)
         eta = (now - t_start) / max(done - start_step, 1) * (run.total_steps - done)
         saal = f" alpha {values['train/alpha']:.3f}" if "train/alpha" in values else ""
-        logging.info("step %d/%d (epoch %.2f): loss %.4f acc %.3f lr %.2e%s, %.1f ex/s, ETA %s", done,
-                     run.total_steps, done / run.steps_per_epoch, values["train/loss"], values["train/accuracy"],
-                     values["train/learning_rate"], saal, values["train/examples_per_sec"],
-                     time.strftime("%H:%M:%S", time.gmtime(eta)))
+        logging.debug("step %d/%d (epoch %.2f): loss %.4f acc %.3f lr %.2e%s, %.1f ex/s, ETA %s", done,
+                      run.total_steps, done / run.steps_per_epoch, values["train/loss"], values["train/accuracy"],
+                      values["train/learning_rate"], saal, values["train/examples_per_sec"],
+                      datetime.timedelta(seconds=round(eta)))
         t_log, log_from = now, done
       if val_split and itstime(done, eval_every, run.total_steps):
         pred = predict_split(run.p_eval_step, rstate, run.dataset, val_split)
         val = metrics_lib.compute_metrics(pred["labels"], pred["probs"], info.class_names)
         writer.scalars(done, {f"validation/{k}": val[k] for k in metrics_lib.SUMMARY_KEYS}
                        | {"validation/loss": pred["loss"]})
-        value = val[config.selection_metric]
-        logging.info("step %d validation: %s", done,
-                     ", ".join(f"{k}={val[k]:.4f}" for k in metrics_lib.SUMMARY_KEYS))
+        value = val_value = float(val[config.selection_metric])
+        logging.debug("step %d validation: %s", done,
+                      ", ".join(f"{k}={val[k]:.4f}" for k in metrics_lib.SUMMARY_KEYS))
         if np.isfinite(value) and (best_value is None or value > best_value):
-          best_value = float(value)
-          buffer.flush(workdir, last_good)
+          best_value, best_step = value, done
+          buffer.fetch(last_good)
           ckpt.save(done, run.host_state(rstate), which="best", best_value=best_value,
                     selection_metric=config.selection_metric)
+      if itstime(done, run.steps_per_epoch, run.total_steps):
+        now = time.time()
+        validation = _validation_text(config.selection_metric, val_value, best_value, best_step) if val_split else ""
+        logging.info("%s", _epoch_line(
+            done, run.total_steps, run.steps_per_epoch, buffer.take_epoch(last_good), validation,
+            (done - epoch_from) * config.batch_size / max(now - t_epoch, 1e-9),
+            (now - t_start) / max(done - start_step, 1) * (run.total_steps - done)))
+        t_epoch, epoch_from, val_value = now, done, None
       if itstime(done, ckpt_every, run.total_steps):
         save(done, rstate)
       if done < run.total_steps and _any_process(preemption.requested):

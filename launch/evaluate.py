@@ -20,6 +20,11 @@ import json
 import os
 import sys
 
+from dsn_saal_jax import console
+
+console.setup(sys.argv)  # first: TensorFlow reads its log level once, when it loads
+
+# pylint: disable=wrong-import-position
 from absl import app, flags, logging
 from ml_collections import config_flags
 

@@ -12,6 +12,11 @@ say why; the others are predicted), 2 usage error (no inputs, bad checkpoint).
 
 import sys
 
+from dsn_saal_jax import console
+
+console.setup(sys.argv)  # first: TensorFlow reads its log level once, when it loads
+
+# pylint: disable=wrong-import-position
 from absl import app, flags, logging
 from ml_collections import config_flags
 

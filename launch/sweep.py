@@ -10,6 +10,13 @@ grid for the table. Rerunning skips finished runs and resumes the rest; --aggreg
 rebuilds the table from saved runs without training.
 """
 
+import sys
+
+from dsn_saal_jax import console
+
+console.setup(sys.argv)  # first: TensorFlow reads its log level once, when it loads
+
+# pylint: disable=wrong-import-position
 from absl import app, flags
 from ml_collections import config_flags
 

@@ -17,5 +17,5 @@ REPO_DIR=dsn_saal_jax
 gcloud compute tpus tpu-vm scp --recurse --zone="$ZONE" --worker=all "$(dirname "$0")/.." "$TPU_NAME":"$REPO_DIR"
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
   set -e; cd $REPO_DIR
-  python3 -m pip install -q -e . 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
+  python3 -m pip install -q -e '.[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
   python3 launch/train.py --distributed --config=$CONFIG --workdir=$WORKDIR $*"

@@ -3,10 +3,17 @@
 Config overrides: `--config=configs/covid19_diag.py:baseline,ce` or `--config.learning_rate=0.01`.
 Multi-host: add `--distributed` (auto-detects Cloud TPU pods and SLURM) or give
 `--coordinator_address`, `--num_processes` and `--process_id` explicitly.
+The console shows one line per epoch; `--verbosity=1` adds every logged step
+and the libraries' INFO lines (see dsn_saal_jax/console.py).
 """
 
 import sys
 
+from dsn_saal_jax import console
+
+console.setup(sys.argv)  # first: TensorFlow reads its log level once, when it loads
+
+# pylint: disable=wrong-import-position
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -30,7 +37,7 @@ def main(argv):
   del argv
   if FLAGS.distributed or FLAGS.coordinator_address:
     train.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  logging.info("Process %d of %d; config:\n%s", jax.process_index(), jax.process_count(), FLAGS.config)
+  logging.debug("Process %d of %d; config:\n%s", jax.process_index(), jax.process_count(), FLAGS.config)
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except train.Preempted as e:

@@ -1,0 +1,151 @@
+"""The console a person reads, the accelerator installs and the GPU/TPU-scale check.
+
+The launcher tests run the real main job (launch/train.py on configs/default.py,
+fewer epochs) in a subprocess and read its console, stdout and stderr
+interleaved as a terminal shows them.
+"""
+
+import configparser
+import importlib.util
+import logging
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from absl import logging as absl_logging
+from packaging.requirements import Requirement
+
+from dsn_saal_jax import config_lib, console, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_EPOCHS = 15  # configs/default.py's num_epochs
+CONSOLE_LINES = 40   # what the whole default run may print
+
+
+def launch_default(tmp_path, workdir, *flags):
+  """launch/train.py --config=configs/default.py into `workdir`; its console as a list of lines."""
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch", "train.py"), f"--config={ROOT}/configs/default.py",
+       f"--workdir={workdir}", f"--config.data_dir={tmp_path / 'data'}", *flags],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-4000:]
+  return proc.stdout.splitlines()
+
+
+@pytest.fixture(scope="module")
+def consoles(tmp_path_factory):
+  """Consoles of the default job: 2 epochs, its resumption to 3, and 1 epoch at --verbosity=1."""
+  tmp = tmp_path_factory.mktemp("console")
+  first = launch_default(tmp, tmp / "work", "--config.num_epochs=2")
+  resumed = launch_default(tmp, tmp / "work", "--config.num_epochs=3")
+  verbose = launch_default(tmp, tmp / "verbose", "--config.num_epochs=1", "--verbosity=1")
+  return {"first": first, "resumed": resumed, "verbose": verbose, "workdir": tmp / "work"}
+
+
+def epoch_lines(lines):
+  return [line for line in lines if re.search(r"\] epoch \d+/\d+ \(step \d+/\d+\): loss ", line)]
+
+
+def test_default_console_is_a_few_start_lines_one_line_per_epoch_and_the_test_metrics(consoles):
+  lines = consoles["first"]
+  epochs = epoch_lines(lines)
+  assert [re.search(r"epoch (\d+/\d+)", e).group(1) for e in epochs] == ["1/2", "2/2"]
+  for e in epochs:  # step, epoch, loss, accuracy, validation metric, best so far, speed, ETA
+    assert re.search(r"\(step \d+/30\): loss [\d.]+, accuracy [\d.]+; validation macro_f1 [\d.]+ "
+                     r"\(best [\d.]+ at step \d+\); \d+ ex/s, ETA \d+:\d\d:\d\d$", e), e
+  # The full 15-epoch run adds one line per epoch and must stay within CONSOLE_LINES.
+  assert len(lines) - len(epochs) + DEFAULT_EPOCHS <= CONSOLE_LINES, "\n".join(lines)
+  text = "\n".join(lines)
+  assert "JAX backend cpu: 1 device (process 0 of 1)." in text
+  assert "synthetic_ct: 3 classes" in text and "tensorboard --logdir=" in text
+  report = [line for line in lines if str(consoles["workdir"] / "report" / "test") in line]
+  assert len(report) == 1 and "macro_f1=" in report[0] and "auc=" in report[0]
+  for chatter in ("checkpoint_manager.py", "async_checkpointer.py", "oneDNN", "xla_bridge.py", "config:",
+                  "Generating splits", "GPU/TPU scale"):
+    assert chatter not in text
+
+
+def test_a_resumed_run_says_so_by_default(consoles):
+  text = "\n".join(consoles["resumed"])
+  assert f"Resumed from {consoles['workdir'] / 'checkpoints'} at step 30." in text
+  assert [re.search(r"epoch (\d+/\d+)", e).group(1) for e in epoch_lines(consoles["resumed"])] == ["3/3"]
+
+
+def test_verbosity_1_adds_every_logged_step_the_config_and_the_libraries_info_lines(consoles):
+  verbose = "\n".join(consoles["verbose"])
+  assert len(consoles["verbose"]) > 3 * len(consoles["first"])
+  assert "config:" in verbose and "step 15/15 (epoch 1.00): loss" in verbose
+  assert "checkpoint_manager.py" in verbose  # orbax
+  assert len(epoch_lines(consoles["verbose"])) == 1
+
+
+def test_argv_verbosity_reads_the_flag_as_absl_does():
+  assert console.argv_verbosity(["train.py", "--workdir=/w"]) == 0
+  assert console.argv_verbosity(["train.py", "--verbosity=1"]) == 1
+  assert console.argv_verbosity(["train.py", "-v", "2", "--workdir=/w"]) == 2
+  assert console.argv_verbosity(["train.py", "--v=-1"]) == -1
+  assert console.argv_verbosity(["train.py", "--verbosity=1", "--verbosity=0"]) == 0  # the last one wins
+  assert console.argv_verbosity(["predict.py", "--", "-v=3"]) == 0  # after "--", a file name
+  assert console.argv_verbosity(["train.py", "--verbosity=loud"]) == 0  # absl reports it
+
+
+@pytest.mark.parametrize("verbosity, passed", [
+    (0, {"own INFO", "own WARNING", "library WARNING"}),
+    (1, {"own DEBUG", "own INFO", "own WARNING", "library INFO", "library WARNING"}),
+    (-1, {"own WARNING"}),
+])
+def test_the_filter_gives_libraries_one_level_less_than_the_project(verbosity, passed):
+  own_file = os.path.join(os.path.dirname(train.__file__), "train.py")
+  library_file = os.path.join(os.path.dirname(jax.__file__), "_src", "xla_bridge.py")
+  records = {f"{who} {logging.getLevelName(level)}": logging.LogRecord("absl", level, path, 1, "m", None, None)
+             for who, path in (("own", own_file), ("library", library_file))
+             for level in (logging.DEBUG, logging.INFO, logging.WARNING)}
+  keep = console._ConsoleFilter((os.path.dirname(train.__file__) + os.sep,))  # pylint: disable=protected-access
+  before = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(verbosity)
+  try:
+    assert {name for name, record in records.items() if keep.filter(record)} == passed
+  finally:
+    absl_logging.set_verbosity(before)
+
+
+def test_paper_configs_are_gpu_scale_and_the_default_is_not():
+  def flops(config, num_train):
+    model = train.create_model(config, 3, axis_name=None)
+    shape = (config.image_size, config.image_size, config.channels)
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
+    steps = config.num_epochs * (num_train // config.batch_size)
+    return train.training_flops(config, model, variables, shape, steps), steps * config.batch_size
+
+  # COVID19-CT's official train split: 191 COVID + 234 non-COVID slices.
+  paper, examples = flops(config_lib.paper_config("covid19_ct", channels=3, lung_mask=False, arg=None), 425)
+  # Independent count: VGG16-BN at 224 px is 15.5 G multiply-adds (torchvision's table), 2 FLOPs each.
+  assert paper / (3 * examples) == pytest.approx(2 * 15.5e9, rel=0.1)
+  assert paper > train.CPU_SCALE_FLOPS
+  spec = importlib.util.spec_from_file_location("default_config", os.path.join(ROOT, "configs", "default.py"))
+  default = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(default)
+  assert flops(default.get_config(), 491)[0] < train.CPU_SCALE_FLOPS / 100  # synthetic_ct: 491 train slices
+
+
+def test_setup_cfg_has_the_accelerator_and_tensorboard_extras():
+  cfg = configparser.ConfigParser()
+  cfg.read(os.path.join(ROOT, "setup.cfg"))
+  extras = cfg["options.extras_require"]
+  requirement = lambda name: [Requirement(r) for r in extras[name].strip().splitlines()]
+  (cuda,), (tpu,), (viewer,) = requirement("cuda12"), requirement("tpu"), requirement("tensorboard")
+  assert (cuda.name, cuda.extras) == ("jax", {"cuda12"})
+  assert (tpu.name, tpu.extras) == ("jax", {"tpu"})
+  assert viewer.name == "tensorboard" and not viewer.extras
+
+
+def test_accelerator_launchers_install_their_extra():
+  read = lambda name: open(os.path.join(ROOT, "launch", name)).read()
+  assert re.search(r"""^python -m pip install -q -e "\.\[cuda12\]" """, read("slurm_gpu.sbatch"), re.M)
+  assert re.search(r"""pip install -q -e '\.\[tpu\]'""", read("tpu_pod.sh"))
