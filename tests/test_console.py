@@ -107,12 +107,13 @@ def test_the_filter_gives_libraries_one_level_less_than_the_project(verbosity, p
              for who, path in (("own", own_file), ("library", library_file))
              for level in (logging.DEBUG, logging.INFO, logging.WARNING)}
   keep = console._ConsoleFilter((os.path.dirname(train.__file__) + os.sep,))  # pylint: disable=protected-access
-  before = absl_logging.get_verbosity()
+  before, logger_level = absl_logging.get_verbosity(), absl_logging.get_absl_logger().level
   absl_logging.set_verbosity(verbosity)
   try:
     assert {name for name, record in records.items() if keep.filter(record)} == passed
-  finally:
+  finally:  # set_verbosity pins the absl logger's level; later tests' caplog needs it unset again
     absl_logging.set_verbosity(before)
+    absl_logging.get_absl_logger().setLevel(logger_level)
 
 
 def test_paper_configs_are_gpu_scale_and_the_default_is_not():
