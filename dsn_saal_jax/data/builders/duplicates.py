@@ -190,27 +190,34 @@ def _example(group: dict[str, Any], splits: Sequence[str]) -> str:
 def warn(report: dict[str, Any], path: epath.Path | str) -> None:
   """Logs exact cross-split copies (per pair of splits) and label conflicts as warnings.
 
-  Near-duplicates are logged as information only: equal difference hashes also
-  join unrelated slices (all blank ones, for instance), so a person must look.
+  Near-duplicates get one information line for all pairs: equal difference
+  hashes also join unrelated slices (all blank ones, for instance), so a person
+  must look, and on every run a line per pair would bury the log.
   """
-  kinds = (("exact", "identical", logging.warning,
-            "Metrics on {b} are inflated; config.dedup=True evaluates without these copies."),
-           ("near", "near-identical (equal difference hash)", logging.info,
-            "Look at them; config.dedup removes exact copies only."))
-  for kind, what, log, advice in kinds:
-    part = report[kind]
-    for pair, stats in part["cross_split"].items():
-      a, b = pair.split("/")
-      shown = [_example(g, (a, b)) for g in part["groups"] if a in g["splits"] and b in g["splits"]]
-      counts = ", ".join(f"{n} in {s}" for s, n in stats["examples"].items())
-      log("%s: %d group(s) of %s slices cross %s and %s (%s), e.g. %s. %s All groups: %s",
-          report["dataset"], stats["groups"], what, a, b, counts, "; ".join(shown[:_SHOWN]),
-          advice.format(b=b), path)
-    if part["label_conflicts"]:
-      shown = [", ".join(f"{m['split']}:{m['id']} ({m['label']})" for m in g["members"])
-               for g in part["groups"] if g["label_conflict"]]
-      log("%s: %d group(s) of %s slices carry different labels (a labelling conflict), e.g. %s. "
-          "See %s", report["dataset"], part["label_conflicts"], what, "; ".join(shown[:_SHOWN]), path)
+  exact = report["exact"]
+  for pair, stats in exact["cross_split"].items():
+    a, b = pair.split("/")
+    shown = [_example(g, (a, b)) for g in exact["groups"] if a in g["splits"] and b in g["splits"]]
+    counts = ", ".join(f"{n} in {s}" for s, n in stats["examples"].items())
+    logging.warning("%s: %d group(s) of identical slices cross %s and %s (%s), e.g. %s. Metrics on %s are "
+                    "inflated; config.dedup=True evaluates without these copies. All groups: %s",
+                    report["dataset"], stats["groups"], a, b, counts, "; ".join(shown[:_SHOWN]), b, path)
+  if exact["label_conflicts"]:
+    logging.warning("%s: %d group(s) of identical slices carry different labels (a labelling conflict), e.g. "
+                    "%s. See %s", report["dataset"], exact["label_conflicts"], _conflicts(exact), path)
+  near = report["near"]
+  if near["cross_split"]:
+    pairs = ", ".join(f"{stats['groups']} {pair.replace('/', '-')}" for pair, stats in near["cross_split"].items())
+    first = next(g for g in near["groups"] if g["cross_split"])
+    logging.info("%s: near-identical (equal difference hash) slices cross splits, groups per pair: %s "
+                 "(%d with different labels), e.g. %s. Look at them in %s; config.dedup removes exact copies "
+                 "only.", report["dataset"], pairs, near["label_conflicts"], _example(first, first["splits"]), path)
+
+
+def _conflicts(part: dict[str, Any]) -> str:
+  """The first groups whose members carry different labels, each member with its split and label."""
+  groups = [g for g in part["groups"] if g["label_conflict"]][:_SHOWN]
+  return "; ".join(", ".join(f"{m['split']}:{m['id']} ({m['label']})" for m in g["members"]) for g in groups)
 
 
 def copies_to_remove(report: dict[str, Any], train_splits: Sequence[str],
