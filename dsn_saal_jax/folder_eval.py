@@ -91,7 +91,7 @@ def evaluate_folder(predictor: predict.Predictor, data: str, out_dir: str, *,
   ('train', 'val', 'test'). Raises DatasetError (naming the folder) for a
   layout or class map that does not fit the run, or when no slice is readable.
   """
-  folder = folders.scan(data, predictor.class_names, class_map)
+  folder = folders.scan(data, predictor.class_names, class_map, require_train=False)
   slices = _slices(folder, split)
   results = list(predictor.iter_predictions([os.fspath(s.path) for s in slices]))
   good = [i for i, r in enumerate(results) if r.error is None]

@@ -209,6 +209,15 @@ def test_bad_layouts_name_the_folder(tmp_path, damage, message):
     build(tmp_path / "tfds", manual)
 
 
+def test_evaluation_folders_may_hold_only_test_but_training_needs_train(tmp_path):
+  make_flat(tmp_path / "held_out" / "test", {"a": 2, "b": 3})
+  with pytest.raises(DatasetError, match=r"held_out has split folders \['test'\] but no train/ folder"):
+    folders.scan(tmp_path / "held_out")
+  folder = folders.scan(tmp_path / "held_out", require_train=False)
+  assert folder.explicit_splits and {s.split for s in folder.slices} == {"test"}
+  assert folder.counts("test") == [2, 3]
+
+
 @pytest.mark.parametrize("damage,message", [
     ("not_an_image", r"(?s)1 file\(s\) under the class folders are not slices:.*manual/b/notes\.txt: not an"),
     ("16bit", r"(?s)manual/b/01\.png: I;16 image with more than 8 bits per pixel.*convert it"),

@@ -57,7 +57,7 @@ class LabeledFolder:
     return counts
 
 
-def _split_folders(root: epath.Path) -> dict[str, epath.Path]:
+def _split_folders(root: epath.Path, require_train: bool) -> dict[str, epath.Path]:
   """{split: folder} when the root holds explicit split folders, else {}."""
   found = {}
   for entry in common.visible(root):
@@ -67,7 +67,7 @@ def _split_folders(root: epath.Path) -> dict[str, epath.Path]:
           raise DatasetError(f"{root} holds two folders for the {split} split: {found[split].name} and "
                              f"{entry.name}. Keep one.")
         found[split] = entry
-  if found and "train" not in found:
+  if found and require_train and "train" not in found:
     raise DatasetError(f"{root} has split folders {sorted(f.name for f in found.values())} but no train/ "
                        "folder. Add train/, or lay the data out as <root>/<class>/... for a seeded split.")
   return found
@@ -132,19 +132,21 @@ def _scan_class(folder: epath.Path, root: epath.Path, label: int, split: str | N
 
 
 def scan(root: str | os.PathLike, class_names: Sequence[str] | None = None,
-         class_map: Mapping[str, str] | None = None) -> LabeledFolder:
+         class_map: Mapping[str, str] | None = None, require_train: bool = True) -> LabeledFolder:
   """Lists every slice under `root` with its class, case and explicit split.
 
   `class_names` fixes the class order (folders must be among them; a class
   with no folder is allowed only with `class_map`, for evaluation sets that
   lack a class); `class_map` renames folders to those classes. Errors name
   the folder or file and the fix: no class folders, one class, an empty
-  class or case folder, an unknown or unmapped folder.
+  class or case folder, an unknown or unmapped folder. Training needs a
+  train/ folder among explicit split folders; evaluation sets
+  (`require_train=False`) may hold only val/ or test/.
   """
   root = epath.Path(root)
   if not root.is_dir():
     raise DatasetError(f"{root} is not a folder. Give the folder that holds one sub-folder per class.")
-  splits = _split_folders(root)
+  splits = _split_folders(root, require_train)
   per_split = {s: _class_folders(f) for s, f in splits.items()} or {None: _class_folders(root)}
   folder_names = sorted({name for classes in per_split.values() for name in classes})
   mapping = _resolve_classes(folder_names, root, class_names, class_map)
