@@ -66,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_checkpoint = ""     # ImageNet init: launch/convert_torchvision.py output dir; "" = random.
 
   # Loss.
-  c.loss = "saal"            # saal | ce | focal | cb | sce
+  c.loss = "saal"            # saal | ce | focal | cb | sce | la (logit-adjusted CE)
   # normalize_weights: w <- C w / sum w. The paper's literal Eq. 10 (False) lets alpha run to 1, which
   # shrinks every w_n to 1/k_n and stalls training at the majority class (results/covid19_ct_cpu).
   c.saal = ml_collections.ConfigDict(dict(
@@ -75,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.cb_beta = 0.9999
   c.sce_alpha = 0.1
   c.sce_beta = 1.0
+  c.la_tau = 1.0             # la: training logits + la_tau * log(class prior of the training split).
 
   # Optimizer: SGD, momentum 0.9, coupled weight decay 5e-4, lr 1e-3 / 10 every 40 epochs.
   c.learning_rate = 1e-3

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 LossFn = Callable[..., tuple[jax.Array, jax.Array]]
-LOSS_NAMES = ("saal", "ce", "focal", "cb", "sce")
+LOSS_NAMES = ("saal", "ce", "focal", "cb", "sce", "la")
 
 
 def init_saal_params(rng: jax.Array, num_heads: int, stddev: float = 1.0) -> dict[str, jax.Array]:
@@ -176,8 +176,22 @@ def sce_loss(heads, labels, saal_params=None, class_counts=None, mask=None, *,
   return _sum_heads(per_head, heads, labels, mask)
 
 
+def la_loss(heads, labels, saal_params=None, class_counts=None, mask=None, *, tau: float = 1.0):
+  """Logit-adjusted cross-entropy (Menon et al. 2021): CE of z_n + tau log pi_n, pi_n = k_n / sum k.
+
+  Only training adds the prior; predictions use the plain logits, which is
+  what makes the rare classes' decision boundaries move.
+  """
+  del saal_params
+  counts = np.asarray(class_counts, np.float64)
+  log_prior = jnp.asarray(tau * np.log(counts / counts.sum()), jnp.float32)
+  _check_shapes(heads, labels, counts.shape[0])
+  onehot = jax.nn.one_hot(labels, counts.shape[0], dtype=jnp.float32)
+  return _sum_heads(lambda i, z, y: -jnp.sum(onehot * jax.nn.log_softmax(z + log_prior), -1), heads, labels, mask)
+
+
 _LOSSES: dict[str, LossFn] = {
-    "saal": saal_loss, "ce": ce_loss, "focal": focal_loss, "cb": cb_loss, "sce": sce_loss}
+    "saal": saal_loss, "ce": ce_loss, "focal": focal_loss, "cb": cb_loss, "sce": sce_loss, "la": la_loss}
 
 
 def make_loss(name: str, class_counts: Sequence[float], class_names: Sequence[str] | None = None,

@@ -71,7 +71,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, class_counts: np.ndarray, cl
       "saal": dict(log_zero=config.saal.log_zero, normalize_weights=config.saal.normalize_weights,
                    learn_alpha_beta=config.saal.learn_alpha_beta),
       "ce": {}, "focal": dict(gamma=config.focal_gamma), "cb": dict(beta_cb=config.cb_beta),
-      "sce": dict(alpha=config.sce_alpha, beta=config.sce_beta),
+      "sce": dict(alpha=config.sce_alpha, beta=config.sce_beta), "la": dict(tau=config.la_tau),
   }[config.loss]
   return losses.make_loss(config.loss, class_counts, class_names, **options)
 

@@ -134,6 +134,21 @@ def test_baselines_match_reference():
     assert per_head.shape == (2,)
 
 
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_logit_adjusted_ce_matches_hand_formula(tau):
+  """Menon et al. (2021) Eq. 11: CE of z_n + tau log pi_n on every head; tau = 0 is plain CE."""
+  heads, labels, _ = random_problem(8, 3, num_heads=3)
+  counts = (400, 20, 3)
+  prior = np.asarray(counts, np.float64) / sum(counts)
+  expected = sum(np.mean(-np.log(np_softmax(z + tau * np.log(prior))[np.arange(len(labels)), labels]))
+                 for z in heads)
+  total, per_head = losses.make_loss("la", counts, tau=tau)(heads, labels, None)
+  np.testing.assert_allclose(float(total), expected, rtol=1e-5)
+  assert per_head.shape == (3,)
+  np.testing.assert_allclose(float(losses.make_loss("la", counts, tau=0.0)(heads, labels, None)[0]),
+                             float(losses.make_loss("ce", counts)(heads, labels, None)[0]), rtol=1e-6)
+
+
 @pytest.mark.parametrize("counts", [(0, 10), (10, 0, 3), (5, -1), (4.0, float("nan"))])
 def test_class_count_below_one_names_the_class(counts):
   bad = next(i for i, k in enumerate(counts) if not k >= 1)
