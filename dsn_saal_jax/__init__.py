@@ -6,7 +6,7 @@ import warnings as _warnings
 
 # XLA:CPU hands dots to YNNPACK by default; with it, this model's convolution
 # gradients ran 5-10x slower than with XLA's own Eigen kernels and a train step
-# 0.74x the PyTorch reference's speed (README, "Performance"). Turned off here,
+# 0.74x the PyTorch reference's speed (benchmarks/README.md). Turned off here,
 # before JAX starts its backend, unless the user chose a value. The flag only
 # touches the CPU backend.
 CPU_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type="

@@ -32,7 +32,7 @@ from dsn_saal_jax import models
 INFERENCE_SPEC_VERSION = 1
 # Builders that read HU sources (DICOM, generated slices) window and lung-mask them always,
 # whatever config.lung_mask says; see dsn_saal_jax/data/builders.
-_HU_DATASETS = ("synthetic_ct", "covid19_diag")
+_HU_DATASETS = ("synthetic_ct", "covid19_diag", "image_folder")
 
 
 def inference_spec(config: Any, info: Any) -> dict[str, Any]:
@@ -61,7 +61,7 @@ def inference_spec(config: Any, info: Any) -> dict[str, Any]:
 
 
 # What checkpoints written before a fingerprint key existed hold for it.
-_LEGACY_FINGERPRINT = {"backbone": models.DEFAULT_BACKBONE, "width_scale": 1.0}
+_LEGACY_FINGERPRINT = {"backbone": models.DEFAULT_BACKBONE, "width_scale": 1.0, "saal_alpha_param": "sigmoid"}
 
 
 def fingerprint_differences(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:

@@ -308,6 +308,15 @@ def test_checkpoint_without_spec_needs_the_config(tmp_path):
     predict_lib.Predictor.from_workdir(str(tmp_path / "old"), "latest", config=tiny_config(widths=(8, 8, 8, 8, 16)))
 
 
+@pytest.mark.parametrize("dataset", ["synthetic_ct", "covid19_diag", "image_folder"])
+def test_builders_that_mask_dicom_always_say_so_in_the_spec(dataset):
+  """Their DICOM slices are lung-masked whatever config.lung_mask says; prediction must mask them too."""
+  config = tiny_config()
+  config.dataset, config.lung_mask = dataset, False
+  info = type("Info", (), {"class_names": ("a", "b"), "image_shape": (32, 32, 1), "normalization": {}})
+  assert checkpointing.inference_spec(config, info)["lung_mask"]["dicom"]
+
+
 def test_checkpoint_of_another_model_or_kind_is_refused(tmp_path):
   config = tiny_config()
   info = type("Info", (), {"class_names": ("a", "b", "c"), "image_shape": (32, 32, 1), "normalization": {}})
