@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import ml_collections
 
-from dsn_saal_jax.losses import LOSS_NAMES
+from dsn_saal_jax.losses import ALPHA_PARAMS, LOSS_NAMES
 
 MODELS = ("dsn", "baseline")
 DATASETS = ("synthetic_ct", "covid19_diag", "covidx_ct", "covid19_ct", "sars_cov2_ct", "image_folder")
@@ -69,8 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = "saal"            # saal | ce | focal | cb | sce | la (logit-adjusted CE)
   # normalize_weights: w <- C w / sum w. The paper's literal Eq. 10 (False) lets alpha run to 1, which
   # shrinks every w_n to 1/k_n and stalls training at the majority class (results/covid19_ct_cpu).
+  # alpha_param: sigmoid (the paper's alpha = sigmoid(raw), raw ~ N(0, init_stddev)) | log10 (1 - alpha ~ 10^-r,
+  # r from log10 of the largest class count; see losses.alpha_logit).
   c.saal = ml_collections.ConfigDict(dict(
-      log_zero=-4.0, normalize_weights=True, learn_alpha_beta=True, init_stddev=1.0))
+      log_zero=-4.0, normalize_weights=True, learn_alpha_beta=True, init_stddev=1.0, alpha_param="sigmoid"))
   c.focal_gamma = 2.0
   c.cb_beta = 0.9999
   c.sce_alpha = 0.1
@@ -187,6 +189,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   for key, allowed in choices.items():
     if config[key] not in allowed:
       raise ValueError(f"config.{key}={config[key]!r} is not one of {', '.join(allowed)}.")
+  if config.saal.alpha_param not in ALPHA_PARAMS:
+    raise ValueError(f"config.saal.alpha_param={config.saal.alpha_param!r} is not one of {', '.join(ALPHA_PARAMS)}.")
   positive = ("learning_rate", "batch_size", "eval_batch_size", "image_size", "num_epochs", "lr_decay_epochs",
               "log_every_steps", "eval_every_epochs", "hidden", "keep_checkpoints")
   for key in positive:

@@ -21,15 +21,47 @@ import numpy as np
 
 LossFn = Callable[..., tuple[jax.Array, jax.Array]]
 LOSS_NAMES = ("saal", "ce", "focal", "cb", "sce", "la")
+ALPHA_PARAMS = ("sigmoid", "log10")
+_LN10 = float(np.log(10.0))
 
 
-def init_saal_params(rng: jax.Array, num_heads: int, stddev: float = 1.0) -> dict[str, jax.Array]:
-  """Raw (pre-sigmoid) alpha and beta_1..num_heads, drawn N(0, stddev) as in Algorithm 1."""
+def init_saal_params(rng: jax.Array, num_heads: int, stddev: float = 1.0, *, alpha_param: str = "sigmoid",
+                     class_counts: Sequence[float] | None = None) -> dict[str, jax.Array]:
+  """Raw alpha and beta_1..num_heads; beta raw ~ N(0, stddev) as in Algorithm 1.
+
+  alpha raw: `sigmoid` draws it N(0, stddev) too (Algorithm 1). There alpha^k_n
+  ~ 0 for every class of more than a few dozen examples, so all w_n are equal
+  and no gradient moves alpha. `log10` starts it deterministically at
+  r = log10(max k_n), so 1 - alpha ~ 1/k_max: the effective number of the
+  largest class is then ~0.63 k_max and of much smaller ones ~k_n, weights
+  near inverse frequency on the scale where r's gradient is not zero. The
+  seed still varies beta and the network.
+  """
   a_rng, b_rng = jax.random.split(rng)
-  return {
-      "alpha": stddev * jax.random.normal(a_rng, (), jnp.float32),
-      "beta": stddev * jax.random.normal(b_rng, (num_heads,), jnp.float32),
-  }
+  if alpha_param == "log10":
+    if class_counts is None:
+      raise ValueError("alpha_param='log10' starts alpha from the largest class count; pass class_counts.")
+    alpha = jnp.float32(np.log10(np.max(check_class_counts(class_counts))))
+  elif alpha_param == "sigmoid":
+    alpha = stddev * jax.random.normal(a_rng, (), jnp.float32)
+  else:
+    raise ValueError(f"alpha_param must be one of {', '.join(ALPHA_PARAMS)}, got {alpha_param!r}.")
+  return {"alpha": alpha, "beta": stddev * jax.random.normal(b_rng, (num_heads,), jnp.float32)}
+
+
+def alpha_logit(alpha_raw: jax.Array, alpha_param: str = "sigmoid") -> jax.Array:
+  """log(alpha / (1 - alpha)) of the stored raw alpha, what the stable weight formula takes.
+
+  `sigmoid`: the raw value itself (the paper's alpha = sigmoid(raw)). `log10`:
+  the raw value is r with 1 - alpha = 10^-r / (1 + 10^-r), i.e. alpha =
+  sigmoid(r ln 10). That is 1 - 10^-r to 1% once r >= 2 (alpha >= 0.99, Cui et
+  al.'s sweep 0.9 ... 0.9999 is r = 1 ... 4) and, unlike 1 - 10^-r itself,
+  stays in (0, 1) for every r, so no clipping leaves a region without gradient.
+  A unit step in r is one decade of 1 - alpha.
+  """
+  if alpha_param == "sigmoid":
+    return alpha_raw
+  return alpha_raw * _LN10
 
 
 def check_class_counts(class_counts: Sequence[float], class_names: Sequence[str] | None = None) -> np.ndarray:
@@ -95,8 +127,9 @@ def _sum_heads(per_head_fn, heads, labels, mask) -> tuple[jax.Array, jax.Array]:
 
 def saal_loss(heads: Sequence[jax.Array], labels: jax.Array, saal_params: Mapping[str, jax.Array],
               class_counts: jax.Array, mask: jax.Array | None = None, *, log_zero: float = -4.0,
-              normalize_weights: bool = False, learn_alpha_beta: bool = True) -> tuple[jax.Array, jax.Array]:
-  """Eq. 10 per head (DCE + beta_i DRCE), summed over heads (Eq. 2)."""
+              normalize_weights: bool = False, learn_alpha_beta: bool = True,
+              alpha_param: str = "sigmoid") -> tuple[jax.Array, jax.Array]:
+  """Eq. 10 per head (DCE + beta_i DRCE), summed over heads (Eq. 2); alpha as `alpha_logit` reads it."""
   num_classes = class_counts.shape[0]
   _check_shapes(heads, labels, num_classes)
   alpha_raw, beta_raw = saal_params["alpha"], saal_params["beta"]
@@ -105,7 +138,8 @@ def saal_loss(heads: Sequence[jax.Array], labels: jax.Array, saal_params: Mappin
   if not learn_alpha_beta:
     alpha_raw, beta_raw = jax.lax.stop_gradient(alpha_raw), jax.lax.stop_gradient(beta_raw)
   dtype = _loss_dtype(heads)
-  w = saal_class_weights(alpha_raw.astype(dtype), jnp.asarray(class_counts, dtype), normalize_weights)
+  w = saal_class_weights(alpha_logit(alpha_raw.astype(dtype), alpha_param), jnp.asarray(class_counts, dtype),
+                         normalize_weights)
   beta = jax.nn.sigmoid(beta_raw.astype(dtype))
   onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
 

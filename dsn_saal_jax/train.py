@@ -69,7 +69,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, axis_name:
 def make_loss_fn(config: ml_collections.ConfigDict, class_counts: np.ndarray, class_names=None) -> losses.LossFn:
   options = {
       "saal": dict(log_zero=config.saal.log_zero, normalize_weights=config.saal.normalize_weights,
-                   learn_alpha_beta=config.saal.learn_alpha_beta),
+                   learn_alpha_beta=config.saal.learn_alpha_beta, alpha_param=config.saal.alpha_param),
       "ce": {}, "focal": dict(gamma=config.focal_gamma), "cb": dict(beta_cb=config.cb_beta),
       "sce": dict(alpha=config.sce_alpha, beta=config.sce_beta), "la": dict(tau=config.la_tau),
   }[config.loss]
@@ -82,7 +82,7 @@ def model_fingerprint(config: ml_collections.ConfigDict, num_classes: int) -> di
            if k != "dropout_rate"}
   return {"backbone": config.backbone, "model": config.model, "num_classes": int(num_classes),
           "channels": int(config.channels), **shape, "fuse_channels": int(config.fuse_channels),
-          "loss_params": config.loss == "saal"}
+          "loss_params": config.loss == "saal", "saal_alpha_param": config.saal.alpha_param}
 
 
 def network_params(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -108,12 +108,15 @@ def init_variables(config: ml_collections.ConfigDict, model: nn.Module, image_sh
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, image_shape,
-                       optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+                       optimizer: optax.GradientTransformation, rng: jax.Array,
+                       class_counts: np.ndarray | None = None) -> TrainState:
+  """The initial state; `class_counts` (k_n) are needed by `config.saal.alpha_param='log10'`'s alpha."""
   model_rng, saal_rng = jax.random.split(rng)
   variables = init_variables(config, model, image_shape, model_rng)
   params = dict(variables["params"])
   if config.loss == "saal":
-    params["saal"] = losses.init_saal_params(saal_rng, model.num_heads, config.saal.init_stddev)
+    params["saal"] = losses.init_saal_params(saal_rng, model.num_heads, config.saal.init_stddev,
+                                             alpha_param=config.saal.alpha_param, class_counts=class_counts)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
                     opt_state=optimizer.init(params))
 
@@ -123,7 +126,8 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, imag
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], dropout_rng: jax.Array, *,
                model: nn.Module, loss_fn: losses.LossFn, optimizer: optax.GradientTransformation,
-               learning_rate_fn: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
+               learning_rate_fn: optax.Schedule,
+               alpha_param: str = "sigmoid") -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on this device's slice of the global batch; run under pmap(axis_name='batch')."""
   # A fresh dropout key per step and per device (axis_index is global across processes).
   rng = jax.random.fold_in(jax.random.fold_in(dropout_rng, state.step), jax.lax.axis_index(AXIS))
@@ -144,11 +148,16 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], dropout_rng: j
              "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
              "learning_rate": learning_rate_fn(state.step)}
   if "saal" in state.params:
-    metrics["alpha"] = jax.nn.sigmoid(state.params["saal"]["alpha"])
-    metrics["beta"] = jax.nn.sigmoid(state.params["saal"]["beta"])
+    metrics.update(saal_metrics(state.params["saal"], alpha_param))
   metrics = jax.lax.pmean(metrics, AXIS)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
   return new_state, metrics
+
+
+def saal_metrics(saal_params: Mapping[str, jax.Array], alpha_param: str) -> dict[str, jax.Array]:
+  """alpha and beta_i of a step, and alpha's logit, from which the host computes the class weights exactly."""
+  logit = losses.alpha_logit(saal_params["alpha"], alpha_param)
+  return {"alpha": jax.nn.sigmoid(logit), "alpha_logit": logit, "beta": jax.nn.sigmoid(saal_params["beta"])}
 
 
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module, loss_fn: losses.LossFn,
@@ -368,11 +377,10 @@ def _validation_text(metric: str, value: float | None, best: float | None, best_
   return f"; validation {metric} {value:.4f} (best {best_text})"
 
 
-def _saal_weight_summaries(config: ml_collections.ConfigDict, info, alpha: float) -> dict[str, float]:
+def _saal_weight_summaries(config: ml_collections.ConfigDict, info, alpha_logit: np.ndarray) -> dict[str, float]:
   """The class weights w_n the SAAL loss applies at this alpha (what alpha -> 1 does is plain here)."""
-  alpha = float(np.clip(alpha, 1e-7, 1 - 1e-7))
-  w = losses.saal_class_weights(jnp.float32(np.log(alpha) - np.log1p(-alpha)),
-                                jnp.asarray(info.class_counts, jnp.float32), config.saal.normalize_weights)
+  w = losses.saal_class_weights(jnp.float32(alpha_logit), jnp.asarray(info.class_counts, jnp.float32),
+                                config.saal.normalize_weights)
   return {f"train/saal_weight_{name}": float(v) for name, v in zip(info.class_names, np.asarray(w))}
 
 
@@ -517,13 +525,14 @@ class _Run:
     self.schedule = make_lr_schedule(config, self.steps_per_epoch)
     self.loss_fn = make_loss_fn(config, np.asarray(info.class_counts), info.class_names)
     init_rng, self.dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    self.state = create_train_state(config, self.model, info.image_shape, self.optimizer, init_rng)
+    self.state = create_train_state(config, self.model, info.image_shape, self.optimizer, init_rng,
+                                    class_counts=np.asarray(info.class_counts))
     self.checkpoints = checkpointing.Checkpoints(
         workdir, model_fingerprint(config, self.num_classes), keep=config.keep_checkpoints,
         inference=checkpointing.inference_spec(config, info), read_only=read_only)
     self.p_train_step = jax.pmap(
         functools.partial(train_step, model=self.model, loss_fn=self.loss_fn, optimizer=self.optimizer,
-                          learning_rate_fn=self.schedule),
+                          learning_rate_fn=self.schedule, alpha_param=config.saal.alpha_param),
         axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
     self.p_eval_step = jax.pmap(
         functools.partial(eval_step, model=self.model, loss_fn=self.loss_fn, eval_head=config.eval_head),
@@ -610,8 +619,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset
         fetched = buffer.take_window(last_good)
         now = time.time()
         values = _summaries(fetched, run.model.num_heads)
-        if "train/alpha" in values:
-          values.update(_saal_weight_summaries(config, info, values["train/alpha"]))
+        if "alpha_logit" in fetched[-1][1]:
+          values.update(_saal_weight_summaries(config, info, fetched[-1][1]["alpha_logit"]))
         values["train/examples_per_sec"] = (done - log_from) * config.batch_size / max(now - t_log, 1e-9)
         writer.scalars(done, values)
         eta = (now - t_start) / max(done - start_step, 1) * (run.total_steps - done)

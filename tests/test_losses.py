@@ -170,6 +170,42 @@ def test_shape_mismatch_is_reported():
     losses.make_loss("dice", (5, 6))
 
 
+@pytest.mark.parametrize("r", [0.5, 2.0, 3.7, 9.0])
+def test_log10_alpha_is_one_minus_ten_to_the_minus_r(r):
+  """alpha_param='log10' stores r with 1 - alpha = 10^-r / (1 + 10^-r): the loss equals Eq. 10 at that alpha."""
+  counts = (3000, 150, 7)
+  logit = losses.alpha_logit(jnp.float32(r), "log10")
+  one_minus_alpha = 10.0**-r / (1 + 10.0**-r)
+  assert abs(float(jax.nn.sigmoid(-logit)) / one_minus_alpha - 1) < 1e-5
+  if r >= 2:  # the regime Cui et al. sweep: 1 - alpha is 10^-r to 1%
+    assert abs(one_minus_alpha / 10.0**-r - 1) < 0.01
+  heads, labels, beta = random_problem(9, 3)
+  total, _ = losses.make_loss("saal", counts, alpha_param="log10")(heads, labels, {"alpha": jnp.float32(r),
+                                                                                   "beta": jnp.asarray(beta)})
+  alpha_raw = float(np.log1p(-one_minus_alpha) - np.log(one_minus_alpha))
+  np.testing.assert_allclose(float(total), ref_saal(heads, labels, alpha_raw, beta, counts), rtol=2e-5)
+
+
+def test_log10_alpha_starts_at_the_knee_of_the_largest_class():
+  """r0 = log10(k_max): 1 - alpha ~ 1/k_max, where dw/dr is large; beta is drawn exactly as for sigmoid."""
+  counts = (400, 20)
+  key = jax.random.PRNGKey(3)
+  log10 = losses.init_saal_params(key, 6, alpha_param="log10", class_counts=counts)
+  sigmoid = losses.init_saal_params(key, 6)
+  assert float(log10["alpha"]) == pytest.approx(np.log10(400))
+  np.testing.assert_array_equal(log10["beta"], sigmoid["beta"])
+  w = losses.saal_class_weights(losses.alpha_logit(log10["alpha"], "log10"), jnp.asarray(counts, jnp.float32),
+                                normalize=True)
+  assert 5 < float(w[1] / w[0]) < 20  # between uniform (1) and inverse frequency (20)
+  log_ratio = lambda logit: jnp.log(jnp.divide(*losses.saal_class_weights(logit, jnp.asarray(counts, jnp.float32),
+                                                                          True)[::-1]))
+  assert float(jax.grad(lambda r: log_ratio(losses.alpha_logit(r, "log10")))(log10["alpha"])) > 0.3
+  # The trap of the paper's init: raw ~ N(0, 1) gives uniform weights, and no gradient to leave them.
+  assert float(log_ratio(sigmoid["alpha"])) < 1e-6 and float(jax.grad(log_ratio)(sigmoid["alpha"])) < 1e-6
+  with pytest.raises(ValueError, match="alpha_param='log10' starts alpha from the largest class count"):
+    losses.init_saal_params(key, 6, alpha_param="log10")
+
+
 def test_init_saal_params_is_seeded_standard_normal():
   a = losses.init_saal_params(jax.random.PRNGKey(0), 6)
   b = losses.init_saal_params(jax.random.PRNGKey(0), 6)
