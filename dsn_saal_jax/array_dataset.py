@@ -4,7 +4,9 @@ Notebooks and tests use it to train on NumPy arrays without TFDS. It follows
 the same contract as `dsn_saal_jax.data.input_pipeline`: step s is batch
 s % steps_per_epoch of a seeded per-epoch permutation (so `train_iter(s)`
 resumes exactly), every process gets its contiguous slice of each global
-batch, and eval passes pad with mask 0 so every example counts once.
+batch, and eval passes pad with mask 0 so every example counts once. With a
+meta set (`meta_fraction` > 0, for `config.saal.update='meta'`) each training
+batch also carries that step's `meta_image` and `meta_label`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
+
+from dsn_saal_jax import meta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,14 +30,23 @@ class ArrayInfo:
   steps_per_epoch: int
   normalization: dict
   duplicates_removed: dict = dataclasses.field(default_factory=dict)  # none: arrays are not deduplicated
+  meta_counts: np.ndarray | None = None  # examples per class of the meta set; None: no meta set
 
 
 class ArrayDataset:
   """Train and eval splits held as (N, H, W, C) float32 images and (N,) int labels."""
 
   def __init__(self, train: tuple[np.ndarray, np.ndarray], evals: Mapping[str, tuple[np.ndarray, np.ndarray]],
-               class_names: Sequence[str], batch_size: int, eval_batch_size: int, seed: int = 0):
-    self.images, self.labels = np.asarray(train[0], np.float32), np.asarray(train[1], np.int32)
+               class_names: Sequence[str], batch_size: int, eval_batch_size: int, seed: int = 0,
+               meta_fraction: float = 0.0, meta_balanced: bool = False):
+    """`meta_fraction` > 0 holds out that share of `train` as the meta set (see `meta.meta_split`)."""
+    images, labels = np.asarray(train[0], np.float32), np.asarray(train[1], np.int32)
+    self.meta_images = self.meta_labels = None
+    if meta_fraction:
+      kept, held = meta.meta_split(labels, meta_fraction, meta_balanced, seed, class_names)
+      self.meta_images, self.meta_labels = images[held], labels[held]
+      images, labels = images[kept], labels[kept]
+    self.images, self.labels = images, labels
     self.evals = {k: (np.asarray(x, np.float32), np.asarray(y, np.int32)) for k, (x, y) in evals.items()}
     self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
     if len(self.images) < batch_size:
@@ -43,7 +56,8 @@ class ArrayDataset:
         class_counts=np.bincount(self.labels, minlength=len(class_names)),
         num_train=len(self.images), num_eval={k: len(v[1]) for k, v in self.evals.items()},
         image_shape=tuple(self.images.shape[1:]), steps_per_epoch=len(self.images) // batch_size,
-        normalization={})
+        normalization={},
+        meta_counts=None if self.meta_labels is None else np.bincount(self.meta_labels, minlength=len(class_names)))
 
   def _local(self, array: np.ndarray, global_batch: int) -> np.ndarray:
     """This process's slice of a global batch, shaped (local_devices, per_device, ...)."""
@@ -58,8 +72,13 @@ class ArrayDataset:
       epoch, b = divmod(step, spe)
       order = np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
       idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-      yield {"image": self._local(self.images[idx], self.batch_size),
-             "label": self._local(self.labels[idx], self.batch_size)}
+      batch = {"image": self._local(self.images[idx], self.batch_size),
+               "label": self._local(self.labels[idx], self.batch_size)}
+      if self.meta_labels is not None:
+        m = meta.meta_batch_positions(len(self.meta_labels), self.batch_size, self.seed, step)
+        batch.update(meta_image=self._local(self.meta_images[m], self.batch_size),
+                     meta_label=self._local(self.meta_labels[m], self.batch_size))
+      yield batch
       step += 1
 
   def eval_iter(self, split: str) -> Iterator[dict[str, np.ndarray]]:

@@ -13,6 +13,7 @@ from typing import Any, Iterable
 
 import ml_collections
 
+from dsn_saal_jax import meta
 from dsn_saal_jax.losses import ALPHA_PARAMS, LOSS_NAMES
 
 MODELS = ("dsn", "baseline")
@@ -71,8 +72,12 @@ def base_config() -> ml_collections.ConfigDict:
   # shrinks every w_n to 1/k_n and stalls training at the majority class (results/covid19_ct_cpu).
   # alpha_param: sigmoid (the paper's alpha = sigmoid(raw), raw ~ N(0, init_stddev)) | log10 (1 - alpha ~ 10^-r,
   # r from log10 of the largest class count; see losses.alpha_logit).
+  # meta_fraction: share of each class's training examples held out as the meta set when the loss's parameters
+  # are meta-learned (drawn after train_per_class and covid_fraction); meta_balanced: the same total, split
+  # evenly over the classes.
   c.saal = ml_collections.ConfigDict(dict(
-      log_zero=-4.0, normalize_weights=True, learn_alpha_beta=True, init_stddev=1.0, alpha_param="sigmoid"))
+      log_zero=-4.0, normalize_weights=True, learn_alpha_beta=True, init_stddev=1.0, alpha_param="sigmoid",
+      meta_fraction=0.1, meta_balanced=False))
   c.focal_gamma = 2.0
   c.cb_beta = 0.9999
   c.sce_alpha = 0.1
@@ -191,6 +196,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
       raise ValueError(f"config.{key}={config[key]!r} is not one of {', '.join(allowed)}.")
   if config.saal.alpha_param not in ALPHA_PARAMS:
     raise ValueError(f"config.saal.alpha_param={config.saal.alpha_param!r} is not one of {', '.join(ALPHA_PARAMS)}.")
+  meta.check_meta_fraction(config.saal.meta_fraction)
   positive = ("learning_rate", "batch_size", "eval_batch_size", "image_size", "num_epochs", "lr_decay_epochs",
               "log_every_steps", "eval_every_epochs", "hidden", "keep_checkpoints")
   for key in positive:

@@ -480,6 +480,14 @@ def _first_examples(dataset, split: str, per_class: int, num_classes: int) -> tu
   return np.stack(images), np.asarray(labels)
 
 
+def _meta_set_record(info) -> dict[str, dict[str, int]]:
+  """Examples per class the network trained on and the meta set held out of them; {} without a meta set."""
+  if getattr(info, "meta_counts", None) is None:
+    return {}
+  per_class = lambda counts: {str(n): int(k) for n, k in zip(info.class_names, counts)}
+  return {"train_counts": per_class(info.class_counts), "meta_counts": per_class(info.meta_counts)}
+
+
 def write_report(config: ml_collections.ConfigDict, state: TrainState, dataset, split: str, out_dir: str,
                  p_eval_step: Callable, rstate: TrainState, extra: Mapping[str, Any] | None = None) -> dict:
   """metrics.json and the PNG plots (confusion matrix, ROC, Grad-CAM grid) of `split` into `out_dir`."""
@@ -490,7 +498,8 @@ def write_report(config: ml_collections.ConfigDict, state: TrainState, dataset, 
   # num_examples (from compute_metrics) counts what was evaluated; this, what config.dedup left out.
   result.update({"split": split, "loss": pred["loss"], "backbone": config.backbone, "model": config.model,
                  "duplicates_removed": info.duplicates_removed.get(split, 0),
-                 "num_params": models.count_params(network_params(state.params)), **(extra or {})})
+                 "num_params": models.count_params(network_params(state.params)), **_meta_set_record(info),
+                 **(extra or {})})
   if jax.process_index() == 0:
     images, labels = _first_examples(dataset, split, config.gradcam_per_class, len(info.class_names))
     variables = {"params": network_params(state.params), "batch_stats": state.batch_stats}
@@ -582,6 +591,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset
                config.dataset, run.num_classes, list(info.class_names), [int(k) for k in info.class_counts],
                info.num_train, run.steps_per_epoch, run.total_steps,
                sum(np.size(x) for x in jax.tree_util.tree_leaves(state.params)))
+  if _meta_set_record(info):
+    logging.info("Meta set (config.saal.meta_fraction=%g%s), held out of the training split: %s.",
+                 config.saal.meta_fraction, ", meta_balanced" if config.saal.meta_balanced else "",
+                 _meta_set_record(info)["meta_counts"])
   _warn_if_gpu_scale_on_cpu(config, run, state)
   logging.info("Every %d steps the training scalars go to TensorBoard (tensorboard --logdir=%s) and %s.",
                config.log_every_steps, os.path.join(workdir, "tensorboard"), os.path.join(workdir, HISTORY_FILE))

@@ -177,6 +177,24 @@ def test_imbalance_protocol(data_dir, fraction):
   assert ds.info.num_eval == {"validation": 42, "test": 42}
 
 
+def test_meta_set_is_held_out_of_the_kept_training_examples(data_dir):
+  """update=meta: a stratified slice of what covid_fraction kept, gone from training, fed per step; k_n follow."""
+  saal = dict(update="meta", meta_fraction=0.25, meta_balanced=False)
+  plain = create(data_dir, covid_fraction=0.5, batch_size=4)
+  ds = create(data_dir, covid_fraction=0.5, batch_size=4, saal=saal)
+  kept = plain.info.class_counts
+  assert ds.info.meta_counts.tolist() == [round(0.25 * k) for k in kept]
+  np.testing.assert_array_equal(ds.info.class_counts + ds.info.meta_counts, kept)
+  train_ids, meta_ids = set(ds.example_ids("train")), set(ds.example_ids("meta"))
+  assert train_ids | meta_ids == set(plain.example_ids("train")) and not train_ids & meta_ids
+  assert all(i.startswith("train/") for i in meta_ids)  # never validation or test
+  batches = take(ds.train_iter(), 3)
+  assert batches[2]["meta_image"].shape == batches[2]["image"].shape == (1, 4, 40, 40, 1)
+  resumed = next(ds.train_iter(start_step=2))
+  np.testing.assert_array_equal(resumed["meta_image"], batches[2]["meta_image"])
+  np.testing.assert_array_equal(resumed["image"], batches[2]["image"])
+
+
 def test_subsample_class_exact_seeded_and_errors():
   labels = np.array([0, 1, 2] * 100 + [2] * 57)
   kept = input_pipeline.subsample_class(labels, 2, 0.1, seed=3)

@@ -3,7 +3,10 @@
 Examples are read by index from ArrayRecord files (`tfds.data_source`), so the
 global order of every epoch is a plain numpy permutation of (seed, epoch):
 a resumed run, or a run on a different number of processes, sees exactly the
-same global batches. TensorFlow only decodes, resizes and normalizes.
+same global batches. TensorFlow only decodes, resizes and normalizes. For
+`config.saal.update='meta'` a seeded slice of the kept training examples is
+held out as the meta set (`dsn_saal_jax.meta`), and every training batch
+carries that step's `meta_image` and `meta_label`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from jax.experimental import multihost_utils
 
+from dsn_saal_jax import meta
 from dsn_saal_jax.data import builders
 
 # ImageNet statistics (torchvision), because the backbone starts from ImageNet weights.
@@ -37,7 +41,7 @@ _SCAN_CHUNK = 1024
 class DataInfo:
   """What the trainer, the loss and inference need to know about the data."""
   class_names: tuple[str, ...]
-  class_counts: np.ndarray  # k_n of the kept training examples (train_per_class, covid_fraction), int64 (C,)
+  class_counts: np.ndarray  # k_n the network trains on (train_per_class, covid_fraction, minus the meta set), int64 (C,)
   num_train: int
   num_eval: dict[str, int]  # examples each eval split evaluates (after config.dedup)
   image_shape: tuple[int, int, int]
@@ -45,6 +49,7 @@ class DataInfo:
   normalization: dict[str, Any]  # JSON-serializable, see `preprocess`
   # Copies of earlier splits' slices left out of each eval split by config.dedup.
   duplicates_removed: dict[str, int] = dataclasses.field(default_factory=dict)
+  meta_counts: np.ndarray | None = None  # examples per class of the meta set; None: no meta set
 
 
 def normalization_for(config: Any) -> dict[str, Any]:
@@ -220,6 +225,12 @@ class Dataset:
         self._train.labels, class_names, per_class=int(config.get("train_per_class", 0)),
         fraction=float(config.get("covid_fraction", 1.0)), seed=self._seed,
         minority=minority_class(config.get("minority_class", ""), class_names, builder.COVID_CLASS))
+    saal = config.get("saal") or {}
+    self._meta = None  # rows of the train split held out as the meta set
+    if saal.get("update", "joint") == "meta":
+      train_pos, meta_pos = meta.meta_split(self._train.labels[self._kept], float(saal["meta_fraction"]),
+                                            bool(saal["meta_balanced"]), self._seed, class_names)
+      self._kept, self._meta = self._kept[train_pos], self._kept[meta_pos]
     counts = np.bincount(self._train.labels[self._kept], minlength=len(class_names))
     steps = len(self._kept) // self._batch_size
     if steps == 0:
@@ -236,6 +247,8 @@ class Dataset:
         steps_per_epoch=steps,
         normalization=normalization,
         duplicates_removed={name: len(rows) for name, rows in removed.items()},
+        meta_counts=(None if self._meta is None
+                     else np.bincount(self._train.labels[self._meta], minlength=len(class_names))),
     )
 
   def _duplicates(self, train_splits: list[str], eval_specs: dict[str, str]) -> dict[str, np.ndarray]:
@@ -269,10 +282,13 @@ class Dataset:
   def example_ids(self, split: str) -> list[str]:
     """File ids of `split` by the 'index' eval yields.
 
-    'train' is the kept training examples; eval splits leave out what config.dedup removed.
+    'train' is the training examples the network sees, 'meta' the meta set; eval splits leave out what
+    config.dedup removed.
     """
     if split == "train":
       return [self._train.ids[i] for i in self._kept]
+    if split == "meta" and self._meta is not None:
+      return [self._train.ids[i] for i in self._meta]
     ids = self._split(split).ids
     return [ids[i] for i in self._eval_rows[split]]
 
@@ -347,8 +363,23 @@ class Dataset:
     """
     if start_step < 0:
       raise ValueError(f"start_step must be >= 0, got {start_step}.")
-    return self._pipeline(self._train.raw, ((i, i) for i in self._train_indices(start_step)),
-                          self._per_device, with_index=False)
+    train = self._pipeline(self._train.raw, ((i, i) for i in self._train_indices(start_step)),
+                           self._per_device, with_index=False)
+    if self._meta is None:
+      return train
+    rows = (i for i in self._meta_indices(start_step))
+    held = self._pipeline(self._train.raw, ((i, i) for i in rows), self._per_device, with_index=False)
+    return ({**batch, "meta_image": m["image"], "meta_label": m["label"]} for batch, m in zip(train, held))
+
+  def _meta_indices(self, start_step: int) -> Iterator[int]:
+    """This process's share of each step's global meta batch (rows of the train split)."""
+    per_process = self._per_device * self._local_devices
+    step = start_step
+    while True:
+      positions = meta.meta_batch_positions(len(self._meta), self._batch_size, self._seed, step)
+      begin = self._process_index * per_process
+      yield from self._meta[positions[begin:begin + per_process]].tolist()
+      step += 1
 
   def eval_iter(self, split: str) -> Iterator[dict[str, np.ndarray]]:
     """One deterministic pass over `split`, padded to whole global batches.
