@@ -61,7 +61,8 @@ def inference_spec(config: Any, info: Any) -> dict[str, Any]:
 
 
 # What checkpoints written before a fingerprint key existed hold for it.
-_LEGACY_FINGERPRINT = {"backbone": models.DEFAULT_BACKBONE, "width_scale": 1.0, "saal_alpha_param": "sigmoid"}
+_LEGACY_FINGERPRINT = {"backbone": models.DEFAULT_BACKBONE, "width_scale": 1.0, "saal_alpha_param": "sigmoid",
+                       "saal_update_rule": "joint"}
 
 
 def fingerprint_differences(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:

@@ -67,17 +67,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_checkpoint = ""     # ImageNet init: launch/convert_torchvision.py output dir; "" = random.
 
   # Loss.
-  c.loss = "saal"            # saal | ce | focal | cb | sce | la (logit-adjusted CE)
+  c.loss = "saal"            # saal | ce | focal | cb | sce | la (logit-adjusted CE) | mwn (Meta-Weight-Net)
   # normalize_weights: w <- C w / sum w. The paper's literal Eq. 10 (False) lets alpha run to 1, which
   # shrinks every w_n to 1/k_n and stalls training at the majority class (results/covid19_ct_cpu).
   # alpha_param: sigmoid (the paper's alpha = sigmoid(raw), raw ~ N(0, init_stddev)) | log10 (1 - alpha ~ 10^-r,
   # r from log10 of the largest class count; see losses.alpha_logit).
-  # meta_fraction: share of each class's training examples held out as the meta set when the loss's parameters
-  # are meta-learned (drawn after train_per_class and covid_fraction); meta_balanced: the same total, split
-  # evenly over the classes.
+  # update_rule: how the loss's own parameters learn. joint (the paper's): with the network, by SGD on the training
+  # loss, which can only shrink beta (every DRCE term is >= 0). meta: by Adam(meta_lr) on the balanced CE of a
+  # held-out meta set after a one-step lookahead of the network (train.meta_train_step), every
+  # meta_every_steps steps; meta_learn: which of SAAL's alpha and beta it learns (the other stays fixed).
+  # loss=mwn (Meta-Weight-Net) learns only that way.
+  # meta_fraction: share of each class's training examples held out as the meta set (drawn after
+  # train_per_class and covid_fraction); meta_balanced: the same total, split evenly over the classes.
   c.saal = ml_collections.ConfigDict(dict(
       log_zero=-4.0, normalize_weights=True, learn_alpha_beta=True, init_stddev=1.0, alpha_param="sigmoid",
-      meta_fraction=0.1, meta_balanced=False))
+      update_rule="joint", meta_lr=1e-3, meta_every_steps=1, meta_learn="alpha_beta", meta_fraction=0.1,
+      meta_balanced=False))
   c.focal_gamma = 2.0
   c.cb_beta = 0.9999
   c.sce_alpha = 0.1
@@ -178,6 +183,33 @@ def check_split_fractions(fractions: Iterable[float]) -> None:
         f"(they sum to {sum(fractions):g}), e.g. --config.split_fractions='(0.7, 0.1, 0.2)'.")
 
 
+UPDATE_RULES = ("joint", "meta")  # not `update`: that name is ConfigDict.update, unreachable as config.saal.update
+META_LEARN = ("alpha_beta", "alpha", "beta")
+META_LOSSES = ("saal", "mwn")  # the losses with parameters of their own
+
+
+def _validate_saal_update(config: ml_collections.ConfigDict) -> None:
+  """config.saal's update rule and meta set: values, and a loss that has something to learn."""
+  saal = config.saal
+  for key, allowed in (("update_rule", UPDATE_RULES), ("meta_learn", META_LEARN)):
+    if saal[key] not in allowed:
+      raise ValueError(f"config.saal.{key}={saal[key]!r} is not one of {', '.join(allowed)}.")
+  meta.check_meta_fraction(saal.meta_fraction)
+  if not (isinstance(saal.meta_every_steps, int) and saal.meta_every_steps >= 1):
+    raise ValueError(f"config.saal.meta_every_steps must be a positive integer, got {saal.meta_every_steps!r}.")
+  if not saal.meta_lr > 0:
+    raise ValueError(f"config.saal.meta_lr must be positive, got {saal.meta_lr!r}.")
+  if saal.update_rule == "meta" and config.loss not in META_LOSSES:
+    raise ValueError(f"config.saal.update_rule='meta' meta-learns the loss's own parameters, but config.loss="
+                     f"{config.loss!r} has none; use loss={' or '.join(META_LOSSES)}, or update_rule='joint'.")
+  if saal.update_rule == "meta" and config.loss == "saal" and not saal.learn_alpha_beta:
+    raise ValueError("config.saal.update_rule='meta' with config.saal.learn_alpha_beta=False: alpha and beta are "
+                     "fixed, so there is nothing to meta-learn; set learn_alpha_beta=True or update_rule='joint'.")
+  if config.loss == "mwn" and saal.update_rule != "meta":
+    raise ValueError(f"config.loss='mwn' (Meta-Weight-Net) learns its weights on the meta set only; set "
+                     f"config.saal.update_rule='meta' (got {saal.update_rule!r}).")
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises ValueError for any key or value the trainer cannot run with."""
   schema = base_config()
@@ -196,7 +228,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
       raise ValueError(f"config.{key}={config[key]!r} is not one of {', '.join(allowed)}.")
   if config.saal.alpha_param not in ALPHA_PARAMS:
     raise ValueError(f"config.saal.alpha_param={config.saal.alpha_param!r} is not one of {', '.join(ALPHA_PARAMS)}.")
-  meta.check_meta_fraction(config.saal.meta_fraction)
+  _validate_saal_update(config)
   positive = ("learning_rate", "batch_size", "eval_batch_size", "image_size", "num_epochs", "lr_decay_epochs",
               "log_every_steps", "eval_every_epochs", "hidden", "keep_checkpoints")
   for key in positive:

@@ -2,7 +2,8 @@
 
 Every loss maps (heads, labels, saal_params, mask) to (total, per_head): `heads`
 is the model's tuple of (B, C) logit arrays, `labels` (B,) integer classes,
-`saal_params` the `params['saal']` subtree (ignored by the baselines) and
+`saal_params` the loss's own parameters (`params['saal']`, Meta-Weight-Net's
+`params['mwn']`; ignored by the fixed losses) and
 `mask` optional per-example weights (padded eval examples get 0). `total` is
 the sum over heads of each head's batch mean (Eq. 2). All computation is in
 at least float32 whatever the model's compute dtype (float64 when the model runs in it).
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 LossFn = Callable[..., tuple[jax.Array, jax.Array]]
-LOSS_NAMES = ("saal", "ce", "focal", "cb", "sce", "la")
+LOSS_NAMES = ("saal", "ce", "focal", "cb", "sce", "la", "mwn")
 ALPHA_PARAMS = ("sigmoid", "log10")
 _LN10 = float(np.log(10.0))
 
@@ -224,8 +225,48 @@ def la_loss(heads, labels, saal_params=None, class_counts=None, mask=None, *, ta
   return _sum_heads(lambda i, z, y: -jnp.sum(onehot * jax.nn.log_softmax(z + log_prior), -1), heads, labels, mask)
 
 
+MWN_HIDDEN = 100  # Shu et al.'s VNet(1, 100, 1)
+
+
+def init_mwn_params(rng: jax.Array, num_heads: int, hidden: int = MWN_HIDDEN) -> dict[str, jax.Array]:
+  """One Meta-Weight-Net MLP 1-hidden-1 per head, stacked; torch.nn.Linear's default U(+-1/sqrt(fan_in)) init."""
+  k1, k2, k3, k4 = jax.random.split(rng, 4)
+  uniform = lambda key, shape, bound: jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+  return {"w1": uniform(k1, (num_heads, hidden), 1.0), "b1": uniform(k2, (num_heads, hidden), 1.0),
+          "w2": uniform(k3, (num_heads, hidden), hidden**-0.5), "b2": uniform(k4, (num_heads,), hidden**-0.5)}
+
+
+def mwn_weights(mwn_params: Mapping[str, jax.Array], per_example: jax.Array) -> jax.Array:
+  """Example weights V_i(l) = sigmoid(w2 . relu(w1 l + b1) + b2) of per-example losses l, (heads, B)."""
+  hidden = jax.nn.relu(per_example[..., None] * mwn_params["w1"][:, None, :] + mwn_params["b1"][:, None, :])
+  return jax.nn.sigmoid(jnp.einsum("hbk,hk->hb", hidden, mwn_params["w2"]) + mwn_params["b2"][:, None])
+
+
+def mwn_loss(heads, labels, mwn_params, class_counts=None, mask=None):
+  """Meta-Weight-Net (Shu et al. 2019) on every head: mean of V_i(CE) * CE, V_i head i's MLP.
+
+  As in MW-Net.py (`vnet(cost_v.data)`), the MLP reads the CE as a constant:
+  the network's gradient is that of the weighted CE, and only the meta step
+  (`config.saal.update_rule='meta'`) trains the MLP, through the lookahead. The
+  weights are not renormalized per batch (their class-imbalance script does).
+  """
+  num_classes = heads[0].shape[-1] if class_counts is None else class_counts.shape[0]
+  _check_shapes(heads, labels, num_classes)
+  if mwn_params["b2"].shape != (len(heads),):
+    raise ValueError(f"params['mwn'] has {mwn_params['b2'].shape[0]} MLPs, but the model has {len(heads)} heads.")
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+
+  def per_head(i, z, y):
+    ce = -jnp.sum(onehot * jax.nn.log_softmax(z), -1)
+    mlp = jax.tree_util.tree_map(lambda p: p[i:i + 1].astype(ce.dtype), mwn_params)
+    return mwn_weights(mlp, jax.lax.stop_gradient(ce)[None])[0] * ce
+
+  return _sum_heads(per_head, heads, labels, mask)
+
+
 _LOSSES: dict[str, LossFn] = {
-    "saal": saal_loss, "ce": ce_loss, "focal": focal_loss, "cb": cb_loss, "sce": sce_loss, "la": la_loss}
+    "saal": saal_loss, "ce": ce_loss, "focal": focal_loss, "cb": cb_loss, "sce": sce_loss, "la": la_loss,
+    "mwn": mwn_loss}
 
 
 def make_loss(name: str, class_counts: Sequence[float], class_names: Sequence[str] | None = None,

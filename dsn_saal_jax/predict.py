@@ -207,7 +207,7 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 def _check_weights(saved: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:
   """Raises CheckpointError unless `saved` (checkpoint metadata) has exactly the model's variables."""
-  params = {k: v for k, v in saved.get("params", {}).items() if k != "saal"}
+  params = {k: v for k, v in saved.get("params", {}).items() if k not in train.LOSS_PARAM_KEYS}
   have = _flat_shapes({"params": params, "batch_stats": saved.get("batch_stats", {})})
   want = _flat_shapes(expected)
   problems = ([f"missing {k}" for k in want if k not in have] + [f"unexpected {k}" for k in have if k not in want]

@@ -4,9 +4,11 @@ Layout follows the Flax ImageNet example: pure `train_step` / `eval_step`
 functions wrapped in `jax.pmap` over the local devices (axis name `batch`),
 and `train_and_evaluate(config, workdir)` that owns the loop. Gradients and
 BatchNorm statistics are averaged over all devices of all processes, so an
-N-device step equals a 1-device step on the same global batch. The SAAL raw
-scalars are `params['saal']` and are trained by the same optimizer as the
-network.
+N-device step equals a 1-device step on the same global batch. The loss's own
+parameters (SAAL's raw alpha and beta, `params['saal']`; Meta-Weight-Net's
+MLPs, `params['mwn']`) are trained either with the network by its optimizer
+(`config.saal.update_rule='joint'`, the paper's) or by `meta_train_step`'s bilevel
+step on a held-out meta set (`'meta'`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from jax.experimental import multihost_utils
 from dsn_saal_jax import checkpointing
 from dsn_saal_jax import config_lib
 from dsn_saal_jax import losses
+from dsn_saal_jax import meta
 from dsn_saal_jax import metrics as metrics_lib
 from dsn_saal_jax import models
 from dsn_saal_jax.models import predict_probs
@@ -41,6 +44,7 @@ from dsn_saal_jax.optim import make_lr_schedule, make_optimizer
 
 AXIS = "batch"
 HISTORY_FILE = "history.jsonl"
+LOSS_PARAM_KEYS = ("saal", "mwn")  # entries of params that belong to the loss, not the network
 
 
 class Preempted(RuntimeError):
@@ -50,9 +54,19 @@ class Preempted(RuntimeError):
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
-  params: Any          # network params plus, for the SAAL loss, params['saal'].
+  params: Any          # network params plus the loss's own (params['saal'] or params['mwn']), if it has any.
   batch_stats: Any
   opt_state: optax.OptState
+
+
+@flax.struct.dataclass
+class MetaTrainState(TrainState):
+  """The state of update_rule='meta': `opt_state` of the network's params alone, `meta_opt_state` of the loss's.
+
+  A subclass, not an optional field, so that checkpoints of TrainState keep
+  their exact tree (orbax refuses a target with an extra None entry).
+  """
+  meta_opt_state: optax.OptState
 
 
 # ----------------------------------------------------------------------------- model, loss, state
@@ -71,7 +85,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, class_counts: np.ndarray, cl
       "saal": dict(log_zero=config.saal.log_zero, normalize_weights=config.saal.normalize_weights,
                    learn_alpha_beta=config.saal.learn_alpha_beta, alpha_param=config.saal.alpha_param),
       "ce": {}, "focal": dict(gamma=config.focal_gamma), "cb": dict(beta_cb=config.cb_beta),
-      "sce": dict(alpha=config.sce_alpha, beta=config.sce_beta), "la": dict(tau=config.la_tau),
+      "sce": dict(alpha=config.sce_alpha, beta=config.sce_beta), "la": dict(tau=config.la_tau), "mwn": {},
   }[config.loss]
   return losses.make_loss(config.loss, class_counts, class_names, **options)
 
@@ -82,11 +96,28 @@ def model_fingerprint(config: ml_collections.ConfigDict, num_classes: int) -> di
            if k != "dropout_rate"}
   return {"backbone": config.backbone, "model": config.model, "num_classes": int(num_classes),
           "channels": int(config.channels), **shape, "fuse_channels": int(config.fuse_channels),
-          "loss_params": config.loss == "saal", "saal_alpha_param": config.saal.alpha_param}
+          "loss_params": "mwn" if config.loss == "mwn" else config.loss == "saal",
+          "saal_alpha_param": config.saal.alpha_param, "saal_update_rule": config.saal.update_rule}
 
 
 def network_params(params: Mapping[str, Any]) -> dict[str, Any]:
-  return {k: v for k, v in params.items() if k != "saal"}
+  return {k: v for k, v in params.items() if k not in LOSS_PARAM_KEYS}
+
+
+def loss_params(params: Mapping[str, Any]) -> Any:
+  """The loss's own parameters in `params` (None for the fixed losses)."""
+  return next((params[k] for k in LOSS_PARAM_KEYS if k in params), None)
+
+
+def make_meta_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam(config.saal.meta_lr) for the meta-learned loss parameters.
+
+  Adam, as Meta-Weight-Net's MW-Net.py (lr 1e-3), because the meta-gradient
+  scales with the lookahead's learning rate (1e-3 here, 0.1 there) and Adam's
+  step does not. Without their weight decay (1e-4): at our ~100x smaller
+  meta-gradients it would dominate Adam's normalized step.
+  """
+  return optax.adam(config.saal.meta_lr)
 
 
 def init_variables(config: ml_collections.ConfigDict, model: nn.Module, image_shape, rng: jax.Array) -> dict:
@@ -117,6 +148,12 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, imag
   if config.loss == "saal":
     params["saal"] = losses.init_saal_params(saal_rng, model.num_heads, config.saal.init_stddev,
                                              alpha_param=config.saal.alpha_param, class_counts=class_counts)
+  elif config.loss == "mwn":
+    params["mwn"] = losses.init_mwn_params(saal_rng, model.num_heads)
+  if config.saal.update_rule == "meta":
+    return MetaTrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
+                          opt_state=optimizer.init(network_params(params)),
+                          meta_opt_state=make_meta_optimizer(config).init(loss_params(params)))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
                     opt_state=optimizer.init(params))
 
@@ -136,7 +173,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], dropout_rng: j
     heads, updates = model.apply(
         {"params": network_params(params), "batch_stats": state.batch_stats}, batch["image"], train=True,
         mutable=["batch_stats"], rngs={"dropout": rng})
-    total, per_head = loss_fn(heads, batch["label"], params.get("saal"))
+    total, per_head = loss_fn(heads, batch["label"], loss_params(params))
     return total, (per_head, heads[-1], updates["batch_stats"])
 
   (total, (per_head, logits, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
@@ -154,6 +191,69 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], dropout_rng: j
   return new_state, metrics
 
 
+def meta_train_step(state: MetaTrainState, batch: Mapping[str, jax.Array], dropout_rng: jax.Array, *,
+                    model: nn.Module, loss_fn: losses.LossFn, meta_loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
+                    optimizer: optax.GradientTransformation, meta_optimizer: optax.GradientTransformation,
+                    learning_rate_fn: optax.Schedule, update_loss_params: bool = True, frozen: Sequence[str] = (),
+                    alpha_param: str = "sigmoid") -> tuple[MetaTrainState, dict[str, jax.Array]]:
+  """The bilevel step (config.saal.update_rule='meta'); run under pmap(axis_name='batch') as `train_step`.
+
+  With `update_loss_params`, first the loss's parameters phi (SAAL's raw
+  alpha, beta; MW-Net's MLPs) take one `meta_optimizer` step on the gradient
+  of `meta_loss_fn` (balanced CE of the final head on this step's meta batch,
+  `batch['meta_image']`) at the lookahead theta' = theta - lr grad_theta
+  L_train(theta; phi) (`meta.hypergradient`). Then the network takes its
+  `optimizer` step on L_train(theta; phi_new), as `train_step` does. Entries
+  of phi named in `frozen` keep their values. Meta-gradients are averaged
+  over devices; the BatchNorm statistics of the lookahead's pass are
+  dropped, those of the training batch kept. Steps between meta steps
+  (config.saal.meta_every_steps) are this function without
+  `update_loss_params`, a program of its own: under `lax.cond` XLA:CPU ran
+  the meta step ~3x slower (its branch copies the forward pass's residuals).
+  """
+  rng = jax.random.fold_in(jax.random.fold_in(dropout_rng, state.step), jax.lax.axis_index(AXIS))
+  key = next(k for k in LOSS_PARAM_KEYS if k in state.params)
+  net = network_params(state.params)
+
+  def forward(params):
+    heads, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+                                 mutable=["batch_stats"], rngs={"dropout": rng})
+    return heads, updates["batch_stats"]
+
+  def outer_loss(params):
+    heads, _ = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["meta_image"], train=True,
+                           mutable=["batch_stats"], rngs={"dropout": jax.random.fold_in(rng, 1)})
+    return meta_loss_fn(heads[-1], batch["meta_label"])
+
+  heads, batch_stats, grad_fn = meta.linearize_training_loss(
+      forward, net, lambda h, phi: loss_fn(h, batch["label"], phi)[0], AXIS)
+
+  phi, meta_opt_state, meta_loss = state.params[key], state.meta_opt_state, jnp.full((), jnp.nan, jnp.float32)
+  if update_loss_params:
+    meta_loss, grads = meta.hypergradient(grad_fn, net, phi, learning_rate_fn(state.step), outer_loss)
+    grads = {k: jnp.zeros_like(g) if k in frozen else g for k, g in jax.lax.pmean(grads, AXIS).items()}
+    updates, meta_opt_state = meta_optimizer.update(grads, meta_opt_state, phi)
+    phi, meta_loss = optax.apply_updates(phi, updates), jax.lax.pmean(meta_loss, AXIS)
+  total, per_head = loss_fn(heads, batch["label"], phi)
+  updates, opt_state = optimizer.update(grad_fn(phi), state.opt_state, net)
+  params = {**optax.apply_updates(net, updates), key: phi}
+  metrics = {"loss": total, "loss_per_head": per_head,
+             "accuracy": jnp.mean(jnp.argmax(heads[-1], -1) == batch["label"]),
+             "learning_rate": learning_rate_fn(state.step), "meta_loss": meta_loss}
+  if key == "saal":
+    metrics.update(saal_metrics(phi, alpha_param))
+  else:  # MW-Net's weights on the final head, summed per class (the host divides window sums)
+    onehot = jax.nn.one_hot(batch["label"], heads[-1].shape[-1], dtype=jnp.float32)
+    ce = -jnp.sum(onehot * jax.nn.log_softmax(heads[-1].astype(jnp.float32)), -1)
+    final = jax.tree_util.tree_map(lambda p: p[-1:], phi)
+    metrics["mwn_weight_sum"] = losses.mwn_weights(final, ce[None])[0] @ onehot
+    metrics["class_count"] = jnp.sum(onehot, 0)
+  metrics = jax.lax.pmean(metrics, AXIS)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                            meta_opt_state=meta_opt_state)
+  return new_state, metrics
+
+
 def saal_metrics(saal_params: Mapping[str, jax.Array], alpha_param: str) -> dict[str, jax.Array]:
   """alpha and beta_i of a step, and alpha's logit, from which the host computes the class weights exactly."""
   logit = losses.alpha_logit(saal_params["alpha"], alpha_param)
@@ -166,8 +266,36 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Mo
   heads = model.apply({"params": network_params(state.params), "batch_stats": state.batch_stats},
                       batch["image"], train=False)
   mask = batch["mask"].astype(jnp.float32)
-  total, _ = loss_fn(heads, batch["label"], state.params.get("saal"), mask)
+  total, _ = loss_fn(heads, batch["label"], loss_params(state.params), mask)
   return {"probs": predict_probs(heads, eval_head), "loss_sum": total * jnp.sum(mask)}
+
+
+def is_meta_step(config: ml_collections.ConfigDict, step: int) -> bool:
+  """Whether step `step` (0-based) updates the loss's parameters by the bilevel step."""
+  return config.saal.update_rule == "meta" and step % config.saal.meta_every_steps == 0
+
+
+def make_train_step(config: ml_collections.ConfigDict, info, model: nn.Module, loss_fn: losses.LossFn,
+                    optimizer: optax.GradientTransformation, learning_rate_fn: optax.Schedule,
+                    meta_step: bool = True) -> Callable:
+  """`train_step`, or for config.saal.update_rule='meta' `meta_train_step` on the dataset's meta set (`info`),
+  updating the loss's parameters if `meta_step` (see `is_meta_step`)."""
+  meta_counts = getattr(info, "meta_counts", None)
+  if config.saal.update_rule == "joint":
+    if meta_counts is not None:
+      raise ValueError("The dataset holds out a meta set, but config.saal.update_rule='joint' would not use it: "
+                       "set update_rule='meta', or build the dataset without one (meta_fraction=0).")
+    return functools.partial(train_step, model=model, loss_fn=loss_fn, optimizer=optimizer,
+                             learning_rate_fn=learning_rate_fn, alpha_param=config.saal.alpha_param)
+  if meta_counts is None:
+    raise ValueError("config.saal.update_rule='meta' learns on a meta set, but the dataset holds none; build it "
+                     "with ArrayDataset(..., meta_fraction=config.saal.meta_fraction).")
+  frozen = {"alpha_beta": (), "alpha": ("beta",), "beta": ("alpha",)}[config.saal.meta_learn]
+  return functools.partial(
+      meta_train_step, model=model, loss_fn=loss_fn, meta_loss_fn=meta.balanced_ce(meta_counts),
+      optimizer=optimizer, meta_optimizer=make_meta_optimizer(config), learning_rate_fn=learning_rate_fn,
+      update_loss_params=meta_step, frozen=frozen if config.loss == "saal" else (),
+      alpha_param=config.saal.alpha_param)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -360,6 +488,19 @@ def _summaries(fetched: list[tuple[int, dict[str, np.ndarray]]], num_heads: int)
   return out
 
 
+def _meta_summaries(fetched: list[tuple[int, dict[str, np.ndarray]]], class_names: Sequence[str]) -> dict[str, float]:
+  """The bilevel step's scalars over a logged window: mean meta loss of its meta steps, MW-Net's mean weights."""
+  out = {}
+  meta_losses = [float(m["meta_loss"]) for _, m in fetched if "meta_loss" in m and np.isfinite(m["meta_loss"])]
+  if meta_losses:
+    out["train/meta_loss"] = float(np.mean(meta_losses))
+  if "mwn_weight_sum" in fetched[-1][1]:
+    sums = np.sum([m["mwn_weight_sum"] for _, m in fetched], axis=0)
+    counts = np.sum([m["class_count"] for _, m in fetched], axis=0)
+    out.update({f"train/mwn_weight_{name}": float(w / k) for name, w, k in zip(class_names, sums, counts) if k > 0})
+  return out
+
+
 def _epoch_line(done: int, total: int, steps_per_epoch: int, fetched: list[tuple[int, dict[str, np.ndarray]]],
                 validation: str, examples_per_sec: float, eta: float) -> str:
   """The console's line for an epoch: its mean loss and accuracy, `validation` and speed."""
@@ -539,13 +680,19 @@ class _Run:
     self.checkpoints = checkpointing.Checkpoints(
         workdir, model_fingerprint(config, self.num_classes), keep=config.keep_checkpoints,
         inference=checkpointing.inference_spec(config, info), read_only=read_only)
-    self.p_train_step = jax.pmap(
-        functools.partial(train_step, model=self.model, loss_fn=self.loss_fn, optimizer=self.optimizer,
-                          learning_rate_fn=self.schedule, alpha_param=config.saal.alpha_param),
+    p_step = lambda meta_step: jax.pmap(
+        make_train_step(config, info, self.model, self.loss_fn, self.optimizer, self.schedule, meta_step),
         axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
+    self.p_train_step = p_step(True)
+    # update_rule='meta' steps between meta steps: their own program (compiled on first use).
+    self.p_plain_step = p_step(False) if config.saal.update_rule == "meta" else self.p_train_step
     self.p_eval_step = jax.pmap(
         functools.partial(eval_step, model=self.model, loss_fn=self.loss_fn, eval_head=config.eval_head),
         axis_name=AXIS)
+
+  def step_fn(self, step: int) -> Callable:
+    """The pmapped step that step `step` runs."""
+    return self.p_train_step if is_meta_step(self.config, step) else self.p_plain_step
 
   def host_state(self, rstate: TrainState) -> TrainState:
     return unreplicate(rstate)
@@ -625,7 +772,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset
 
   with preemption.deferred():
     for step in range(start_step, run.total_steps):
-      rstate, metrics = run.p_train_step(rstate, next(train_iter), run.dropout_rng)
+      rstate, metrics = run.step_fn(step)(rstate, next(train_iter), run.dropout_rng)
       buffer.add(step, metrics)
       done = step + 1
       if itstime(done, config.log_every_steps, run.total_steps):
@@ -634,6 +781,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset
         values = _summaries(fetched, run.model.num_heads)
         if "alpha_logit" in fetched[-1][1]:
           values.update(_saal_weight_summaries(config, info, fetched[-1][1]["alpha_logit"]))
+        values.update(_meta_summaries(fetched, info.class_names))
         values["train/examples_per_sec"] = (done - log_from) * config.batch_size / max(now - t_log, 1e-9)
         writer.scalars(done, values)
         eta = (now - t_start) / max(done - start_step, 1) * (run.total_steps - done)

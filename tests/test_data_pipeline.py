@@ -178,8 +178,8 @@ def test_imbalance_protocol(data_dir, fraction):
 
 
 def test_meta_set_is_held_out_of_the_kept_training_examples(data_dir):
-  """update=meta: a stratified slice of what covid_fraction kept, gone from training, fed per step; k_n follow."""
-  saal = dict(update="meta", meta_fraction=0.25, meta_balanced=False)
+  """update_rule=meta: a stratified slice of what covid_fraction kept, gone from training, fed per step; k_n follow."""
+  saal = dict(update_rule="meta", meta_fraction=0.25, meta_balanced=False)
   plain = create(data_dir, covid_fraction=0.5, batch_size=4)
   ds = create(data_dir, covid_fraction=0.5, batch_size=4, saal=saal)
   kept = plain.info.class_counts

@@ -149,6 +149,32 @@ def test_logit_adjusted_ce_matches_hand_formula(tau):
                              float(losses.make_loss("ce", counts)(heads, labels, None)[0]), rtol=1e-6)
 
 
+def test_meta_weight_net_matches_hand_formula():
+  """Per head i: mean of V_i(CE) * CE, V_i(l) = sigmoid(w2 . relu(w1 l + b1) + b2), each head its own MLP;
+  the network's gradient treats V as a constant (MW-Net.py's vnet(cost.data))."""
+  heads, labels, _ = random_problem(10, 3, num_heads=2)
+  mwn = losses.init_mwn_params(jax.random.PRNGKey(4), 2)
+  p = {k: np.asarray(v, np.float64) for k, v in mwn.items()}
+  expected = 0.0
+  for i, z in enumerate(heads):
+    ce = -np.log(np_softmax(z)[np.arange(len(labels)), labels])
+    hidden = np.maximum(ce[:, None] * p["w1"][i] + p["b1"][i], 0)
+    v = 1 / (1 + np.exp(-(hidden @ p["w2"][i] + p["b2"][i])))
+    expected += np.mean(v * ce)
+  loss_fn = losses.make_loss("mwn", (50, 5, 9))
+  total, per_head = loss_fn(heads, labels, mwn)
+  np.testing.assert_allclose(float(total), expected, rtol=1e-5)
+  assert per_head.shape == (2,) and mwn["w1"].shape == (2, 100)
+  # d/dz of mean(V * CE) with V held fixed: V_b (softmax - onehot) / B.
+  grad = jax.grad(lambda h: loss_fn((h, heads[1]), labels, mwn)[0])(heads[0])
+  ce = -np.log(np_softmax(heads[0])[np.arange(len(labels)), labels])
+  v = 1 / (1 + np.exp(-(np.maximum(ce[:, None] * p["w1"][0] + p["b1"][0], 0) @ p["w2"][0] + p["b2"][0])))
+  expected_grad = v[:, None] * (np_softmax(heads[0]) - np.eye(3)[labels]) / len(labels)
+  np.testing.assert_allclose(np.asarray(grad), expected_grad, rtol=1e-4, atol=1e-7)
+  with pytest.raises(ValueError, match=r"params\['mwn'\] has 2 MLPs, but the model has 6 heads"):
+    loss_fn(random_problem(10, 3)[0], labels, mwn)
+
+
 @pytest.mark.parametrize("counts", [(0, 10), (10, 0, 3), (5, -1), (4.0, float("nan"))])
 def test_class_count_below_one_names_the_class(counts):
   bad = next(i for i, k in enumerate(counts) if not k >= 1)

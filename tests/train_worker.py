@@ -4,6 +4,8 @@ Device counts (XLA_FLAGS), `jax.distributed` and signals must not touch the
 pytest process, so tests run this script and compare the `.npz` it writes.
 Modes:
   equiv      train_step pmapped over all local devices vs over one device, same global batch.
+  meta       for update_rule='meta': equiv's check of meta_train_step, then train_and_evaluate uninterrupted
+             and interrupted (SIGTERM) then resumed, in this one process (one compile, warm caches).
   train      train_and_evaluate on a tiny in-memory problem; exits 143 when preempted.
   multihost  as `train`, after jax.distributed.initialize on localhost.
   evaluate   train.evaluate of a trained workdir (restores a checkpoint, writes the report).
@@ -15,7 +17,6 @@ at a chosen moment (see `install_fault`).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import runpy
@@ -35,14 +36,25 @@ PREEMPTED_EXIT_CODE = 143  # as launch/train.py
 
 
 def tiny_config(**overrides) -> config_lib.ml_collections.ConfigDict:
+  """The tiny test config; an override key 'saal.update_rule' sets config.saal's field."""
   c = config_lib.base_config()
   c.widths, c.hidden, c.image_size = (8, 16, 16, 32, 32), 64, 32
   c.batch_size = c.eval_batch_size = 16
   c.learning_rate, c.num_train_steps, c.log_every_steps = 0.02, 12, 4
   c.checkpoint_every_steps, c.gradcam_per_class = 4, 2
   for k, v in overrides.items():
-    c[k] = v
+    if k.startswith("saal."):
+      c.saal[k.split(".", 1)[1]] = v
+    else:
+      c[k] = v
   return c
+
+
+# update_rule='meta' on a tinier VGG (one conv per stage): log10 alpha, a meta step every other step (both
+# branches of its cond run), no dropout (its masks depend on the device count), equiv's learning rate.
+META = {"saal.update_rule": "meta", "saal.alpha_param": "log10", "saal.meta_every_steps": 2, "saal.meta_lr": 0.05,
+        "stages": (1, 1, 1, 1, 1), "widths": (4, 8, 8, 8, 8), "hidden": 16, "dropout_rate": 0.0,
+        "learning_rate": 0.05}
 
 
 def blobs(n: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -56,8 +68,10 @@ def blobs(n: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
 
 
 def tiny_dataset(config) -> ArrayDataset:
+  meta = config.saal.update_rule == "meta"
   return ArrayDataset(blobs(64, 0), {"validation": blobs(24, 1), "test": blobs(29, 2)}, CLASSES,
-                      config.batch_size, config.eval_batch_size, seed=config.seed)
+                      config.batch_size, config.eval_batch_size, seed=config.seed,
+                      meta_fraction=config.saal.meta_fraction if meta else 0.0, meta_balanced=config.saal.meta_balanced)
 
 
 def flat(tree) -> dict[str, np.ndarray]:
@@ -65,24 +79,28 @@ def flat(tree) -> dict[str, np.ndarray]:
           for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def equiv(out: str) -> None:
-  c = tiny_config(dropout_rate=0.0, learning_rate=0.05)
+def equiv(out: str, **overrides) -> None:
+  c = tiny_config(**{"dropout_rate": 0.0, "learning_rate": 0.05, **overrides})
   ds = tiny_dataset(c)
   model = train.create_model(c, 3)
   opt = train.make_optimizer(c, ds.info.steps_per_epoch)
   loss_fn = train.make_loss_fn(c, ds.info.class_counts)
-  state = train.create_train_state(c, model, ds.info.image_shape, opt, jax.random.PRNGKey(0))
-  step = functools.partial(train.train_step, model=model, loss_fn=loss_fn, optimizer=opt,
-                           learning_rate_fn=train.make_lr_schedule(c, ds.info.steps_per_epoch))
+  state = train.create_train_state(c, model, ds.info.image_shape, opt, jax.random.PRNGKey(0),
+                                   class_counts=ds.info.class_counts)
+  schedule = train.make_lr_schedule(c, ds.info.steps_per_epoch)
+  steps = {meta_step: train.make_train_step(c, ds.info, model, loss_fn, opt, schedule, meta_step)
+           for meta_step in (True, False)}  # update_rule='meta': with and without the meta update
   results = {}
   for name, devices in (("many", jax.local_devices()), ("one", jax.local_devices()[:1])):
-    p_step = jax.pmap(step, axis_name=train.AXIS, in_axes=(0, 0, None), devices=devices)
+    p_steps = {k: jax.pmap(step, axis_name=train.AXIS, in_axes=(0, 0, None), devices=devices, donate_argnums=(0,))
+               for k, step in steps.items()}
     rstate = train.replicate(state, devices)
     it = ds.train_iter(0)
-    for _ in range(3):
+    for step in range(3):
       batch = next(it)  # (local_devices, per_device, ...) -> regroup for `devices`.
       batch = {k: v.reshape(len(devices), -1, *v.shape[2:]) for k, v in batch.items()}
-      rstate, metrics = p_step(rstate, batch, jax.random.PRNGKey(1))
+      rstate, metrics = p_steps[train.is_meta_step(c, step) or c.saal.update_rule == "joint"](
+          rstate, batch, jax.random.PRNGKey(1))
     results[name] = flat(train.unreplicate(rstate))
   np.savez(out, **{f"{n}:{k}": v for n, r in results.items() for k, v in r.items()},
            **{f"init:{k}": v for k, v in flat(jax.device_get(state)).items()})
@@ -193,6 +211,20 @@ def install_fault(spec: str) -> None:
     raise ValueError(f"Unknown fault phase {phase!r} in {spec!r}.")
 
 
+def meta_run(out: str) -> None:
+  """update_rule='meta': N devices vs one (equiv), then resume == uninterrupted, all in this process."""
+  equiv(out + ".equiv.npz", **META)
+  c = tiny_config(num_train_steps=6, log_every_steps=2, checkpoint_every_steps=2, **META)
+  finals = {"uninterrupted": train.train_and_evaluate(c, out + ".uninterrupted", dataset=tiny_dataset(c))}
+  try:  # SIGTERM when the loop asks for batch 4 (two ahead of the step): saves step 3, then Preempted
+    train.train_and_evaluate(c, out + ".resumed", dataset=KillingDataset(tiny_dataset(c), 4, signal.SIGTERM))
+    raise AssertionError("the run was not preempted")
+  except train.Preempted as e:
+    print("PREEMPTED", e, flush=True)
+  finals["resumed"] = train.train_and_evaluate(c, out + ".resumed", dataset=tiny_dataset(c))
+  np.savez(out, **{f"{name}:{k}": v for name, state in finals.items() for k, v in flat(state).items()})
+
+
 def run_train(args) -> None:
   overrides = json.loads(args.overrides)
   c = tiny_config(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
@@ -213,7 +245,7 @@ def run_train(args) -> None:
 def main() -> None:
   logging.set_verbosity(logging.INFO)  # Tests read the trainer's log lines ("Resumed from ...").
   parser = argparse.ArgumentParser()
-  parser.add_argument("mode", choices=("equiv", "train", "multihost", "evaluate", "launch"))
+  parser.add_argument("mode", choices=("equiv", "meta", "train", "multihost", "evaluate", "launch"))
   parser.add_argument("--fault", default="")
   parser.add_argument("--checkpoint", default="best")
   parser.add_argument("--workdir", default="")
@@ -236,6 +268,9 @@ def main() -> None:
     return
   if args.mode == "equiv":
     equiv(args.out)
+    return
+  if args.mode == "meta":
+    meta_run(args.out)
     return
   if args.mode == "evaluate":
     c = tiny_config(**json.loads(args.overrides))

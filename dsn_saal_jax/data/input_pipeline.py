@@ -4,7 +4,7 @@ Examples are read by index from ArrayRecord files (`tfds.data_source`), so the
 global order of every epoch is a plain numpy permutation of (seed, epoch):
 a resumed run, or a run on a different number of processes, sees exactly the
 same global batches. TensorFlow only decodes, resizes and normalizes. For
-`config.saal.update='meta'` a seeded slice of the kept training examples is
+`config.saal.update_rule='meta'` a seeded slice of the kept training examples is
 held out as the meta set (`dsn_saal_jax.meta`), and every training batch
 carries that step's `meta_image` and `meta_label`.
 """
@@ -41,7 +41,7 @@ _SCAN_CHUNK = 1024
 class DataInfo:
   """What the trainer, the loss and inference need to know about the data."""
   class_names: tuple[str, ...]
-  class_counts: np.ndarray  # k_n the network trains on (train_per_class, covid_fraction, minus the meta set), int64 (C,)
+  class_counts: np.ndarray  # k_n the network trains on (train_per_class, covid_fraction, less the meta set), int64 (C,)
   num_train: int
   num_eval: dict[str, int]  # examples each eval split evaluates (after config.dedup)
   image_shape: tuple[int, int, int]
@@ -227,7 +227,7 @@ class Dataset:
         minority=minority_class(config.get("minority_class", ""), class_names, builder.COVID_CLASS))
     saal = config.get("saal") or {}
     self._meta = None  # rows of the train split held out as the meta set
-    if saal.get("update", "joint") == "meta":
+    if saal.get("update_rule", "joint") == "meta":
       train_pos, meta_pos = meta.meta_split(self._train.labels[self._kept], float(saal["meta_fraction"]),
                                             bool(saal["meta_balanced"]), self._seed, class_names)
       self._kept, self._meta = self._kept[train_pos], self._kept[meta_pos]
