@@ -3,6 +3,7 @@
   python benchmarks/train_step.py                      # 224/batch 8 and 112/batch 32, float32
   python benchmarks/train_step.py --backbone=resnet50  # any registered backbone, with its side heads
   python benchmarks/train_step.py --sizes=64:8 --rounds=3 --widths=8x16x32x64x64 --hidden=128
+  python benchmarks/train_step.py --meta               # the bilevel step's cost, as a ratio to the plain step
 
 Both sides run the same network (DSN-<backbone>, six heads), the SAAL loss and an
 SGD step with momentum and weight decay (alpha, beta included) on the same
@@ -11,6 +12,12 @@ device); PyTorch runs eagerly. After warm-up, each round times one JAX step
 then one PyTorch step, so both see the same machine load; the medians are
 reported with their ratio. GFLOP/s use XLA's FLOP count of the step for both
 sides, against a measured float32 matmul peak.
+
+`--meta` times JAX only: the trainer's `meta_train_step` (config.saal.update_rule=
+'meta', log10 alpha, the batch itself as meta batch) against its plain
+`train_step` on the same model and batch, for meta_every_steps 1 and 5. Each
+round runs 5 consecutive steps of each, so meta_every_steps=5 is timed over
+one meta step and four plain ones; medians per step and their ratios.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import functools
 import resource
 import statistics
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +45,7 @@ flags.DEFINE_enum("backbone", "vgg16_bn", models.list_models(), "Backbone (with 
 flags.DEFINE_string("widths", "64x128x256x512x512", "VGG stage widths (the paper's by default).")
 flags.DEFINE_integer("hidden", 4096, "VGG classifier width.")
 flags.DEFINE_integer("channels", 3, "Input channels.")
+flags.DEFINE_bool("meta", False, "Time the bilevel meta step against the plain step (JAX only).")
 
 CLASS_COUNTS = np.array([234, 191])  # COVID19-CT's official training split
 
@@ -108,6 +117,70 @@ class JaxSide:
     jax.block_until_ready(self.p_eval(self.rstate, self.eval_batch))
 
 
+class MetaSide:
+  """The trainer's pmapped meta_train_step (update_rule='meta') on one device, the batch doubling as meta batch."""
+
+  def __init__(self, config, batch: dict[str, np.ndarray], meta_every_steps: int):
+    config = self.config = config.copy_and_resolve_references()
+    config.saal.update_rule, config.saal.alpha_param = "meta", "log10"
+    config.saal.meta_every_steps = meta_every_steps
+    model = train.create_model(config, len(CLASS_COUNTS))
+    optimizer = train.make_optimizer(config, 100)
+    state = train.create_train_state(config, model, batch["image"].shape[1:], optimizer, jax.random.PRNGKey(0),
+                                     class_counts=CLASS_COUNTS)
+    info = types.SimpleNamespace(meta_counts=CLASS_COUNTS // 10)
+    devices = jax.local_devices()[:1]
+    loss_fn, schedule = train.make_loss_fn(config, CLASS_COUNTS), train.make_lr_schedule(config, 100)
+    step = lambda meta_step: train.make_train_step(config, info, model, loss_fn, optimizer, schedule, meta_step)
+    self.p_steps = {meta_step: jax.pmap(step(meta_step), axis_name=train.AXIS, in_axes=(0, 0, None),
+                                        donate_argnums=(0,), devices=devices) for meta_step in (True, False)}
+    self.rstate, self.step = train.replicate(state, devices), 0
+    put = lambda x: train.replicate(x, devices)
+    self.batch = {"image": put(batch["image"]), "label": put(batch["label"]), "meta_image": put(batch["image"]),
+                  "meta_label": put(batch["label"])}
+    self.rng = jax.random.PRNGKey(1)
+
+  def train_step(self) -> None:
+    p_step = self.p_steps[train.is_meta_step(self.config, self.step)]
+    self.rstate, metrics = p_step(self.rstate, self.batch, self.rng)
+    self.step += 1
+    jax.block_until_ready(metrics)
+
+
+def bench_meta(size: int, batch_size: int) -> None:
+  """Per-step medians of the plain and the meta step (every 1 and every 5 steps), rounds of 5 steps each."""
+  config, batch = _config_and_batch(size, batch_size)
+  sides = {"plain": JaxSide(config, batch), "meta every step": MetaSide(config, batch, 1),
+           "meta every 5 steps": MetaSide(config, batch, 5)}
+  cycle = lambda side: _timed(lambda: [side.train_step() for _ in range(5)]) / 5
+  compile_s = {name: sum(_timed(side.train_step) for _ in range(5)) for name, side in sides.items()}
+  for _ in range(FLAGS.warmup):
+    for side in sides.values():
+      cycle(side)
+  times = {name: [] for name in sides}
+  for _ in range(FLAGS.rounds):
+    for name, side in sides.items():
+      times[name].append(cycle(side))
+  med = {name: statistics.median(v) for name, v in times.items()}
+  print(f"\n== meta step, {FLAGS.backbone} (DSN, SAAL), {size}x{size}, batch {batch_size} (meta batch the same), "
+        f"float32, {FLAGS.rounds} rounds of 5 steps (medians per step) ==")
+  for name, t in med.items():
+    print(f"{name:18s}: {t:.3f} s/step ({batch_size / t:7.2f} img/s), {t / med['plain']:.2f} x the plain step; "
+          f"first 5 steps {compile_s[name]:.1f} s (compile)")
+
+
+def _config_and_batch(size: int, batch_size: int):
+  config = config_lib.base_config()
+  config.backbone = FLAGS.backbone
+  config.image_size, config.batch_size, config.channels = size, batch_size, FLAGS.channels
+  config.widths, config.hidden = tuple(int(w) for w in FLAGS.widths.split("x")), FLAGS.hidden
+  config.learning_rate = 0.01
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.standard_normal((batch_size, size, size, FLAGS.channels)).astype(np.float32),
+           "label": rng.integers(0, 2, batch_size).astype(np.int32)}
+  return config, batch
+
+
 class TorchSide:
   """The same network, loss and optimizer in eager PyTorch."""
 
@@ -136,14 +209,7 @@ class TorchSide:
 
 
 def bench(size: int, batch_size: int, peak: float) -> None:
-  config = config_lib.base_config()
-  config.backbone = FLAGS.backbone
-  config.image_size, config.batch_size, config.channels = size, batch_size, FLAGS.channels
-  config.widths, config.hidden = tuple(int(w) for w in FLAGS.widths.split("x")), FLAGS.hidden
-  config.learning_rate = 0.01
-  rng = np.random.default_rng(0)
-  batch = {"image": rng.standard_normal((batch_size, size, size, FLAGS.channels)).astype(np.float32),
-           "label": rng.integers(0, 2, batch_size).astype(np.int32)}
+  config, batch = _config_and_batch(size, batch_size)
   jx = JaxSide(config, batch)
   compile_s = _timed(jx.train_step) + _timed(jx.eval_step)
   rss_after_jax = _rss_gib()
@@ -178,6 +244,10 @@ def main(argv):
   torch.manual_seed(0)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({cpu_model()}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads)")
+  if FLAGS.meta:
+    for spec in FLAGS.sizes:
+      bench_meta(*(int(v) for v in spec.split(":")))
+    return
   peak = matmul_peak_gflops()
   print(f"float32 matmul peak (XLA, 2048^3): {peak:.0f} GFLOP/s")
   for spec in FLAGS.sizes:
