@@ -212,8 +212,9 @@ def test_log10_alpha_is_one_minus_ten_to_the_minus_r(r):
   np.testing.assert_allclose(float(total), ref_saal(heads, labels, alpha_raw, beta, counts), rtol=2e-5)
 
 
-def test_log10_alpha_starts_at_the_knee_of_the_largest_class():
-  """r0 = log10(k_max): 1 - alpha ~ 1/k_max, where dw/dr is large; beta is drawn exactly as for sigmoid."""
+def test_log10_alpha_starts_near_inverse_frequency_where_r_has_a_gradient():
+  """r0 = log10(k_max): 1 - alpha ~ 1/k_max, weights near inverse frequency and d log(w_min/w_maj)/dr > 0;
+  beta is drawn exactly as for sigmoid."""
   counts = (400, 20)
   key = jax.random.PRNGKey(3)
   log10 = losses.init_saal_params(key, 6, alpha_param="log10", class_counts=counts)
