@@ -333,7 +333,8 @@ def to_markdown(table: Mapping[str, Any]) -> str:
     label = ("Stand. split" if row == "1" else f"{float(row):.0%} of COVID-19") if table["table"] == "table6" else row
     values = [cell(cells[g][c], c) if g in cells else "-" for c in table["columns"] for g in groups]
     lines.append("| " + " | ".join([label] + values) + " |")
-  n = sorted({s["n"] for row in table["rows"].values() for c in row.values() for s in c.values()})
+  # Runs per cell, leaving out columns no run recorded (e.g. Params in reports older than num_params).
+  n = sorted({s["n"] for row in table["rows"].values() for c in row.values() for s in c.values() if s["n"]})
   lines.append("")
   lines.append(f"Mean ± sample std over {'/'.join(map(str, n))} runs per cell.")
   return "\n".join(lines) + "\n"

@@ -116,6 +116,10 @@ def test_table5_and_table9_rows_are_methods():
   assert spe["mean"] == pytest.approx(0.97) and spe["std"] == pytest.approx(0.0) and spe["n"] == 3
   no_per_class = dict(runs[0], metrics={k: v for k, v in runs[0]["metrics"].items() if k != "per_class"})
   assert reporting.aggregate([no_per_class], "table8")["rows"]["VGG-16 + CE"][""]["COVID SEN"]["n"] == 0
+  # Reports older than num_params: the Params column is "-" and the footer counts the runs that are there.
+  t4 = reporting.to_markdown(reporting.aggregate(runs[:3], "table4"))
+  assert "| VGG-16 Baseline |" in t4 and t4.count(" - |") == 1
+  assert t4.rstrip().endswith("Mean ± sample std over 3 runs per cell.")
   with pytest.raises(ValueError, match="Unknown table"):
     reporting.aggregate(runs, "table7")
 

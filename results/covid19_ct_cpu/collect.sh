@@ -25,7 +25,7 @@ python launch/sweep.py --aggregate_only --config=$CFG --config.saal.normalize_we
   --table=table8 --methods=dsn:saal --seeds=0,1,2
 # Table 4: baseline vs DSN (CE) per backbone. VGG16-BN's rows are the main study's runs; the others
 # are narrowed to a quarter of torchvision's width (run_study.sh). Table 8's columns for the same runs.
-T4="resnet50:baseline:ce,resnet50:dsn:ce,resnext50_32x4d:baseline:ce,resnext50_32x4d:dsn:ce,densenet169:baseline:ce,densenet169:dsn:ce"
+T4="resnet50:baseline:ce,resnet50:dsn:ce,densenet169:baseline:ce,densenet169:dsn:ce"
 for table in table4 table8; do
   python launch/sweep.py --aggregate_only --config=$CFG --config.width_scale=0.25 --config.learning_rate=0.003 \
     --workdir=$OUT/runs/table4 \
