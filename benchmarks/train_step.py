@@ -46,6 +46,7 @@ flags.DEFINE_string("widths", "64x128x256x512x512", "VGG stage widths (the paper
 flags.DEFINE_integer("hidden", 4096, "VGG classifier width.")
 flags.DEFINE_integer("channels", 3, "Input channels.")
 flags.DEFINE_bool("meta", False, "Time the bilevel meta step against the plain step (JAX only).")
+flags.DEFINE_bool("breakdown", False, "Split the train step into forward, backward and update on both sides.")
 
 CLASS_COUNTS = np.array([234, 191])  # COVID19-CT's official training split
 
@@ -185,7 +186,8 @@ class TorchSide:
   """The same network, loss and optimizer in eager PyTorch."""
 
   def __init__(self, config, batch: dict[str, np.ndarray]):
-    shape = {k: v for k, v in models.config_kwargs(config).items() if k != "dropout_rate"}
+    # The torch references are torchvision's widths: width_scale (1.0 here) has no counterpart there.
+    shape = {k: v for k, v in models.config_kwargs(config).items() if k not in ("dropout_rate", "width_scale")}
     self.model = TORCH_MODELS[config.backbone](len(CLASS_COUNTS), in_channels=config.channels, **shape)
     self.alpha = torch.zeros((), requires_grad=True)
     self.beta = torch.zeros(train.create_model(config, len(CLASS_COUNTS)).num_heads, requires_grad=True)
@@ -239,14 +241,81 @@ def bench(size: int, batch_size: int, peak: float) -> None:
         f"peak RSS {rss_after_jax:.2f} GiB after JAX, {_rss_gib():.2f} GiB after both")
 
 
+class Phases:
+  """Forward (train mode), forward + backward, and the whole step, on each side: where a train step's time goes.
+
+  JAX: jitted model.apply, then jitted value_and_grad of the SAAL loss (no
+  update), then the trainer's step. PyTorch: the same three, eager.
+  """
+
+  def __init__(self, config, batch: dict[str, np.ndarray]):
+    self.jx, self.tx = JaxSide(config, batch), TorchSide(config, batch)
+    # The trainer's model with BatchNorm statistics of this device alone (no pmap axis here).
+    model = train.create_model(config, len(CLASS_COUNTS), axis_name=None)
+    loss_fn = train.make_loss_fn(config, CLASS_COUNTS)
+    state = jax.tree_util.tree_map(lambda x: x[0], self.jx.rstate)
+    image, label, rng = jnp.asarray(batch["image"]), jnp.asarray(batch["label"]), {"dropout": self.jx.rng}
+
+    def forward(params):
+      return model.apply({"params": train.network_params(params), "batch_stats": state.batch_stats}, image,
+                         train=True, mutable=["batch_stats"], rngs=rng)
+
+    def loss(params):
+      heads, _ = forward(params)
+      return loss_fn(heads, label, train.loss_params(params))[0]
+
+    jit_forward, jit_grad = jax.jit(forward), jax.jit(jax.grad(loss))
+    self.jax_fns = {"forward": lambda: jax.block_until_ready(jit_forward(state.params)),
+                    "forward+backward": lambda: jax.block_until_ready(jit_grad(state.params)),
+                    "step": self.jx.train_step}
+    self.torch_fns = {"forward": self._torch_forward, "forward+backward": self._torch_grad,
+                      "step": self.tx.train_step}
+
+  def _torch_forward(self) -> None:
+    self.tx.model.train()
+    saal_loss_torch(self.tx.model(self.tx.x), self.tx.y, self.tx.alpha, self.tx.beta, self.tx.counts)
+
+  def _torch_grad(self) -> None:
+    self.tx.model.train()
+    self.tx.opt.zero_grad(set_to_none=True)
+    saal_loss_torch(self.tx.model(self.tx.x), self.tx.y, self.tx.alpha, self.tx.beta, self.tx.counts).backward()
+
+
+def bench_breakdown(size: int, batch_size: int) -> None:
+  config, batch = _config_and_batch(size, batch_size)
+  phases = Phases(config, batch)
+  names = list(phases.jax_fns)
+  for _ in range(FLAGS.warmup):
+    for name in names:
+      phases.jax_fns[name](), phases.torch_fns[name]()
+  times = {(side, name): [] for side in ("jax", "torch") for name in names}
+  for _ in range(FLAGS.rounds):
+    for name in names:
+      times["jax", name].append(_timed(phases.jax_fns[name]))
+      times["torch", name].append(_timed(phases.torch_fns[name]))
+  med = {k: statistics.median(v) for k, v in times.items()}
+  # Each phase's own time: the backward is (forward+backward) - forward, the update step - (forward+backward).
+  own = {side: {"forward": med[side, "forward"],
+                "backward": med[side, "forward+backward"] - med[side, "forward"],
+                "update and the rest": med[side, "step"] - med[side, "forward+backward"]}
+         for side in ("jax", "torch")}
+  print(f"\n== {FLAGS.backbone} (DSN), {size}x{size}, batch {batch_size}: where a train step's time goes, "
+        f"{FLAGS.rounds} interleaved rounds (medians) ==")
+  for phase in own["jax"]:
+    j, t = own["jax"][phase], own["torch"][phase]
+    print(f"{phase:20s}: JAX {j:6.3f} s  PyTorch {t:6.3f} s  JAX/PyTorch {t / j if j > 0 else float('nan'):.2f}")
+  print(f"{'whole step':20s}: JAX {med['jax', 'step']:6.3f} s  PyTorch {med['torch', 'step']:6.3f} s  "
+        f"JAX/PyTorch {med['torch', 'step'] / med['jax', 'step']:.2f}")
+
+
 def main(argv):
   del argv
   torch.manual_seed(0)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({cpu_model()}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads)")
-  if FLAGS.meta:
+  if FLAGS.meta or FLAGS.breakdown:
     for spec in FLAGS.sizes:
-      bench_meta(*(int(v) for v in spec.split(":")))
+      (bench_meta if FLAGS.meta else bench_breakdown)(*(int(v) for v in spec.split(":")))
     return
   peak = matmul_peak_gflops()
   print(f"float32 matmul peak (XLA, 2048^3): {peak:.0f} GFLOP/s")
