@@ -1,13 +1,10 @@
-"""Fixtures shared by the trainer tests (the subprocess worker, one uninterrupted reference run) and the
-suite's split over pytest-xdist workers."""
+"""Fixtures shared by the trainer tests: the subprocess worker and one uninterrupted reference run."""
 
-import gc
 import os
 import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -67,26 +64,3 @@ def reference(tmp_path_factory):
   proc = train(tmp, tmp / "work", out=tmp / "final.npz")
   assert proc.returncode == 0, proc.stderr[-4000:]
   return np.load(tmp / "final.npz"), tmp / "work"
-
-
-# xdist groups (`--dist loadgroup`) of more than one module. Modules that hold full-size networks
-# (float64 steps, full-width logits parity) run one after another on one worker, so that two are
-# never in memory at once (the suite's 8 GB budget); the users of the `reference` run share it.
-SHARED_GROUPS = {**dict.fromkeys(("test_parity", "test_models_resnet", "test_models_mobilenet_v2",
-                                  "test_models_densenet"), "full_size"),
-                 **dict.fromkeys(("test_checkpoint", "test_faults"), "reference_run")}
-
-
-def pytest_collection_modifyitems(items):
-  """One xdist group per module (module fixtures are built once), or its SHARED_GROUPS entry."""
-  for item in items:
-    module = item.module.__name__
-    item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _free_compiled_programs():
-  """Drops a module's compiled XLA programs when it ends: a worker runs many modules, and they add up."""
-  yield
-  jax.clear_caches()
-  gc.collect()
