@@ -197,11 +197,14 @@ class TorchSide:
     self.y = torch.from_numpy(batch["label"].astype(np.int64))
     self.counts = torch.tensor(CLASS_COUNTS, dtype=torch.float32)
 
-  def train_step(self) -> None:
+  def backward(self) -> None:
+    """Forward and backward in train mode, gradients left in .grad (no update)."""
     self.model.train()
     self.opt.zero_grad(set_to_none=True)
-    loss = saal_loss_torch(self.model(self.x), self.y, self.alpha, self.beta, self.counts)
-    loss.backward()
+    saal_loss_torch(self.model(self.x), self.y, self.alpha, self.beta, self.counts).backward()
+
+  def train_step(self) -> None:
+    self.backward()
     self.opt.step()
 
   def eval_step(self) -> None:
@@ -268,17 +271,13 @@ class Phases:
     self.jax_fns = {"forward": lambda: jax.block_until_ready(jit_forward(state.params)),
                     "forward+backward": lambda: jax.block_until_ready(jit_grad(state.params)),
                     "step": self.jx.train_step}
-    self.torch_fns = {"forward": self._torch_forward, "forward+backward": self._torch_grad,
+    self.torch_fns = {"forward": self._torch_forward, "forward+backward": self.tx.backward,
                       "step": self.tx.train_step}
 
   def _torch_forward(self) -> None:
     self.tx.model.train()
     saal_loss_torch(self.tx.model(self.tx.x), self.tx.y, self.tx.alpha, self.tx.beta, self.tx.counts)
 
-  def _torch_grad(self) -> None:
-    self.tx.model.train()
-    self.tx.opt.zero_grad(set_to_none=True)
-    saal_loss_torch(self.tx.model(self.tx.x), self.tx.y, self.tx.alpha, self.tx.beta, self.tx.counts).backward()
 
 
 def bench_breakdown(size: int, batch_size: int) -> None:
