@@ -3,10 +3,10 @@
 import glob
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
+
+import launch_batch
 
 from dsn_saal_jax import config_lib
 
@@ -78,11 +78,11 @@ def test_bad_values_are_rejected_with_the_key_named(change, message):
 
 
 def test_launcher_rejects_unknown_override_and_bad_dataset(tmp_path):
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config=" + os.path.join(ROOT, "configs", "default.py"),
-         f"--workdir={tmp_path}"]
-  proc = subprocess.run(cmd + ["--config.learing_rate=0.1"], env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode != 0 and "learing_rate" in proc.stderr
-  proc = subprocess.run(cmd + ["--config.dataset=covid_ct"], env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode != 0 and "config.dataset='covid_ct' is not one of" in proc.stderr
-  assert not os.listdir(tmp_path)  # nothing written for a config that cannot run
+  workdir = tmp_path / "work"
+  workdir.mkdir()
+  cmd = ["train.py", "--config=" + os.path.join(ROOT, "configs", "default.py"), f"--workdir={workdir}"]
+  unknown, bad = launch_batch.run([cmd + ["--config.learing_rate=0.1"], cmd + ["--config.dataset=covid_ct"]],
+                                  tmp_path)  # one process: each alone would pay the imports
+  assert unknown.returncode != 0 and "learing_rate" in unknown.stderr
+  assert bad.returncode != 0 and "config.dataset='covid_ct' is not one of" in bad.stderr
+  assert not os.listdir(workdir)  # nothing written for a config that cannot run
