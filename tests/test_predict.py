@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+import launch_batch
 from dsn_saal_jax import checkpointing, config_lib, train
 from dsn_saal_jax import predict as predict_lib
 from dsn_saal_jax.data import ct, phantom
@@ -159,11 +160,32 @@ def test_predictions_equal_the_runs_evaluation(evaluation, predictor):
   assert np.ptp(probs, axis=0).max() > 1e-4
 
 
-def test_launcher_csv_equals_the_runs_evaluation_and_writes_cams(run, evaluation, tmp_path):
+@pytest.fixture(scope="module")
+def launched(run, evaluation, tmp_path_factory):
+  """launch/predict.py on the inputs of the launcher tests below: {name: (tmp dir, result)}.
+
+  All in one process (launch_batch.py), so JAX and TensorFlow are imported once, not once a launch.
+  """
+  tmp = tmp_path_factory.mktemp("launched")
+  workdir, invocations = run[0], {}
+  csv_dir = tmp / "csv"
+  csv_dir.mkdir()
+  invocations["csv"] = csv_dir, [f"--workdir={workdir}", "--checkpoint=latest", f"--output={csv_dir / 'preds.csv'}",
+                                 f"--cam={csv_dir / 'cams'}", "--batch_size=4", *evaluation[0]]
+  invocations["bad_inputs"] = tmp / "bad_inputs", bad_inputs_args(workdir, tmp / "bad_inputs")
+  usage = tmp / "usage"
+  (usage / "empty").mkdir(parents=True)
+  write_image(usage / "a.png", hu_slice(1, phantom.NORMAL), "L")
+  invocations["no_inputs"] = usage, [f"--workdir={workdir}", str(usage / "empty")]
+  invocations["no_best"] = usage, [f"--workdir={workdir}", "--checkpoint=best", str(usage / "a.png")]
+  results = launch_batch.run([["predict.py", *args] for _, args in invocations.values()], tmp)
+  return {name: (folder, result) for (name, (folder, _)), result in zip(invocations.items(), results)}
+
+
+def test_launcher_csv_equals_the_runs_evaluation_and_writes_cams(run, evaluation, launched):
   files, probs, _ = evaluation
-  out, cams = tmp_path / "preds.csv", tmp_path / "cams"
-  proc = run_script("predict.py", [f"--workdir={run[0]}", "--checkpoint=latest", f"--output={out}",
-                                   f"--cam={cams}", "--batch_size=4", *files], tmp_path)
+  folder, proc = launched["csv"]
+  out, cams = folder / "preds.csv", folder / "cams"
   assert proc.returncode == 0, proc.stderr[-4000:]
   rows = read_csv(out)
   assert list(rows[0]) == ["path", "prediction", "prob_normal", "prob_bacterial_pneumonia", "prob_covid19", "error"]
@@ -226,7 +248,8 @@ def test_gray_rgb_and_rgba_files_and_arrays_are_converted_alike(predictor, tmp_p
     predictor.predict_arrays([gray.astype(np.float32)])
 
 
-def test_bad_inputs_are_reported_by_name_and_the_rest_predicted(run, tmp_path):
+def bad_inputs_args(workdir, tmp_path):
+  """Good slices, a broken PNG, a DICOM without pixels, a text file, a missing file and an empty folder."""
   folder = tmp_path / "in"
   (folder / "empty_sub").mkdir(parents=True)
   write_image(folder / "good.png", hu_slice(3, phantom.COVID), "L")
@@ -236,11 +259,14 @@ def test_bad_inputs_are_reported_by_name_and_the_rest_predicted(run, tmp_path):
   shutil.copy(RTPLAN, folder / "plan.dcm")
   (folder / "notes.txt").write_text("skipped inside a folder")
   (tmp_path / "empty").mkdir()
-  out = tmp_path / "preds.csv"
-  args = [f"--workdir={run[0]}", "--checkpoint=latest", f"--output={out}", str(folder), str(tmp_path / "notes.txt"),
-          str(tmp_path / "missing.png"), str(tmp_path / "empty")]
   (tmp_path / "notes.txt").write_text("given by name: tried, and refused")
-  proc = run_script("predict.py", args, tmp_path)
+  return [f"--workdir={workdir}", "--checkpoint=latest", f"--output={tmp_path / 'preds.csv'}", str(folder),
+          str(tmp_path / "notes.txt"), str(tmp_path / "missing.png"), str(tmp_path / "empty")]
+
+
+def test_bad_inputs_are_reported_by_name_and_the_rest_predicted(launched):
+  tmp_path, proc = launched["bad_inputs"]
+  out = tmp_path / "preds.csv"
   assert proc.returncode == 1, proc.stderr[-4000:]
   rows = {os.path.basename(r["path"]): r for r in read_csv(out)}
   assert set(rows) == {"good.png", "good.dcm", "good.jpg", "broken.png", "plan.dcm", "notes.txt", "missing.png", "empty"}
@@ -257,16 +283,14 @@ def test_bad_inputs_are_reported_by_name_and_the_rest_predicted(run, tmp_path):
   assert "3 predicted, 5 failed" in proc.stdout
 
 
-def test_launcher_usage_errors_exit_2(run, tmp_path):
-  (tmp_path / "empty").mkdir()
-  proc = run_script("predict.py", [f"--workdir={run[0]}", str(tmp_path / "empty")], tmp_path)
+def test_launcher_usage_errors_exit_2(run, launched):
+  tmp_path, proc = launched["no_inputs"]
   assert proc.returncode == 2 and "No PNG, JPEG or DICOM files in the inputs" in proc.stderr
   assert str(tmp_path / "empty") in proc.stderr
-  write_image(tmp_path / "a.png", hu_slice(1, phantom.NORMAL), "L")
-  proc = run_script("predict.py", [f"--workdir={run[0]}", "--checkpoint=best", str(tmp_path / "a.png")], tmp_path)
+  _, proc = launched["no_best"]
   assert proc.returncode == 2  # covid19_diag has no validation split, hence no best checkpoint
   assert f"No best checkpoint in {run[0]}" in proc.stderr and "--checkpoint=latest" in proc.stderr
-  assert not (tmp_path / "predictions.csv").exists()
+  assert not (tmp_path.parent / "predictions.csv").exists()  # the default --output, in the launches' cwd
 
 
 # ----------------------------------------------------------------------------- checkpoints of other kinds
