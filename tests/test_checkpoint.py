@@ -1,17 +1,19 @@
 """What an uninterrupted run writes, evaluation from its checkpoints, and the different-model guard.
 
-Each run is a subprocess (tests/train_worker.py) on a tiny in-memory problem;
-all runs share a JAX compilation cache. Faults (signals, damage, NaN) are in
-test_faults.py.
+The reference run is a subprocess (tests/train_worker.py, conftest.py) on a tiny
+in-memory problem; evaluating it and refusing to resume it with another model
+run here, in the test process, with the same config and data as the worker's.
+Faults (signals, damage, NaN) are in test_faults.py.
 """
 
 import json
 import os
 
 import numpy as np
+import pytest
 
-from conftest import STEPS, latest_steps, run_worker, train
-from train_worker import CLASSES, blobs
+from conftest import STEPS, latest_steps
+from train_worker import CLASSES, blobs, tiny_config, tiny_dataset
 
 from dsn_saal_jax import train as train_lib
 
@@ -41,8 +43,8 @@ def test_uninterrupted_run_writes_checkpoints_logs_and_report(reference):
 
 def test_evaluate_restores_the_best_checkpoint_and_reproduces_the_report(reference, tmp_path):
   _, workdir = reference
-  proc = run_worker(["evaluate", f"--workdir={workdir}", "--checkpoint=best"], 1, tmp_path)
-  assert proc.returncode == 0, proc.stderr[-4000:]
+  c = tiny_config()  # the reference run's, as train_worker.py's evaluate mode would take it; in this process
+  train_lib.evaluate(c, str(workdir), "test", "best", dataset=tiny_dataset(c))
   again = json.loads((workdir / "report" / "test_best" / "metrics.json").read_text())
   first = json.loads((workdir / "report" / "test" / "metrics.json").read_text())
   assert first["checkpoint"] == "best" and again["checkpoint_step"] == first["checkpoint_step"]
@@ -50,16 +52,16 @@ def test_evaluate_restores_the_best_checkpoint_and_reproduces_the_report(referen
   assert again["auc"] == first["auc"]
   for name in ("confusion_matrix.png", "roc.png", "gradcam.png"):
     assert (workdir / "report" / "test_best" / name).exists()
-  proc = run_worker(["evaluate", f"--workdir={tmp_path / 'empty'}", "--checkpoint=latest"], 1, tmp_path)
-  assert proc.returncode != 0 and "No latest checkpoint in" in proc.stderr
+  with pytest.raises(FileNotFoundError, match="No latest checkpoint in"):
+    train_lib.evaluate(c, str(tmp_path / "empty"), "test", "latest", dataset=tiny_dataset(c))
 
 
-def test_workdir_of_a_different_model_is_refused(reference, tmp_path):
+def test_workdir_of_a_different_model_is_refused(reference):
   _, workdir = reference
   before = latest_steps(workdir)
-  proc = train(tmp_path, workdir, overrides=json.dumps({"model": "baseline", "num_train_steps": 16}))
-  assert proc.returncode != 0
-  assert "holds a latest checkpoint of a different model" in proc.stderr
-  assert "model: checkpoint 'dsn' vs config 'baseline'" in proc.stderr
-  assert "new --workdir" in proc.stderr
+  c = tiny_config(model="baseline", num_train_steps=16)
+  with pytest.raises(ValueError, match="holds a latest checkpoint of a different model") as refused:
+    train_lib.train_and_evaluate(c, str(workdir), dataset=tiny_dataset(c))
+  assert "model: checkpoint 'dsn' vs config 'baseline'" in str(refused.value)
+  assert "new --workdir" in str(refused.value)
   assert latest_steps(workdir) == before
