@@ -11,8 +11,6 @@ equal its training report.
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ from etils import epath
 from PIL import Image
 from sklearn import metrics as skm
 
+import launch_batch
 from test_predict import CT_SMALL, write_dicom
 
 from dsn_saal_jax import config_lib, folder_eval, predict, train
@@ -27,7 +26,6 @@ from dsn_saal_jax.data import builders, ct, phantom
 from dsn_saal_jax.data.builders import covid19_ct
 from dsn_saal_jax.data.builders.common import DatasetError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = phantom.CLASS_NAMES  # normal, bacterial_pneumonia, covid19
 FOLDERS = ("Healthy", "Bacterial", "Covid")  # another hospital's names for them
 CLASS_MAP = ",".join(f"{f}:{c}" for f, c in zip(FOLDERS, CLASSES))
@@ -42,14 +40,6 @@ def configure(config, overrides):
   for k, v in overrides.items():
     config[k] = v
   return config
-
-
-def launch(script, args, tmp_path):
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", str(tmp_path / ".." / "jax_cache"))
-  env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-  return subprocess.run([sys.executable, os.path.join(REPO, "launch", script), *args], env=env, capture_output=True,
-                        text=True, timeout=600, cwd=str(tmp_path))
 
 
 def read_csv(path):
@@ -88,16 +78,34 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def report(workdir, folder, tmp_path_factory):
+def launched(workdir, folder, tmp_path_factory):
+  """The launches of the tests below, one after another in one process (JAX imported once): {name: result}.
+
+  report: evaluate.py on the planted folder, its report in the default place; predict: predict.py on the same
+  folder; bad_class_map: evaluate.py with a class map that does not fit the run.
+  """
+  tmp = tmp_path_factory.mktemp("launch")
+  invocations = {
+      "report": ["evaluate.py", f"--workdir={workdir}", f"--data={folder}", f"--class_map={CLASS_MAP}",
+                 "--batch_size=4", "--gradcam_per_class=2"],
+      "predict": ["predict.py", f"--workdir={workdir}", f"--output={tmp / 'predict.csv'}", str(folder)],
+      "bad_class_map": ["evaluate.py", f"--workdir={workdir}", f"--data={folder}",
+                        "--class_map=Healthy:normal,Covid:covid"]}
+  results = dict(zip(invocations, launch_batch.run(list(invocations.values()), tmp)))
+  results["predict"].output = tmp / "predict.csv"
+  return results
+
+
+@pytest.fixture(scope="module")
+def report(workdir, launched):
   """The launcher's report on the planted folder, in its default place."""
-  proc = launch("evaluate.py", [f"--workdir={workdir}", f"--data={folder}", f"--class_map={CLASS_MAP}",
-                                "--batch_size=4", "--gradcam_per_class=2"], tmp_path_factory.mktemp("launch"))
+  proc = launched["report"]
   assert proc.returncode == 1, proc.stderr[-4000:]  # as predict.py: some files could not be read
   assert "Traceback" not in proc.stderr and "10 evaluated, 2 unreadable, 1 skipped" in proc.stdout
   return workdir / "report" / "data_hospital_b_best"
 
 
-def test_report_holds_predicts_probabilities_and_sklearns_metrics(workdir, folder, report, tmp_path):
+def test_report_holds_predicts_probabilities_and_sklearns_metrics(workdir, folder, report, launched):
   assert sorted(os.listdir(report)) == ["confusion_matrix.png", "gradcam.png", "metrics.json", "predictions.csv",
                                         "roc.png"]
   assert not (workdir / "report" / "data_hospital_b_best.tmp").exists()
@@ -107,8 +115,8 @@ def test_report_holds_predicts_probabilities_and_sklearns_metrics(workdir, folde
   good = {i: r for i, r in rows.items() if not r["error"]}
   assert len(good) == 10 and good["Covid/scan.dcm"]["prediction"]
 
-  out = tmp_path / "predict.csv"
-  proc = launch("predict.py", [f"--workdir={workdir}", f"--output={out}", str(folder)], tmp_path)
+  proc = launched["predict"]
+  out = proc.output
   assert proc.returncode == 1, proc.stderr[-4000:]
   predicted = {r["path"]: r for r in read_csv(out)}
   for r in good.values():
@@ -149,9 +157,8 @@ def predictor(workdir):
   return predict.Predictor.from_workdir(str(workdir), "best")
 
 
-def test_class_maps_that_do_not_fit_the_run_are_refused_by_name(workdir, folder, predictor, tmp_path):
-  proc = launch("evaluate.py", [f"--workdir={workdir}", f"--data={folder}", "--class_map=Healthy:normal,Covid:covid"],
-                tmp_path)
+def test_class_maps_that_do_not_fit_the_run_are_refused_by_name(workdir, folder, predictor, launched, tmp_path):
+  proc = launched["bad_class_map"]
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
   error = proc.stderr.strip().splitlines()[-1]
   assert error.startswith("Error: Class map") and str(folder) in error
