@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+from concurrent import futures
 
 import numpy as np
 import pytest
@@ -22,6 +23,16 @@ def run_worker(args, devices, tmp_path, timeout=900, env_extra=None):
   env.update(env_extra or {})
   return subprocess.run([sys.executable, os.path.join(HERE, "train_worker.py"), *args], env=env,
                         capture_output=True, text=True, timeout=timeout)
+
+
+def concurrently(*calls):
+  """Runs each zero-argument callable in its own thread; their results in order (the first error is raised).
+
+  For independent subprocess runs: each spends much of its time in single-threaded imports, so two
+  overlap well on a 2-core machine and the pytest process only waits.
+  """
+  with futures.ThreadPoolExecutor(len(calls)) as pool:
+    return [f.result() for f in [pool.submit(c) for c in calls]]
 
 
 def free_port() -> int:

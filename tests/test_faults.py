@@ -21,69 +21,22 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import HERE, STEPS, assert_same_state, free_port, latest_steps, multiprocess_env, run_worker, train
+from conftest import (HERE, STEPS, assert_same_state, concurrently, free_port, latest_steps, multiprocess_env,
+                      run_worker, train)
 
 PREEMPTED = 143
 
 
-def resume_and_compare(tmp_path, workdir, reference):
-  """Reruns the same command; it must finish and equal the uninterrupted run, state and test report."""
-  proc = train(tmp_path, workdir, out=tmp_path / "final.npz")
+def resume_and_compare(tmp_path, workdir, reference, proc=None):
+  """Reruns the same command (or takes its `proc`); it must finish and equal the uninterrupted run."""
+  out = workdir.parent / f"{workdir.name}.final.npz"
+  proc = proc or train(tmp_path, workdir, out=out)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  assert_same_state(np.load(tmp_path / "final.npz"), reference[0])
+  assert_same_state(np.load(out), reference[0])
   report = lambda w: json.loads((w / "report" / "test" / "metrics.json").read_text())
   assert report(workdir) == report(reference[1])
   assert not [n for n in os.listdir(workdir / "checkpoints") if not n.isdigit()], "temporary files left"
   return proc
-
-
-@pytest.mark.parametrize("fault, saved", [
-    ("step:6:SIGTERM", [4, 6]),        # (a) mid-step (batch 6 is fetched, 2 ahead, during step 5)
-    ("validation:2:SIGTERM", [4, 8]),  # (b) in the step-8 validation, which is also a checkpoint step
-    ("save:4:SIGTERM", [4]),           # (c) while step 4's checkpoint is being written
-])
-def test_sigterm_in_training_exits_143_with_one_complete_checkpoint_and_resumes_exactly(
-    reference, tmp_path, fault, saved):
-  workdir = tmp_path / "work"
-  proc = train(tmp_path, workdir, fault=fault)
-  assert proc.returncode == PREEMPTED, proc.stderr[-4000:]
-  assert "PREEMPTED" in proc.stdout and "checkpoint saved" in proc.stdout
-  assert "StepAlreadyExists" not in proc.stderr
-  assert latest_steps(workdir) == saved
-  assert not (workdir / "report").exists()
-  proc = resume_and_compare(tmp_path, workdir, reference)
-  assert f"at step {saved[-1]}." in proc.stderr  # "Resumed from ... at step N."
-
-
-def test_sigterm_during_the_final_report_exits_143_after_a_whole_report(reference, tmp_path):
-  workdir = tmp_path / "work"
-  proc = train(tmp_path, workdir, fault="report:0:SIGTERM")
-  assert proc.returncode == PREEMPTED, proc.stderr[-4000:]
-  assert "during the final report" in proc.stdout
-  assert latest_steps(workdir) == [8, STEPS]
-  assert sorted(os.listdir(workdir / "report" / "test")) == [
-      "confusion_matrix.png", "gradcam.png", "metrics.json", "roc.png"]
-  resume_and_compare(tmp_path, workdir, reference)
-
-
-def test_sigkill_before_a_checkpoint_commits_leaves_it_invisible(reference, tmp_path):
-  """(e) Killed with step 8's files written but not committed: step 4 is the resume point."""
-  workdir = tmp_path / "work"
-  proc = train(tmp_path, workdir, fault="commit:8:SIGKILL")
-  assert proc.returncode == -9
-  assert latest_steps(workdir) == [4]
-  assert glob.glob(str(workdir / "checkpoints" / "8.orbax-checkpoint-tmp*")), "the kill came too late"
-
-  # A predictor or evaluator started now reads step 4, never the half-written step 8.
-  proc = run_worker(["evaluate", f"--workdir={workdir}", "--checkpoint=latest"], 1, tmp_path)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  assert '"step": 4' in proc.stdout
-  from dsn_saal_jax import predict  # pylint: disable=g-import-not-at-top
-  assert predict.Predictor.from_workdir(str(workdir), "latest").source.endswith(os.path.join("checkpoints", "4"))
-  assert glob.glob(str(workdir / "checkpoints" / "8.orbax-checkpoint-tmp*")), "a reader deleted the job's files"
-
-  proc = resume_and_compare(tmp_path, workdir, reference)
-  assert "at step 4." in proc.stderr
 
 
 def damage(step_dir, how):
@@ -95,18 +48,117 @@ def damage(step_dir, how):
     os.remove(os.path.join(step_dir, "meta", "metadata"))
 
 
-def test_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_intact_one(reference, tmp_path):
-  interrupted = tmp_path / "interrupted"
-  proc = train(tmp_path, interrupted, fault="step:10:SIGTERM")
-  assert proc.returncode == PREEMPTED and latest_steps(interrupted) == [8, 10]
-  for how in ("truncated array file", "missing metadata"):
-    workdir = tmp_path / how.replace(" ", "_")
-    shutil.copytree(interrupted, workdir)
-    damage(str(workdir / "checkpoints" / "10"), how)
-    proc = resume_and_compare(tmp_path, workdir, reference)
+@pytest.fixture(scope="module")
+def faulted(reference, tmp_path_factory):
+  """One workdir taken through a fault at every phase in turn, each run resuming the one before.
+
+  Every process start costs a Python+JAX import, so the faults share runs: each faulted run is also the
+  resumption of the previous fault, and the final rerun must still equal the uninterrupted run bit for
+  bit, so every resume on the way was exact. What each test checks is recorded as the runs happen:
+    save      fresh run, SIGTERM while step 4's checkpoint is being written         -> [4]
+    step      resumes at 4, SIGTERM mid-step (batch 6 is fetched, 2 ahead, during step 5) -> [4, 6]
+    commit    resumes at 6, SIGKILL with step 8's files written but not committed   -> [4, 6] + tmp files
+    validation  resumes at 6, SIGTERM in the step-8 validation (also a checkpoint step) -> [6, 8]
+    step10    resumes at 8, SIGTERM mid-step                                       -> [8, 10]
+  then step 10 is damaged two ways: a copy of the workdir with a truncated array file is rerun to the end,
+  the workdir itself (missing metadata) gets SIGTERM in its final report and is rerun to the end.
+  """
+  from dsn_saal_jax import predict  # pylint: disable=g-import-not-at-top
+  tmp = tmp_path_factory.mktemp("faulted")
+  workdir = tmp / "work"
+  tmp_glob = lambda w: glob.glob(str(w / "checkpoints" / "8.orbax-checkpoint-tmp*"))
+  runs = {}
+
+  def run(name, fault, w=workdir):
+    proc = train(tmp, w, fault=fault)
+    runs[name] = {"proc": proc, "steps": latest_steps(w), "report": (w / "report").exists()}
+    return proc
+
+  run("save", "save:4:SIGTERM")
+  run("step", "step:6:SIGTERM")
+  run("commit", "commit:8:SIGKILL")
+  runs["commit"]["tmp_files"] = bool(tmp_glob(workdir))
+  # A predictor or evaluator started now reads step 6, never the half-written step 8. The evaluator reads a
+  # copy of this moment's workdir, so that it runs alongside the next fault's run.
+  runs["commit"]["predictor_source"] = predict.Predictor.from_workdir(str(workdir), "latest").source
+  runs["commit"]["tmp_files_after_predictor"] = bool(tmp_glob(workdir))
+  readers_copy = tmp / "readers_copy"
+  shutil.copytree(workdir, readers_copy)
+  evaluated, _ = concurrently(
+      lambda: run_worker(["evaluate", f"--workdir={readers_copy}", "--checkpoint=latest"], 1, tmp),
+      lambda: run("validation", "validation:1:SIGTERM"))
+  runs["commit"]["evaluated"] = evaluated
+  runs["commit"]["tmp_files_after_evaluator"] = bool(tmp_glob(readers_copy))
+  run("step10", "step:10:SIGTERM")
+
+  truncated = tmp / "truncated"
+  shutil.copytree(workdir, truncated)
+  damage(str(truncated / "checkpoints" / "10"), "truncated array file")
+  damage(str(workdir / "checkpoints" / "10"), "missing metadata")
+  truncated_rerun, _ = concurrently(lambda: train(tmp, truncated, out=tmp / "truncated.final.npz"),
+                                    lambda: run("report", "report:0:SIGTERM"))
+  runs["report"]["report_files"] = sorted(os.listdir(workdir / "report" / "test"))
+  return {"runs": runs, "workdir": workdir, "truncated": (truncated, truncated_rerun), "tmp": tmp}
+
+
+@pytest.mark.parametrize("name, saved, resumed_at", [
+    ("save", [4], None),     # (c) fresh run, while step 4's checkpoint is being written
+    ("step", [4, 6], 4),     # (a) mid-step (batch 6 is fetched, 2 ahead, during step 5)
+    ("validation", [6, 8], 6),  # (b) in the step-8 validation, which is also a checkpoint step
+    ("step10", [8, 10], 8),  # (a) again, to have a newest checkpoint to damage
+])
+def test_sigterm_in_training_exits_143_with_a_complete_checkpoint_and_the_rerun_resumes_from_it(
+    faulted, name, saved, resumed_at):
+  run = faulted["runs"][name]
+  proc = run["proc"]
+  assert proc.returncode == PREEMPTED, proc.stderr[-4000:]
+  assert "PREEMPTED" in proc.stdout and "checkpoint saved" in proc.stdout
+  assert "StepAlreadyExists" not in proc.stderr
+  assert run["steps"] == saved
+  assert not run["report"]
+  if resumed_at is None:
+    assert "Resumed from" not in proc.stderr
+  else:
+    assert f"at step {resumed_at}." in proc.stderr  # "Resumed from ... at step N."
+
+
+def test_sigkill_before_a_checkpoint_commits_leaves_it_invisible(faulted):
+  """(e) Killed with step 8's files written but not committed: step 6 is the resume point."""
+  run = faulted["runs"]["commit"]
+  assert run["proc"].returncode == -9
+  assert run["steps"] == [4, 6]
+  assert run["tmp_files"], "the kill came too late"
+  assert run["predictor_source"].endswith(os.path.join("checkpoints", "6"))
+  evaluated = run["evaluated"]
+  assert evaluated.returncode == 0, evaluated.stderr[-4000:]
+  assert '"step": 6' in evaluated.stdout
+  assert run["tmp_files_after_predictor"] and run["tmp_files_after_evaluator"], "a reader deleted the job's files"
+  # The next run resumes from step 6, writes step 8 again over the leftover files, and ends exact (below).
+  assert "at step 6." in faulted["runs"]["validation"]["proc"].stderr
+
+
+def test_sigterm_during_the_final_report_exits_143_after_a_whole_report(faulted):
+  run = faulted["runs"]["report"]
+  assert run["proc"].returncode == PREEMPTED, run["proc"].stderr[-4000:]
+  assert "during the final report" in run["proc"].stdout
+  assert run["steps"] == [8, STEPS]
+  assert run["report_files"] == ["confusion_matrix.png", "gradcam.png", "metrics.json", "roc.png"]
+
+
+def test_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_intact_one(faulted):
+  truncated, truncated_rerun = faulted["truncated"]
+  for how, workdir, proc in (("truncated array file", truncated, truncated_rerun),
+                             ("missing metadata", faulted["workdir"], faulted["runs"]["report"]["proc"])):
     assert f"The latest checkpoint of step 10 ({workdir / 'checkpoints' / '10'}) is damaged" in proc.stderr, how
-    assert "at step 8." in proc.stderr
-    assert [n.split("-")[0] for n in os.listdir(workdir / "damaged" / "latest")] == ["10"]  # kept, not deleted
+    assert "at step 8." in proc.stderr, how
+    assert [n.split("-")[0] for n in os.listdir(workdir / "damaged" / "latest")] == ["10"], how  # kept
+
+
+def test_every_fault_then_a_rerun_ends_exactly_where_the_uninterrupted_run_does(faulted, reference):
+  truncated, truncated_rerun = faulted["truncated"]
+  resume_and_compare(faulted["tmp"], truncated, reference, truncated_rerun)
+  proc = resume_and_compare(faulted["tmp"], faulted["workdir"], reference)
+  assert f"at step {STEPS}." in proc.stderr
 
 
 def test_predictor_names_a_damaged_checkpoint_and_falls_back_to_an_intact_one(reference, tmp_path):
@@ -173,22 +225,33 @@ def launched_result(workdir):
 
 
 def test_launcher_survives_a_killed_dataset_build_and_sigterm_in_validation(tmp_path):
-  reference = tmp_path / "reference"
-  proc = launch(tmp_path, reference, tmp_path / "data_reference")
-  assert proc.returncode == 0, proc.stderr[-4000:]
+  reference, workdir, data_dir = tmp_path / "reference", tmp_path / "work", tmp_path / "data"
 
-  workdir, data_dir = tmp_path / "work", tmp_path / "data"
-  proc = launch(tmp_path, workdir, data_dir, fault="build:20:SIGTERM")
-  assert proc.returncode == PREEMPTED, proc.stderr[-4000:]
-  assert "before training started" in proc.stderr
-  proc = launch(tmp_path, workdir, data_dir, fault="build:40:SIGKILL")  # (f) in the middle of the build
-  assert proc.returncode == -9
-  assert not glob.glob(str(data_dir / "synthetic_ct" / "*" / "1.0.0")), "a partial build looks finished"
-  proc = launch(tmp_path, workdir, data_dir, fault="validation:1:SIGTERM")  # rebuilds, then (b) at step 3
-  assert proc.returncode == PREEMPTED, proc.stderr[-4000:]
-  assert "StepAlreadyExists" not in proc.stderr and latest_steps(workdir) == [3]
-  proc = launch(tmp_path, workdir, data_dir)
+  def faults():  # alongside the reference run: its own data_dir and workdir
+    procs = [launch(tmp_path, workdir, data_dir, fault="build:20:SIGTERM"),
+             launch(tmp_path, workdir, data_dir, fault="build:40:SIGKILL")]  # (f) in the middle of the build
+    partial = glob.glob(str(data_dir / "synthetic_ct" / "*" / "1.0.0"))
+    procs.append(launch(tmp_path, workdir, data_dir, fault="validation:1:SIGTERM"))  # rebuilds, then (b) at step 3
+    return procs, partial
+
+  ref_proc, ((build_term, build_kill, validation), partial) = concurrently(
+      lambda: launch(tmp_path, reference, tmp_path / "data_reference"), faults)
+  assert ref_proc.returncode == 0, ref_proc.stderr[-4000:]
+  assert build_term.returncode == PREEMPTED, build_term.stderr[-4000:]
+  assert "before training started" in build_term.stderr
+  assert build_kill.returncode == -9
+  assert not partial, "a partial build looks finished"
+  assert validation.returncode == PREEMPTED, validation.stderr[-4000:]
+  assert "StepAlreadyExists" not in validation.stderr and latest_steps(workdir) == [3]
+
+  # Every checkpoint damaged (in a copy of this workdir): a clear error naming them, no traceback, exit 1 (not 143).
+  damaged = tmp_path / "damaged"
+  shutil.copytree(workdir, damaged)
+  for step in latest_steps(damaged):
+    damage(str(damaged / "checkpoints" / str(step)), "missing metadata")
+  proc, failed = concurrently(lambda: launch(tmp_path, workdir, data_dir), lambda: launch(tmp_path, damaged, data_dir))
   assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "at step 3." in proc.stderr  # "Resumed from ... at step 3."
 
   (metrics, state), (ref_metrics, ref_state) = launched_result(workdir), launched_result(reference)
   assert metrics == ref_metrics
@@ -197,11 +260,7 @@ def test_launcher_survives_a_killed_dataset_build_and_sigterm_in_validation(tmp_
   for key in leaves:
     np.testing.assert_array_equal(leaves[key], ref_leaves[key], err_msg=str(key))
 
-  # Every checkpoint damaged: a clear error naming them, no traceback, exit 1 (not 143).
-  for step in latest_steps(workdir):
-    damage(str(workdir / "checkpoints" / str(step)), "missing metadata")
-  proc = launch(tmp_path, workdir, data_dir)
-  assert proc.returncode == 1
-  assert f"No intact checkpoint in {workdir / 'checkpoints'}" in proc.stderr
-  assert f"step 6 at {workdir / 'checkpoints' / '6'}" in proc.stderr
-  assert "Traceback" not in proc.stderr
+  assert failed.returncode == 1, failed.stderr[-4000:]
+  assert f"No intact checkpoint in {damaged / 'checkpoints'}" in failed.stderr
+  assert f"step 3 at {damaged / 'checkpoints' / '3'}" in failed.stderr
+  assert "Traceback" not in failed.stderr
