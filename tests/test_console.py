@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent import futures
 
 import jax
 import jax.numpy as jnp
@@ -42,9 +43,11 @@ def launch_default(tmp_path, workdir, *flags):
 def consoles(tmp_path_factory):
   """Consoles of the default job: 2 epochs, its resumption to 3, and 1 epoch at --verbosity=1."""
   tmp = tmp_path_factory.mktemp("console")
-  first = launch_default(tmp, tmp / "work", "--config.num_epochs=2")
-  resumed = launch_default(tmp, tmp / "work", "--config.num_epochs=3")
-  verbose = launch_default(tmp, tmp / "verbose", "--config.num_epochs=1", "--verbosity=1")
+  first = launch_default(tmp, tmp / "work", "--config.num_epochs=2")  # builds the data both others read
+  with futures.ThreadPoolExecutor(2) as pool:  # independent: they overlap on 2 cores
+    resumed = pool.submit(launch_default, tmp, tmp / "work", "--config.num_epochs=3")
+    verbose = pool.submit(launch_default, tmp, tmp / "verbose", "--config.num_epochs=1", "--verbosity=1")
+    resumed, verbose = resumed.result(), verbose.result()
   return {"first": first, "resumed": resumed, "verbose": verbose, "workdir": tmp / "work"}
 
 
