@@ -84,8 +84,9 @@ def read_json(path: str) -> dict:
     return json.load(f)
 
 
-def _final(history: dict, name: str) -> float | None:
-  return float(history[name][1][-1]) if name in history else None
+def _final(history: dict, name: str) -> float:
+  """The last logged value of `name`; NaN for a run that does not log it (e.g. alpha for MW-Net)."""
+  return float(history[name][1][-1]) if name in history else np.nan
 
 
 def learned_table(fraction: str) -> str:
@@ -98,12 +99,10 @@ def learned_table(fraction: str) -> str:
       continue
     cols = []
     for value in (lambda h: _final(h, "train/alpha"),
-                  lambda h: (_final(h, "train/saal_weight_covid") or np.nan) / (_final(h, "train/saal_weight_non_covid") or np.nan)
-                  if "train/saal_weight_covid" in h else None,
-                  lambda h: np.mean([_final(h, f"train/beta_{i}") for i in range(1, 7)]) if "train/beta_1" in h else None,
-                  lambda h: _final(h, "train/mwn_weight_covid") / _final(h, "train/mwn_weight_non_covid")
-                  if "train/mwn_weight_covid" in h else None):
-      v = np.array([np.nan if x is None else x for x in map(value, hists)], np.float64)
+                  lambda h: _final(h, "train/saal_weight_covid") / _final(h, "train/saal_weight_non_covid"),
+                  lambda h: np.mean([_final(h, f"train/beta_{i}") for i in range(1, 7)]),
+                  lambda h: _final(h, "train/mwn_weight_covid") / _final(h, "train/mwn_weight_non_covid")):
+      v = np.array([value(h) for h in hists], np.float64)
       cols.append("-" if np.isnan(v).all() else f"{np.nanmean(v):.4g} ± {np.nanstd(v, ddof=1) if len(v) > 1 else 0:.2g}")
     lines.append(f"| {label} | " + " | ".join(cols) + " |")
   return "\n".join(lines) + "\n"
