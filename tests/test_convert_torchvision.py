@@ -12,6 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="converting torchvision weights needs the `test` extra (CPU torch)")
 
+from conftest import init_variables  # noqa: E402
 from dsn_saal_jax import convert, models  # noqa: E402
 from dsn_saal_jax.torch_reference import DSNVGG16BNTorch  # noqa: E402
 
@@ -46,8 +47,7 @@ def test_gray_input_and_new_classes(torchvision_file, tmp_path):
   np.testing.assert_array_equal(pretrained["batch_stats"]["bn5_3"]["var"], sd["features.41.running_var"])
 
   model = models.DSNVGG16BN(num_classes=3)
-  # rbg: the same initialisers; XLA:CPU compiles threefry for every leaf ~3x slower.
-  fresh = jax.jit(model.init)(jax.random.key(0, impl="rbg"), jnp.zeros((1, 32, 32, 1)))
+  fresh = init_variables(model, (1, 32, 32, 1))
   merged = convert.merge_pretrained(fresh, pretrained, str(out))
   np.testing.assert_array_equal(merged["params"]["conv3_2"]["kernel"], p["conv3_2"]["kernel"])
   for kept in (("side2", "fuse", "kernel"), ("fc8", "kernel")):

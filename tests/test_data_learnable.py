@@ -3,12 +3,12 @@
 import itertools
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import tensorflow_datasets as tfds
 
+from conftest import init_variables
 from dsn_saal_jax.data import input_pipeline
 from dsn_saal_jax.models import DSNVGG16BN
 
@@ -23,9 +23,7 @@ def test_tiny_model_beats_chance_on_synthetic_ct(tmp_path):
   ds = input_pipeline.create_dataset(config, process_index=0, process_count=1, local_device_count=1)
   model = DSNVGG16BN(num_classes=3, dsn=False, widths=(8, 16, 16, 32, 32), hidden=64,
                      dropout_rate=0.0)
-  # Compiled, and with the rbg key: op by op, and threefry, XLA:CPU takes several times longer to init.
-  init = jax.jit(lambda key, x: model.init(key, x, train=False))
-  variables = init(jax.random.key(0, impl="rbg"), jnp.zeros((1, 32, 32, 1)))
+  variables = init_variables(model, (1, 32, 32, 1), train=False)
   params, batch_stats = variables["params"], variables["batch_stats"]
   tx = optax.adam(3e-3)
   opt_state = tx.init(params)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import init_variables
 from dsn_saal_jax import models
 
 TINY = dict(widths=(4, 8, 8, 16, 16), hidden=32)
@@ -37,13 +38,12 @@ def test_full_size_parameter_count(dsn, in_ch):
 
 
 # Built once for the module's tests: initialising (compiling one random draw per leaf) is what costs,
-# and it does not depend on the input size (every head pools to 7x7 first). The rbg key runs the same
-# initialisers; XLA:CPU compiles threefry for every leaf ~3x slower.
+# and it does not depend on the input size (every head pools to 7x7 first).
 @pytest.fixture(scope="module")
 def tiny():
   """TINY DSN-VGG16-BN, its variables (1-channel input) and its jitted apply, shared by the tests below."""
   model = models.DSNVGG16BN(num_classes=3, **TINY)
-  variables = jax.jit(model.init)(jax.random.key(0, impl="rbg"), jnp.zeros((1, 32, 32, 1)))
+  variables = init_variables(model, (1, 32, 32, 1))
   return model, variables, jax.jit(model.apply)
 
 
@@ -94,10 +94,9 @@ def test_adaptive_pool_matrix_matches_torch_windows(in_size):
 
 def test_init_follows_torchvision():
   # The full-size shapes of every layer checked below (conv3_1, side3, fc7, bn2_1); stages 4-5 narrow,
-  # which leaves those layers alone and fc6 at 6 M weights instead of 103 M. The rbg key: same
-  # initialisers, and XLA:CPU compiles threefry for every leaf ~3x slower.
+  # which leaves those layers alone and fc6 at 6 M weights instead of 103 M.
   model = models.DSNVGG16BN(num_classes=3, widths=(64, 128, 256, 32, 32))
-  v = jax.jit(model.init)(jax.random.key(0, impl="rbg"), jnp.zeros((1, 32, 32, 3)))
+  v = init_variables(model, (1, 32, 32, 3))
   p = v["params"]
   k = np.asarray(p["conv3_1"]["kernel"])  # (3, 3, 128, 256): fan_out = 9 * 256
   assert abs(k.std() / np.sqrt(2 / (9 * 256)) - 1) < 0.02

@@ -7,6 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the PyTorch parity tests need the `test` extra (CPU torch)")
 
+from conftest import init_variables  # noqa: E402
 from dsn_saal_jax import convert, models  # noqa: E402
 from dsn_saal_jax.torch_reference import TORCH_MODELS  # noqa: E402
 from test_parity import check_logits, check_training_steps, randomize_batchnorm, rel_err, torch_input  # noqa: E402
@@ -157,8 +158,7 @@ def test_torchvision_conversion(torchvision_resnet50, in_channels, num_classes):
 def test_init_is_torchvisions():
   """Kaiming-normal (fan_out) bias-free convs, BN 1/0, torch-default Linear."""
   model = models.get_model("resnet_tiny", num_classes=100, dsn=False, width=16)
-  key = jax.random.key(0, impl="rbg")  # same initialisers; XLA:CPU compiles threefry for every leaf 2x slower
-  params = jax.jit(model.init)(key, jnp.zeros((1, 32, 32, 1)))["params"]
+  params = init_variables(model, (1, 32, 32, 1))["params"]
   conv = np.asarray(params["layer4_0"]["conv2"]["kernel"])  # (3, 3, 128, 128)
   assert abs(conv.std() / np.sqrt(2 / (9 * 128)) - 1) < 0.02 and abs(conv.mean()) < 1e-3
   stem = np.asarray(params["conv1"]["kernel"])  # fan_out 7*7*16

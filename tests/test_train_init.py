@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from conftest import init_variables
 from dsn_saal_jax import config_lib, convert, train
 from dsn_saal_jax.models import DSNVGG16BN
 from train_worker import tiny_config
@@ -14,8 +15,7 @@ def test_train_state_starts_from_the_converted_backbone(tmp_path):
   c = tiny_config()
   # A "pretrained" backbone + classifier: the baseline's variables without the last Linear.
   donor = DSNVGG16BN(1000, dsn=False, widths=c.widths, hidden=c.hidden)
-  # Compiled, with the rbg key: op by op, and threefry, XLA:CPU takes several times longer to init.
-  donor_vars = jax.jit(donor.init)(jax.random.key(7, impl="rbg"), np.zeros((1, 32, 32, 1)))
+  donor_vars = init_variables(donor, (1, 32, 32, 1), seed=7)
   pretrained = jax.tree_util.tree_map(np.asarray, donor_vars)
   pretrained["params"].pop("fc8")
   pretrained["batch_stats"]["bn3_2"]["var"] = np.full_like(pretrained["batch_stats"]["bn3_2"]["var"], 2.5)
