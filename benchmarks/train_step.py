@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from absl import app, flags
 
-from dsn_saal_jax import config_lib, models, train
+from dsn_saal_jax import config_lib, cpu, models, train
 from dsn_saal_jax.torch_reference import TORCH_MODELS, saal_loss_torch
 
 FLAGS = flags.FLAGS
@@ -58,15 +58,6 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
   mm(a).block_until_ready()
   best = min(_timed(lambda: mm(a).block_until_ready()) for _ in range(repeats))
   return 2 * n**3 / best / 1e9
-
-
-def cpu_model() -> str:
-  """lscpu's model name, from /proc/cpuinfo."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
-  except OSError:
-    return "unknown CPU"
 
 
 def _timed(fn) -> float:
@@ -310,7 +301,7 @@ def bench_breakdown(size: int, batch_size: int) -> None:
 def main(argv):
   del argv
   torch.manual_seed(0)
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({cpu_model()}), torch {torch.__version__} "
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({cpu.describe()}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads)")
   if FLAGS.meta or FLAGS.breakdown:
     for spec in FLAGS.sizes:
