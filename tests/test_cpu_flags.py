@@ -1,10 +1,14 @@
 """Importing dsn_saal_jax sets the fast XLA:CPU flag before JAX starts, and respects the user's own."""
 
 import os
+import shutil
 import subprocess
 import sys
 
+import pytest
+
 import dsn_saal_jax
+from dsn_saal_jax import cpu
 
 PROBE = """
 import os, warnings
@@ -44,3 +48,15 @@ def test_late_import_warns_that_the_flag_cannot_apply():
   out = _probe(None, before="import jax; jax.devices()")
   assert out.returncode != 0
   assert "RuntimeWarning" in out.stderr and "imported after JAX started its backends" in out.stderr
+
+
+def test_cpu_model_and_features_are_what_lscpu_says():
+  """Benchmarks name the CPU and its bf16 extensions through dsn_saal_jax.cpu; it must agree with lscpu."""
+  if shutil.which("lscpu") is None:
+    pytest.skip("lscpu is not installed on this machine")
+  fields = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True,
+                                                               check=True).stdout.splitlines() if ":" in line)
+  assert cpu.model_name() == fields["Model name"].strip()
+  assert cpu.features() == frozenset(fields["Flags"].split())
+  named = [f for f in cpu.BF16_FEATURES if f in fields["Flags"].split()]
+  assert cpu.describe() == f"{fields['Model name'].strip()} ({', '.join(named) or 'no bf16 extensions'})"
