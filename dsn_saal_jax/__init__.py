@@ -4,11 +4,14 @@ import os as _os
 import sys as _sys
 import warnings as _warnings
 
-# XLA:CPU hands dots to YNNPACK by default; with it, this model's convolution
-# gradients ran 5-10x slower than with XLA's own Eigen kernels and a train step
-# 0.74x the PyTorch reference's speed (benchmarks/README.md). Turned off here,
-# before JAX starts its backend, unless the user chose a value. The flag only
-# touches the CPU backend.
+# XLA:CPU hands convs and dots to YNNPACK by default; with it, this model's
+# convolution gradients ran 5-10x slower than with XLA's own Eigen kernels.
+# Measured on both CPU kinds we run on, so it is set on every CPU: the VGG train
+# step went from 0.74x to 0.93x PyTorch's speed on AMD EPYC (Zen 4), and from
+# 0.46x to 0.68x on Intel Xeon (AVX-512, AMX); benchmarks/conv_kernels.py times
+# each choice on a new CPU kind (benchmarks/README.md). Turned off here, before
+# JAX starts its backend, unless the user chose a value. The flag only touches
+# the CPU backend.
 CPU_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 
 
