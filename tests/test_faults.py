@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent import futures
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -48,9 +49,47 @@ def damage(step_dir, how):
     os.remove(os.path.join(step_dir, "meta", "metadata"))
 
 
+def nan_runs(reference, tmp_path):
+  """A finished 12-step run resumed at a NaN-making learning rate, then resumed normally: (proc, steps) of each."""
+  workdir = tmp_path / "work"
+  shutil.copytree(reference[1], workdir)  # a finished 12-step run: checkpoints 8 and 12
+  nan = train(tmp_path, workdir, overrides=json.dumps({"num_train_steps": 20, "learning_rate": 1e30}))
+  nan_steps = latest_steps(workdir)
+  rerun = train(tmp_path, workdir, overrides=json.dumps({"num_train_steps": 16}))
+  return (nan, nan_steps), (rerun, latest_steps(workdir))
+
+
+def two_processes_sigterm(tmp_path):
+  """Two processes joined by jax.distributed, SIGTERM to process 1 mid-training: ([(proc, out, err)], workdir)."""
+  env = multiprocess_env(tmp_path)
+  coordinator, workdir = f"localhost:{free_port()}", tmp_path / "multi"
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(HERE, "train_worker.py"), "multihost", f"--workdir={workdir}",
+       f"--coordinator={coordinator}", "--num_processes=2", f"--process_id={i}"]
+      + (["--fault=step:5:SIGTERM"] if i == 1 else []),
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  return [(p, *p.communicate(timeout=900)) for p in procs], workdir
+
+
 @pytest.fixture(scope="module")
-def faulted(reference, tmp_path_factory):
+def side_runs(reference, tmp_path_factory):
+  """The launcher, NaN and two-process runs, independent of the fault chain: {name: future}.
+
+  They run one after the other in a background thread, alongside the chain's mostly single-threaded runs
+  (imports, tracing) on a 2-core machine; each test waits for its own. One thread, not three: more at once
+  adds memory (~4.6 GB peak for the module as it is) and no speed, as the cores are then full.
+  """
+  with futures.ThreadPoolExecutor(1) as pool:  # leaving the block waits for them
+    yield {"launcher": pool.submit(launcher_runs, tmp_path_factory.mktemp("launcher")),
+           "nan": pool.submit(nan_runs, reference, tmp_path_factory.mktemp("nan")),
+           "two_processes": pool.submit(two_processes_sigterm, tmp_path_factory.mktemp("two_processes"))}
+
+
+@pytest.fixture(scope="module")
+def faulted(reference, side_runs, tmp_path_factory):  # pylint: disable=unused-argument
   """One workdir taken through a fault at every phase in turn, each run resuming the one before.
+
+  `side_runs` is requested only to start first, so that its runs go alongside this chain.
 
   Every process start costs a Python+JAX import, so the faults share runs: each faulted run is also the
   resumption of the previous fault, and the final rerun must still equal the uninterrupted run bit for
@@ -171,31 +210,21 @@ def test_predictor_names_a_damaged_checkpoint_and_falls_back_to_an_intact_one(re
   assert predict.Predictor.from_workdir(str(workdir), "latest").source.endswith(os.path.join("checkpoints", "8"))
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(reference, tmp_path):
-  workdir = tmp_path / "work"
-  shutil.copytree(reference[1], workdir)  # a finished 12-step run: checkpoints 8 and 12
-  proc = train(tmp_path, workdir, overrides=json.dumps({"num_train_steps": 20, "learning_rate": 1e30}))
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(side_runs):
+  (proc, steps), (rerun, rerun_steps) = side_runs["nan"].result()
   assert proc.returncode not in (0, PREEMPTED)
   assert "FloatingPointError" in proc.stderr and "The training loss became nan at step" in proc.stderr
   assert "last good checkpoint (step 12)" in proc.stderr
-  assert latest_steps(workdir) == [8, 12]
+  assert steps == [8, 12]
   # The surviving checkpoint is intact: a normal run resumes from it and finishes.
-  proc = train(tmp_path, workdir, overrides=json.dumps({"num_train_steps": 16}))
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  assert "Resumed from" in proc.stderr and latest_steps(workdir) == [12, 16]
+  assert rerun.returncode == 0, rerun.stderr[-4000:]
+  assert "Resumed from" in rerun.stderr and rerun_steps == [12, 16]
 
 
-def test_sigterm_to_one_of_two_processes_makes_both_save_the_same_step_and_exit_143(tmp_path):
-  env = multiprocess_env(tmp_path)
-  coordinator, workdir = f"localhost:{free_port()}", tmp_path / "multi"
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.join(HERE, "train_worker.py"), "multihost", f"--workdir={workdir}",
-       f"--coordinator={coordinator}", "--num_processes=2", f"--process_id={i}"]
-      + (["--fault=step:5:SIGTERM"] if i == 1 else []),
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=900) for p in procs]
+def test_sigterm_to_one_of_two_processes_makes_both_save_the_same_step_and_exit_143(side_runs):
+  runs, workdir = side_runs["two_processes"].result()
   steps = []
-  for p, (out, err) in zip(procs, outputs):
+  for p, out, err in runs:
     assert p.returncode == PREEMPTED, err[-4000:]
     steps += re.findall(r"PREEMPTED Preempted \(SIGTERM\) at step (\d+)/12", out)
   assert len(steps) == 2 and steps[0] == steps[1]  # process 0 got no signal, yet stopped at the same step
@@ -224,7 +253,8 @@ def launched_result(workdir):
   return metrics, state
 
 
-def test_launcher_survives_a_killed_dataset_build_and_sigterm_in_validation(tmp_path):
+def launcher_runs(tmp_path):
+  """The launcher's fault runs; what the test below checks, recorded as they happen."""
   reference, workdir, data_dir = tmp_path / "reference", tmp_path / "work", tmp_path / "data"
 
   def faults():  # alongside the reference run: its own data_dir and workdir
@@ -232,24 +262,33 @@ def test_launcher_survives_a_killed_dataset_build_and_sigterm_in_validation(tmp_
              launch(tmp_path, workdir, data_dir, fault="build:40:SIGKILL")]  # (f) in the middle of the build
     partial = glob.glob(str(data_dir / "synthetic_ct" / "*" / "1.0.0"))
     procs.append(launch(tmp_path, workdir, data_dir, fault="validation:1:SIGTERM"))  # rebuilds, then (b) at step 3
-    return procs, partial
+    return procs, partial, latest_steps(workdir)
 
-  ref_proc, ((build_term, build_kill, validation), partial) = concurrently(
-      lambda: launch(tmp_path, reference, tmp_path / "data_reference"), faults)
+  ref_proc, faulted_runs = concurrently(lambda: launch(tmp_path, reference, tmp_path / "data_reference"), faults)
+  # Every checkpoint damaged (in a copy of this workdir).
+  damaged = tmp_path / "damaged"
+  shutil.copytree(workdir, damaged)
+  for step in latest_steps(damaged):
+    damage(str(damaged / "checkpoints" / str(step)), "missing metadata")
+  resumed, failed = concurrently(lambda: launch(tmp_path, workdir, data_dir),
+                                 lambda: launch(tmp_path, damaged, data_dir))
+  return {"reference": (ref_proc, reference), "faults": faulted_runs, "resumed": (resumed, workdir),
+          "damaged": (failed, damaged)}
+
+
+def test_launcher_survives_a_killed_dataset_build_and_sigterm_in_validation(side_runs):
+  runs = side_runs["launcher"].result()
+  (ref_proc, reference), ((build_term, build_kill, validation), partial, validation_steps) = (runs["reference"],
+                                                                                              runs["faults"])
   assert ref_proc.returncode == 0, ref_proc.stderr[-4000:]
   assert build_term.returncode == PREEMPTED, build_term.stderr[-4000:]
   assert "before training started" in build_term.stderr
   assert build_kill.returncode == -9
   assert not partial, "a partial build looks finished"
   assert validation.returncode == PREEMPTED, validation.stderr[-4000:]
-  assert "StepAlreadyExists" not in validation.stderr and latest_steps(workdir) == [3]
+  assert "StepAlreadyExists" not in validation.stderr and validation_steps == [3]
 
-  # Every checkpoint damaged (in a copy of this workdir): a clear error naming them, no traceback, exit 1 (not 143).
-  damaged = tmp_path / "damaged"
-  shutil.copytree(workdir, damaged)
-  for step in latest_steps(damaged):
-    damage(str(damaged / "checkpoints" / str(step)), "missing metadata")
-  proc, failed = concurrently(lambda: launch(tmp_path, workdir, data_dir), lambda: launch(tmp_path, damaged, data_dir))
+  proc, workdir = runs["resumed"]
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "at step 3." in proc.stderr  # "Resumed from ... at step 3."
 
@@ -260,6 +299,8 @@ def test_launcher_survives_a_killed_dataset_build_and_sigterm_in_validation(tmp_
   for key in leaves:
     np.testing.assert_array_equal(leaves[key], ref_leaves[key], err_msg=str(key))
 
+  # Every checkpoint damaged: a clear error naming them, no traceback, exit 1 (not 143).
+  failed, damaged = runs["damaged"]
   assert failed.returncode == 1, failed.stderr[-4000:]
   assert f"No intact checkpoint in {damaged / 'checkpoints'}" in failed.stderr
   assert f"step 3 at {damaged / 'checkpoints' / '3'}" in failed.stderr
