@@ -7,6 +7,7 @@ full-size ones, whose numbers `test_models_<family>.py` check against PyTorch.
 import csv
 import json
 import os
+from concurrent import futures
 
 import jax
 import numpy as np
@@ -20,7 +21,7 @@ from train_worker import blobs, tiny_config, tiny_dataset
 from dsn_saal_jax import models, predict, train
 
 ROOT = os.path.dirname(HERE)
-# resnet_tiny trains, reports and predicts through the launchers (the last test of these three), the others here.
+# resnet_tiny trains, reports and predicts through the launchers (the module's last test), the others here.
 TINY = ("densenet_tiny", "mobilenet_v2_tiny")
 
 
@@ -48,8 +49,36 @@ def check_grad_cam(predictor, x, probs):
   assert cams.shape == (2, 32, 32) and np.all((cams >= 0) & (cams <= 1)) and np.max(cams) in (0, 1)
 
 
+def launch_resnet_tiny(tmp_path):
+  """train.py on the embedded default with resnet_tiny, then predict.py on 3 PNG slices, one after the other in
+  one process (JAX is imported once): (train result, predict result, workdir, predictions CSV)."""
+  workdir = tmp_path / "work"
+  overrides = dict(data_dir=tmp_path / "data", synthetic_scale=0.01, synthetic_image_size=32, image_size=32,
+                   num_train_steps=3, batch_size=16, eval_batch_size=16, log_every_steps=3, gradcam_per_class=1)
+  slices = tmp_path / "slices"
+  slices.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)).save(slices / f"slice{i}.png")
+  out = tmp_path / "predictions.csv"
+  trained, predicted = launch_batch.run([
+      ["train.py", f"--config={ROOT}/configs/default.py:resnet_tiny", f"--workdir={workdir}",
+       *[f"--config.{k}={v}" for k, v in overrides.items()]],
+      ["predict.py", f"--workdir={workdir}", f"--output={out}", str(slices)]], tmp_path)
+  return trained, predicted, workdir, out
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+  """launch_resnet_tiny's future: the launches run in a background thread, alongside the in-process tests
+  (the tiny backbones train here meanwhile: compiles and imports are mostly single-threaded, 2 cores)."""
+  with futures.ThreadPoolExecutor(1) as pool:  # leaving the block waits for it
+    yield pool.submit(launch_resnet_tiny, tmp_path_factory.mktemp("launched"))
+
+
 @pytest.mark.parametrize("backbone", TINY)
-def test_tiny_backbone_trains_reports_and_predicts_from_its_checkpoint_alone(tmp_path, backbone):
+def test_tiny_backbone_trains_reports_and_predicts_from_its_checkpoint_alone(tmp_path, backbone, launched):
+  del launched  # requested only to start the launches first, so they run alongside this training
   c = tiny_config(backbone=backbone, num_train_steps=4, gradcam_per_class=1)
   train.train_and_evaluate(c, str(tmp_path), dataset=tiny_dataset(c))
   metrics, predictor = check_run(tmp_path, backbone, 29)
@@ -61,33 +90,6 @@ def test_tiny_backbone_trains_reports_and_predicts_from_its_checkpoint_alone(tmp
 
 def jax_key():
   return jax.random.PRNGKey(0)
-
-
-def test_train_and_predict_launchers_on_the_embedded_default_with_another_backbone(tmp_path):
-  workdir = tmp_path / "work"
-  overrides = dict(data_dir=tmp_path / "data", synthetic_scale=0.01, synthetic_image_size=32, image_size=32,
-                   num_train_steps=3, batch_size=16, eval_batch_size=16, log_every_steps=3, gradcam_per_class=1)
-  slices = tmp_path / "slices"
-  slices.mkdir()
-  rng = np.random.default_rng(0)
-  for i in range(3):
-    Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)).save(slices / f"slice{i}.png")
-  out = tmp_path / "predictions.csv"
-  trained, predicted = launch_batch.run([  # one after the other in one process: JAX is imported once
-      ["train.py", f"--config={ROOT}/configs/default.py:resnet_tiny", f"--workdir={workdir}",
-       *[f"--config.{k}={v}" for k, v in overrides.items()]],
-      ["predict.py", f"--workdir={workdir}", f"--output={out}", str(slices)]], tmp_path)
-  assert trained.returncode == 0, trained.stderr[-4000:]
-  _, predictor = check_run(workdir, "resnet_tiny", 20)  # 11 + 4 + 5 test slices
-
-  assert predicted.returncode == 0, predicted.stderr[-4000:]
-  rows = list(csv.DictReader(out.open()))
-  assert len(rows) == 3 and "3 predicted, 0 failed" in predicted.stdout
-  x = np.stack([predictor.load(r["path"]) for r in rows])
-  probs = predictor.predict_inputs(x)  # the CSV's probabilities are those of the checkpoint in this process
-  np.testing.assert_allclose([[float(r[f"prob_{n}"]) for n in predictor.class_names] for r in rows], probs,
-                             atol=1e-5)
-  check_grad_cam(predictor, x, probs)
 
 
 def test_checkpoints_from_before_backbones_existed_load_as_vgg16_bn():
@@ -155,3 +157,18 @@ def test_width_scale_on_vgg_points_to_widths():
   with pytest.raises(ValueError, match=r"config.width_scale=0.5 does not apply to vgg16_bn; narrow it with "
                                        r"config.widths instead"):
     config_lib.validate_config(c, 1)
+
+
+def test_train_and_predict_launchers_on_the_embedded_default_with_another_backbone(launched):
+  trained, predicted, workdir, out = launched.result()
+  assert trained.returncode == 0, trained.stderr[-4000:]
+  _, predictor = check_run(workdir, "resnet_tiny", 20)  # 11 + 4 + 5 test slices
+
+  assert predicted.returncode == 0, predicted.stderr[-4000:]
+  rows = list(csv.DictReader(out.open()))
+  assert len(rows) == 3 and "3 predicted, 0 failed" in predicted.stdout
+  x = np.stack([predictor.load(r["path"]) for r in rows])
+  probs = predictor.predict_inputs(x)  # the CSV's probabilities are those of the checkpoint in this process
+  np.testing.assert_allclose([[float(r[f"prob_{n}"]) for n in predictor.class_names] for r in rows], probs,
+                             atol=1e-5)
+  check_grad_cam(predictor, x, probs)
