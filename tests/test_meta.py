@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from concurrent import futures
 
 import jax
 import jax.flatten_util
@@ -107,12 +108,14 @@ def tiny_f64():
 
 
 @pytest.mark.parametrize("loss", ["saal", "mwn"])
-def test_hypergradient_matches_float64_finite_differences_through_batchnorm_and_max_pool(tiny_f64, loss):
+def test_hypergradient_matches_float64_finite_differences_through_batchnorm_and_max_pool(meta_worker_started,
+                                                                                       tiny_f64, loss):
   """d meta_loss(theta - lr grad_theta L_train(theta; phi)) / d phi against central differences, float64.
 
   The reference differentiates the whole forward pass directly (no shared VJP); the tiny DSN-VGG runs
   train-mode BatchNorm and 2x2 max pools, so grad-of-grad goes through both custom kernels.
   """
+  del meta_worker_started  # requested only to start the worker first: it runs alongside these tests
   counts = (30, 6)
   model, variables = tiny_f64
   with jax.enable_x64(True):
@@ -228,13 +231,25 @@ def test_meta_learned_log10_alpha_weights_the_minority_and_raises_its_recall():
 # ----------------------------------------------------------------------------- the trainer's meta step
 
 
-@pytest.fixture(scope="module")
-def meta_worker(tmp_path_factory):
+def run_meta_worker(tmp):
   """One 2-device worker process (tests/train_worker.py meta): the step on 2 devices and on 1, then a run
   uninterrupted and one preempted and resumed. XLA at -O0: these tiny programs compile ~2x faster."""
-  tmp = tmp_path_factory.mktemp("meta")
   flags = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
-  proc = run_worker(["meta", f"--out={tmp / 'out.npz'}"], 2, tmp, env_extra={"XLA_FLAGS": flags})
+  return tmp, run_worker(["meta", f"--out={tmp / 'out.npz'}"], 2, tmp, env_extra={"XLA_FLAGS": flags})
+
+
+@pytest.fixture(scope="module")
+def meta_worker_started(tmp_path_factory):
+  """run_meta_worker's future: the worker runs in a background thread, alongside this module's in-process
+  tests (the float64 hypergradients and the toy meta run request it first), as both are mostly
+  single-threaded compiles on a 2-core machine."""
+  with futures.ThreadPoolExecutor(1) as pool:  # leaving the block waits for it
+    yield pool.submit(run_meta_worker, tmp_path_factory.mktemp("meta"))
+
+
+@pytest.fixture(scope="module")
+def meta_worker(meta_worker_started):
+  tmp, proc = meta_worker_started.result()
   assert proc.returncode == 0, proc.stderr[-4000:]
   return tmp, proc
 
