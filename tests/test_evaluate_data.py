@@ -11,6 +11,7 @@ equal its training report.
 import csv
 import json
 import os
+from concurrent import futures
 
 import numpy as np
 import pytest
@@ -77,14 +78,12 @@ def folder(tmp_path_factory):
   return root
 
 
-@pytest.fixture(scope="module")
-def launched(workdir, folder, tmp_path_factory):
+def run_launches(workdir, folder, tmp):
   """The launches of the tests below, one after another in one process (JAX imported once): {name: result}.
 
   report: evaluate.py on the planted folder, its report in the default place; predict: predict.py on the same
   folder; bad_class_map: evaluate.py with a class map that does not fit the run.
   """
-  tmp = tmp_path_factory.mktemp("launch")
   invocations = {
       "report": ["evaluate.py", f"--workdir={workdir}", f"--data={folder}", f"--class_map={CLASS_MAP}",
                  "--batch_size=4", "--gradcam_per_class=2"],
@@ -94,6 +93,87 @@ def launched(workdir, folder, tmp_path_factory):
   results = dict(zip(invocations, launch_batch.run(list(invocations.values()), tmp)))
   results["predict"].output = tmp / "predict.csv"
   return results
+
+
+@pytest.fixture(scope="module")
+def launched_started(workdir, folder, tmp_path_factory):
+  """run_launches' future: the launch process runs in a background thread, alongside the in-process tests
+  placed first (the official-split run, the split folders), as both are mostly single-threaded on 2 cores."""
+  with futures.ThreadPoolExecutor(1) as pool:  # leaving the block waits for it
+    yield pool.submit(run_launches, workdir, folder, tmp_path_factory.mktemp("launch"))
+
+
+@pytest.fixture(scope="module")
+def launched(launched_started):
+  return launched_started.result()
+
+
+# ----------------------------------------------------------------------------- the real COVID19-CT
+# In-process tests come first: they run while the launches do.
+
+
+@pytest.fixture(scope="module")
+def covid19_ct_dir():
+  path = builders.default_manual_dir("covid19_ct")
+  if path is None or not os.path.isdir(path):
+    pytest.skip(f"COVID-CT not found (looked at {path or '<repo>/../shared/data/covid19_ct'}); set "
+                f"${builders.COVID19_CT_ENV} to its upstream folder to run this test")
+  return path
+
+
+def test_data_report_on_the_official_test_split_equals_the_training_report(covid19_ct_dir, launched_started,
+                                                                           tmp_path):
+  del launched_started  # requested only to start the launches first: they run alongside this run
+  # The official test files as <class>/<file> symlinks (only under tmp_path).
+  lists = covid19_ct.read_split_lists(epath.Path(covid19_ct_dir))
+  for label, name in lists["test"]:
+    target = tmp_path / "test_split" / covid19_ct.CLASS_NAMES[label] / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(os.path.join(covid19_ct_dir, "Images-processed", covid19_ct.IMAGE_DIRS[label], name))
+  config = config_lib.paper_config("covid19_ct", channels=3, lung_mask=False, arg="baseline,ce")
+  configure(config, dict(TINY, data_dir=str(tmp_path / "tfds"), manual_dir=covid19_ct_dir, batch_size=16,
+                         eval_batch_size=32, num_train_steps=6, learning_rate=0.01))
+  train.train_and_evaluate(config, str(tmp_path / "work"))
+  trained = json.loads((tmp_path / "work" / "report" / "test" / "metrics.json").read_text())
+
+  predictor = predict.Predictor.from_workdir(str(tmp_path / "work"), trained["checkpoint"], batch_size=32)
+  result = folder_eval.evaluate_folder(predictor, str(tmp_path / "test_split"), str(tmp_path / "report"),
+                                       gradcam_per_class=1)
+  data = json.loads((tmp_path / "report" / "metrics.json").read_text())
+  assert data == json.loads(json.dumps(result))  # what it returns is what it wrote
+  assert (data["num_examples"], data["num_unreadable"]) == (len(lists["test"]), 0)
+  assert data["checkpoint_dir"].endswith(f"/{trained['checkpoint']}/{trained['checkpoint_step']}")
+  for key in ("num_examples", "confusion_matrix", "class_names", "backbone", "model", "num_params"):
+    assert data[key] == trained[key], key
+  for key in ("accuracy", "macro_precision", "macro_sensitivity", "macro_specificity", "macro_f1", "g_mean", "auc"):
+    assert data[key] == pytest.approx(trained[key], abs=1e-9), key
+  for name, values in trained["per_class"].items():
+    assert data["per_class"][name] == pytest.approx(values, abs=1e-9), name
+
+
+def test_split_picks_one_split_folder(folder, launched_started, predictor, tmp_path):
+  """{train,test}/<class>/... : every slice by default, only test/'s with split='test'."""
+  del launched_started  # as above
+  root = tmp_path / "hospital_c"
+  for path in folder.glob("*/case*/slice.png"):
+    case = path.parent
+    split = "test" if case.name == "case0" else "train"
+    (root / split / case.parent.name / case.name).mkdir(parents=True)
+    (root / split / case.parent.name / case.name / path.name).symlink_to(path)
+  (root / "train" / "Covid" / "notes.txt").write_text("skipped, but in train/")
+  out = folder_eval.default_out_dir(str(tmp_path / "work"), str(root), "best", "test")
+  assert out == str(tmp_path / "work" / "report" / "data_hospital_c_test_best")
+  result = folder_eval.evaluate_folder(predictor, str(root), out, class_map=folder_eval.parse_class_map(CLASS_MAP),
+                                       split="test", gradcam_per_class=1)
+  assert (result["num_examples"], result["split"], result["num_skipped"]) == (3, "test", 0)
+  ids = [r["id"] for r in read_csv(os.path.join(out, "predictions.csv"))]
+  assert ids == ["test/Bacterial/case0/slice.png", "test/Covid/case0/slice.png", "test/Healthy/case0/slice.png"]
+  with pytest.raises(DatasetError, match=r"hospital_c has no val split folder \(it has \['test', 'train'\]\)"):
+    folder_eval.evaluate_folder(predictor, str(root), out, class_map=folder_eval.parse_class_map(CLASS_MAP),
+                                split="val")
+
+
+# ----------------------------------------------------------------------------- what the launches wrote
 
 
 @pytest.fixture(scope="module")
@@ -175,64 +255,3 @@ def test_class_maps_that_do_not_fit_the_run_are_refused_by_name(workdir, folder,
     folder_eval.evaluate_folder(predictor, str(folder), str(tmp_path / "out"),
                                 class_map=folder_eval.parse_class_map(CLASS_MAP), split="test")
   assert not (tmp_path / "out").exists()
-
-
-def test_split_picks_one_split_folder(folder, predictor, tmp_path):
-  """{train,test}/<class>/... : every slice by default, only test/'s with split='test'."""
-  root = tmp_path / "hospital_c"
-  for path in folder.glob("*/case*/slice.png"):
-    case = path.parent
-    split = "test" if case.name == "case0" else "train"
-    (root / split / case.parent.name / case.name).mkdir(parents=True)
-    (root / split / case.parent.name / case.name / path.name).symlink_to(path)
-  (root / "train" / "Covid" / "notes.txt").write_text("skipped, but in train/")
-  out = folder_eval.default_out_dir(str(tmp_path / "work"), str(root), "best", "test")
-  assert out == str(tmp_path / "work" / "report" / "data_hospital_c_test_best")
-  result = folder_eval.evaluate_folder(predictor, str(root), out, class_map=folder_eval.parse_class_map(CLASS_MAP),
-                                       split="test", gradcam_per_class=1)
-  assert (result["num_examples"], result["split"], result["num_skipped"]) == (3, "test", 0)
-  ids = [r["id"] for r in read_csv(os.path.join(out, "predictions.csv"))]
-  assert ids == ["test/Bacterial/case0/slice.png", "test/Covid/case0/slice.png", "test/Healthy/case0/slice.png"]
-  with pytest.raises(DatasetError, match=r"hospital_c has no val split folder \(it has \['test', 'train'\]\)"):
-    folder_eval.evaluate_folder(predictor, str(root), out, class_map=folder_eval.parse_class_map(CLASS_MAP),
-                                split="val")
-
-
-# ----------------------------------------------------------------------------- the real COVID19-CT
-
-
-@pytest.fixture(scope="module")
-def covid19_ct_dir():
-  path = builders.default_manual_dir("covid19_ct")
-  if path is None or not os.path.isdir(path):
-    pytest.skip(f"COVID-CT not found (looked at {path or '<repo>/../shared/data/covid19_ct'}); set "
-                f"${builders.COVID19_CT_ENV} to its upstream folder to run this test")
-  return path
-
-
-def test_data_report_on_the_official_test_split_equals_the_training_report(covid19_ct_dir, tmp_path):
-  # The official test files as <class>/<file> symlinks (only under tmp_path).
-  lists = covid19_ct.read_split_lists(epath.Path(covid19_ct_dir))
-  for label, name in lists["test"]:
-    target = tmp_path / "test_split" / covid19_ct.CLASS_NAMES[label] / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.symlink_to(os.path.join(covid19_ct_dir, "Images-processed", covid19_ct.IMAGE_DIRS[label], name))
-  config = config_lib.paper_config("covid19_ct", channels=3, lung_mask=False, arg="baseline,ce")
-  configure(config, dict(TINY, data_dir=str(tmp_path / "tfds"), manual_dir=covid19_ct_dir, batch_size=16,
-                         eval_batch_size=32, num_train_steps=6, learning_rate=0.01))
-  train.train_and_evaluate(config, str(tmp_path / "work"))
-  trained = json.loads((tmp_path / "work" / "report" / "test" / "metrics.json").read_text())
-
-  predictor = predict.Predictor.from_workdir(str(tmp_path / "work"), trained["checkpoint"], batch_size=32)
-  result = folder_eval.evaluate_folder(predictor, str(tmp_path / "test_split"), str(tmp_path / "report"),
-                                       gradcam_per_class=1)
-  data = json.loads((tmp_path / "report" / "metrics.json").read_text())
-  assert data == json.loads(json.dumps(result))  # what it returns is what it wrote
-  assert (data["num_examples"], data["num_unreadable"]) == (len(lists["test"]), 0)
-  assert data["checkpoint_dir"].endswith(f"/{trained['checkpoint']}/{trained['checkpoint_step']}")
-  for key in ("num_examples", "confusion_matrix", "class_names", "backbone", "model", "num_params"):
-    assert data[key] == trained[key], key
-  for key in ("accuracy", "macro_precision", "macro_sensitivity", "macro_specificity", "macro_f1", "g_mean", "auc"):
-    assert data[key] == pytest.approx(trained[key], abs=1e-9), key
-  for name, values in trained["per_class"].items():
-    assert data["per_class"][name] == pytest.approx(values, abs=1e-9), name
