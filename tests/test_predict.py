@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent import futures
 
 import jax
 import numpy as np
@@ -78,16 +79,111 @@ def flag(value) -> str:
   return f"({', '.join(map(str, value))})" if isinstance(value, tuple) else str(value)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  """(workdir, manual dir, config) of the trained run."""
-  tmp = tmp_path_factory.mktemp("run")
+# ----------------------------------------------------------------------------- checkpoints of other kinds
+# In-process and independent of the run: they come first, and run while it trains.
+
+
+def tiny_config(**overrides):
+  c = config_lib.base_config()
+  c.image_size, c.widths, c.hidden, c.batch_size, c.eval_batch_size = 32, (8, 8, 8, 8, 8), 16, 8, 8
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def save_tiny(workdir, config, inference):
+  """A checkpoint as train.py writes one (`inference` None: as written before specs existed)."""
+  model = train.create_model(config, 3)
+  optimizer = train.make_optimizer(config, 1)
+  state = train.create_train_state(config, model, (32, 32, 1), optimizer, jax.random.PRNGKey(0))
+  ckpt = checkpointing.Checkpoints(str(workdir), train.model_fingerprint(config, 3), inference=inference)
+  ckpt.save(1, jax.device_get(state))
+  ckpt.wait()
+  ckpt.close()
+  return state
+
+
+def test_checkpoint_without_spec_needs_the_config(run_started, tmp_path):
+  del run_started  # requested only to start the run's training: it runs alongside these tests
+  config = tiny_config(data_dir=str(tmp_path / "tfds"))
+  state = save_tiny(tmp_path / "old", config, inference=None)
+  with pytest.raises(predict_lib.CheckpointError, match="saved before checkpoints carried an inference spec.*"
+                     "Retrain with this version, or pass the run's training config: --config="):
+    predict_lib.Predictor.from_workdir(str(tmp_path / "old"), "latest")
+  p = predict_lib.Predictor.from_workdir(str(tmp_path / "old"), "latest", config=config)
+  assert p.class_names == ("normal", "bacterial_pneumonia", "covid19")
+  np.testing.assert_array_equal(p.variables["params"]["fc8"]["kernel"], state.params["fc8"]["kernel"])
+  x = p.preprocess(ct.window(hu_slice(0, 0))[:, :, None])
+  assert x.shape == (32, 32, 1)
+  with pytest.raises(predict_lib.CheckpointError, match=r"holds a different model than the config \(widths: "
+                     r"checkpoint \[8, 8, 8, 8, 8\] vs config \[8, 8, 8, 8, 16\]\)"):
+    predict_lib.Predictor.from_workdir(str(tmp_path / "old"), "latest", config=tiny_config(widths=(8, 8, 8, 8, 16)))
+
+
+@pytest.mark.parametrize("dataset", ["synthetic_ct", "covid19_diag", "image_folder"])
+def test_builders_that_mask_dicom_always_say_so_in_the_spec(run_started, dataset):
+  """Their DICOM slices are lung-masked whatever config.lung_mask says; prediction must mask them too."""
+  del run_started  # as above
+  config = tiny_config()
+  config.dataset, config.lung_mask = dataset, False
+  info = type("Info", (), {"class_names": ("a", "b"), "image_shape": (32, 32, 1), "normalization": {}})
+  assert checkpointing.inference_spec(config, info)["lung_mask"]["dicom"]
+
+
+def test_checkpoint_of_another_model_or_kind_is_refused(run_started, tmp_path):
+  del run_started  # as above
+  config = tiny_config()
+  info = type("Info", (), {"class_names": ("a", "b", "c"), "image_shape": (32, 32, 1), "normalization": {}})
+  spec = checkpointing.inference_spec(config, info)
+  # The spec describes another model than the weights (e.g. files copied between runs).
+  save_tiny(tmp_path / "mixed", config, inference={**spec, "model": {**spec["model"], "model": "baseline"}})
+  with pytest.raises(predict_lib.CheckpointError, match=r"/mixed/checkpoints/1: its weights do not fit the model "
+                     r"it describes .*unexpected params/side1.*It is a checkpoint of another model"):
+    predict_lib.Predictor.from_checkpoint(str(tmp_path / "mixed" / "checkpoints"))
+  # launch/convert_torchvision.py's output is not a classifier.
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(str(tmp_path / "imagenet"), {"params": {"w": np.zeros(3)}})
+  with pytest.raises(predict_lib.CheckpointError, match="imagenet is not a dsn_saal_jax training checkpoint"):
+    predict_lib.Predictor.from_checkpoint(str(tmp_path / "imagenet"))
+  with pytest.raises(predict_lib.CheckpointError, match="is a training workdir, not a checkpoint: pass --workdir="):
+    predict_lib.Predictor.from_checkpoint(str(tmp_path / "mixed"))
+  # A run on in-memory arrays (no normalization recorded) predicts model inputs, not files.
+  save_tiny(tmp_path / "arrays", config, inference=spec)
+  p = predict_lib.Predictor.from_workdir(str(tmp_path / "arrays"), "latest", batch_size=3)
+  probs = p.predict_inputs(np.random.default_rng(0).normal(size=(5, 32, 32, 1)))
+  assert probs.shape == (5, 3)
+  np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+  with pytest.raises(predict_lib.CheckpointError, match="trained on in-memory arrays"):
+    p.load(CT_SMALL)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def train_run(tmp):
+  """launch/train.py on the manual dir: (its result, workdir, manual dir, config overrides)."""
   manual, workdir = tmp / "manual", tmp / "work"
   make_manual_dir(manual)
   overrides = {**OVERRIDES, "manual_dir": str(manual), "data_dir": str(tmp / "tfds")}
   proc = run_script("train.py", ["--config=" + os.path.join(REPO, "configs", "covid19_diag.py"),
                                  f"--workdir={workdir}", *[f"--config.{k}={flag(v)}" for k, v in overrides.items()]],
                     tmp)
+  return proc, workdir, manual, overrides
+
+
+@pytest.fixture(scope="module")
+def run_started(tmp_path_factory):
+  """train_run's future: the training process runs in a background thread, alongside the in-process tests of
+  checkpoints of other kinds, which come first and request it (both mostly single-threaded, 2 cores)."""
+  with futures.ThreadPoolExecutor(1) as pool:  # leaving the block waits for it
+    yield pool.submit(train_run, tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def run(run_started):
+  """(workdir, manual dir, config) of the trained run."""
+  proc, workdir, manual, overrides = run_started.result()
   assert proc.returncode == 0, proc.stderr[-4000:]
   config = config_lib.paper_config("covid19_diag", channels=1, lung_mask=True, arg=None)
   for key, v in overrides.items():
@@ -145,7 +241,8 @@ def test_every_checkpoint_carries_the_inference_spec(run):
     assert meta["fingerprint"]["widths"] == [8, 8, 16, 16, 16]  # the fingerprint is still there
 
 
-def test_predictions_equal_the_runs_evaluation(evaluation, predictor):
+def test_predictions_equal_the_runs_evaluation(evaluation, launched_started, predictor):
+  del launched_started  # requested only to start the launches: they run alongside this and the next tests
   files, probs, inputs = evaluation
   kinds = {os.path.splitext(f)[1] for f in files}
   assert kinds == {".dcm", "", ".png", ".jpg"}, kinds  # every format is among the test files
@@ -158,46 +255,6 @@ def test_predictions_equal_the_runs_evaluation(evaluation, predictor):
   np.testing.assert_allclose(np.stack([r.probs for r in results]), probs, atol=1e-5)
   # The model tells the slices apart by far more than the 1e-5 compared to above: the test is not vacuous.
   assert np.ptp(probs, axis=0).max() > 1e-4
-
-
-@pytest.fixture(scope="module")
-def launched(run, evaluation, tmp_path_factory):
-  """launch/predict.py on the inputs of the launcher tests below: {name: (tmp dir, result)}.
-
-  All in one process (launch_batch.py), so JAX and TensorFlow are imported once, not once a launch.
-  """
-  tmp = tmp_path_factory.mktemp("launched")
-  workdir, invocations = run[0], {}
-  csv_dir = tmp / "csv"
-  csv_dir.mkdir()
-  invocations["csv"] = csv_dir, [f"--workdir={workdir}", "--checkpoint=latest", f"--output={csv_dir / 'preds.csv'}",
-                                 f"--cam={csv_dir / 'cams'}", "--batch_size=4", *evaluation[0]]
-  invocations["bad_inputs"] = tmp / "bad_inputs", bad_inputs_args(workdir, tmp / "bad_inputs")
-  usage = tmp / "usage"
-  (usage / "empty").mkdir(parents=True)
-  write_image(usage / "a.png", hu_slice(1, phantom.NORMAL), "L")
-  invocations["no_inputs"] = usage, [f"--workdir={workdir}", str(usage / "empty")]
-  invocations["no_best"] = usage, [f"--workdir={workdir}", "--checkpoint=best", str(usage / "a.png")]
-  results = launch_batch.run([["predict.py", *args] for _, args in invocations.values()], tmp)
-  return {name: (folder, result) for (name, (folder, _)), result in zip(invocations.items(), results)}
-
-
-def test_launcher_csv_equals_the_runs_evaluation_and_writes_cams(run, evaluation, launched):
-  files, probs, _ = evaluation
-  folder, proc = launched["csv"]
-  out, cams = folder / "preds.csv", folder / "cams"
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  rows = read_csv(out)
-  assert list(rows[0]) == ["path", "prediction", "prob_normal", "prob_bacterial_pneumonia", "prob_covid19", "error"]
-  assert [r["path"] for r in rows] == files
-  got = np.array([[float(r[f"prob_{n}"]) for n in ("normal", "bacterial_pneumonia", "covid19")] for r in rows])
-  np.testing.assert_allclose(got, probs, atol=1e-5)
-  assert [r["prediction"] for r in rows] == [("normal", "bacterial_pneumonia", "covid19")[i] for i in probs.argmax(1)]
-  assert all(r["error"] == "" for r in rows)
-  manual = run[1]
-  for f in files:
-    png = cams / (os.path.relpath(f, manual) + ".png")
-    assert png.stat().st_size > 0, png
 
 
 def test_ct_small_and_a_mixed_folder(predictor, tmp_path):
@@ -248,6 +305,56 @@ def test_gray_rgb_and_rgba_files_and_arrays_are_converted_alike(predictor, tmp_p
     predictor.predict_arrays([gray.astype(np.float32)])
 
 
+def launch_predictions(workdir, files, tmp):
+  """launch/predict.py on the inputs of the launcher tests below (`files`: the run's test files): {name: (tmp
+  dir, result)}. All in one process (launch_batch.py), so JAX and TensorFlow are imported once, not once a launch.
+  """
+  invocations = {}
+  csv_dir = tmp / "csv"
+  csv_dir.mkdir()
+  invocations["csv"] = csv_dir, [f"--workdir={workdir}", "--checkpoint=latest", f"--output={csv_dir / 'preds.csv'}",
+                                 f"--cam={csv_dir / 'cams'}", "--batch_size=4", *files]
+  invocations["bad_inputs"] = tmp / "bad_inputs", bad_inputs_args(workdir, tmp / "bad_inputs")
+  usage = tmp / "usage"
+  (usage / "empty").mkdir(parents=True)
+  write_image(usage / "a.png", hu_slice(1, phantom.NORMAL), "L")
+  invocations["no_inputs"] = usage, [f"--workdir={workdir}", str(usage / "empty")]
+  invocations["no_best"] = usage, [f"--workdir={workdir}", "--checkpoint=best", str(usage / "a.png")]
+  results = launch_batch.run([["predict.py", *args] for _, args in invocations.values()], tmp)
+  return {name: (folder, result) for (name, (folder, _)), result in zip(invocations.items(), results)}
+
+
+@pytest.fixture(scope="module")
+def launched_started(run, evaluation, tmp_path_factory):
+  """launch_predictions' future: the launch process runs in a background thread, alongside the in-process
+  prediction tests, which come first and request it."""
+  with futures.ThreadPoolExecutor(1) as pool:  # leaving the block waits for it
+    yield pool.submit(launch_predictions, run[0], evaluation[0], tmp_path_factory.mktemp("launched"))
+
+
+@pytest.fixture(scope="module")
+def launched(launched_started):
+  return launched_started.result()
+
+
+def test_launcher_csv_equals_the_runs_evaluation_and_writes_cams(run, evaluation, launched):
+  files, probs, _ = evaluation
+  folder, proc = launched["csv"]
+  out, cams = folder / "preds.csv", folder / "cams"
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  rows = read_csv(out)
+  assert list(rows[0]) == ["path", "prediction", "prob_normal", "prob_bacterial_pneumonia", "prob_covid19", "error"]
+  assert [r["path"] for r in rows] == files
+  got = np.array([[float(r[f"prob_{n}"]) for n in ("normal", "bacterial_pneumonia", "covid19")] for r in rows])
+  np.testing.assert_allclose(got, probs, atol=1e-5)
+  assert [r["prediction"] for r in rows] == [("normal", "bacterial_pneumonia", "covid19")[i] for i in probs.argmax(1)]
+  assert all(r["error"] == "" for r in rows)
+  manual = run[1]
+  for f in files:
+    png = cams / (os.path.relpath(f, manual) + ".png")
+    assert png.stat().st_size > 0, png
+
+
 def bad_inputs_args(workdir, tmp_path):
   """Good slices, a broken PNG, a DICOM without pixels, a text file, a missing file and an empty folder."""
   folder = tmp_path / "in"
@@ -291,78 +398,3 @@ def test_launcher_usage_errors_exit_2(run, launched):
   assert proc.returncode == 2  # covid19_diag has no validation split, hence no best checkpoint
   assert f"No best checkpoint in {run[0]}" in proc.stderr and "--checkpoint=latest" in proc.stderr
   assert not (tmp_path.parent / "predictions.csv").exists()  # the default --output, in the launches' cwd
-
-
-# ----------------------------------------------------------------------------- checkpoints of other kinds
-
-
-def tiny_config(**overrides):
-  c = config_lib.base_config()
-  c.image_size, c.widths, c.hidden, c.batch_size, c.eval_batch_size = 32, (8, 8, 8, 8, 8), 16, 8, 8
-  for k, v in overrides.items():
-    c[k] = v
-  return c
-
-
-def save_tiny(workdir, config, inference):
-  """A checkpoint as train.py writes one (`inference` None: as written before specs existed)."""
-  model = train.create_model(config, 3)
-  optimizer = train.make_optimizer(config, 1)
-  state = train.create_train_state(config, model, (32, 32, 1), optimizer, jax.random.PRNGKey(0))
-  ckpt = checkpointing.Checkpoints(str(workdir), train.model_fingerprint(config, 3), inference=inference)
-  ckpt.save(1, jax.device_get(state))
-  ckpt.wait()
-  ckpt.close()
-  return state
-
-
-def test_checkpoint_without_spec_needs_the_config(tmp_path):
-  config = tiny_config(data_dir=str(tmp_path / "tfds"))
-  state = save_tiny(tmp_path / "old", config, inference=None)
-  with pytest.raises(predict_lib.CheckpointError, match="saved before checkpoints carried an inference spec.*"
-                     "Retrain with this version, or pass the run's training config: --config="):
-    predict_lib.Predictor.from_workdir(str(tmp_path / "old"), "latest")
-  p = predict_lib.Predictor.from_workdir(str(tmp_path / "old"), "latest", config=config)
-  assert p.class_names == ("normal", "bacterial_pneumonia", "covid19")
-  np.testing.assert_array_equal(p.variables["params"]["fc8"]["kernel"], state.params["fc8"]["kernel"])
-  x = p.preprocess(ct.window(hu_slice(0, 0))[:, :, None])
-  assert x.shape == (32, 32, 1)
-  with pytest.raises(predict_lib.CheckpointError, match=r"holds a different model than the config \(widths: "
-                     r"checkpoint \[8, 8, 8, 8, 8\] vs config \[8, 8, 8, 8, 16\]\)"):
-    predict_lib.Predictor.from_workdir(str(tmp_path / "old"), "latest", config=tiny_config(widths=(8, 8, 8, 8, 16)))
-
-
-@pytest.mark.parametrize("dataset", ["synthetic_ct", "covid19_diag", "image_folder"])
-def test_builders_that_mask_dicom_always_say_so_in_the_spec(dataset):
-  """Their DICOM slices are lung-masked whatever config.lung_mask says; prediction must mask them too."""
-  config = tiny_config()
-  config.dataset, config.lung_mask = dataset, False
-  info = type("Info", (), {"class_names": ("a", "b"), "image_shape": (32, 32, 1), "normalization": {}})
-  assert checkpointing.inference_spec(config, info)["lung_mask"]["dicom"]
-
-
-def test_checkpoint_of_another_model_or_kind_is_refused(tmp_path):
-  config = tiny_config()
-  info = type("Info", (), {"class_names": ("a", "b", "c"), "image_shape": (32, 32, 1), "normalization": {}})
-  spec = checkpointing.inference_spec(config, info)
-  # The spec describes another model than the weights (e.g. files copied between runs).
-  save_tiny(tmp_path / "mixed", config, inference={**spec, "model": {**spec["model"], "model": "baseline"}})
-  with pytest.raises(predict_lib.CheckpointError, match=r"/mixed/checkpoints/1: its weights do not fit the model "
-                     r"it describes .*unexpected params/side1.*It is a checkpoint of another model"):
-    predict_lib.Predictor.from_checkpoint(str(tmp_path / "mixed" / "checkpoints"))
-  # launch/convert_torchvision.py's output is not a classifier.
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(str(tmp_path / "imagenet"), {"params": {"w": np.zeros(3)}})
-  with pytest.raises(predict_lib.CheckpointError, match="imagenet is not a dsn_saal_jax training checkpoint"):
-    predict_lib.Predictor.from_checkpoint(str(tmp_path / "imagenet"))
-  with pytest.raises(predict_lib.CheckpointError, match="is a training workdir, not a checkpoint: pass --workdir="):
-    predict_lib.Predictor.from_checkpoint(str(tmp_path / "mixed"))
-  # A run on in-memory arrays (no normalization recorded) predicts model inputs, not files.
-  save_tiny(tmp_path / "arrays", config, inference=spec)
-  p = predict_lib.Predictor.from_workdir(str(tmp_path / "arrays"), "latest", batch_size=3)
-  probs = p.predict_inputs(np.random.default_rng(0).normal(size=(5, 32, 32, 1)))
-  assert probs.shape == (5, 3)
-  np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
-  with pytest.raises(predict_lib.CheckpointError, match="trained on in-memory arrays"):
-    p.load(CT_SMALL)
