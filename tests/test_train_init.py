@@ -1,17 +1,35 @@
-"""`config.init_checkpoint`: the trainer starts from a converted checkpoint (launch/convert_torchvision.py)."""
+"""The train state and step: `config.init_checkpoint` (launch/convert_torchvision.py's output), one compile,
+bfloat16 compute, and an 8-device pmap'd step that equals a 1-device step (in a worker process, alongside)."""
+
+from concurrent import futures
 
 import jax
 import numpy as np
 import pytest
 from flax import traverse_util
 
-from conftest import init_variables
+from conftest import init_variables, run_worker
 from dsn_saal_jax import config_lib, convert, train
 from dsn_saal_jax.models import DSNVGG16BN
 from train_worker import tiny_config
 
 
-def test_train_state_starts_from_the_converted_backbone(tmp_path):
+def run_eight_devices(tmp):
+  """tests/train_worker.py equiv with 8 CPU devices: the state after 3 steps pmapped over 8 devices and over 1."""
+  out = tmp / "equiv.npz"
+  return out, run_worker(["equiv", f"--out={out}"], 8, tmp)
+
+
+@pytest.fixture(scope="module")
+def eight_devices_started(tmp_path_factory):
+  """run_eight_devices' future: the worker runs in a background thread, alongside this module's in-process tests
+  (the first requests it; both are mostly single-threaded compiles on a 2-core machine)."""
+  with futures.ThreadPoolExecutor(1) as pool:  # leaving the block waits for it
+    yield pool.submit(run_eight_devices, tmp_path_factory.mktemp("eight_devices"))
+
+
+def test_train_state_starts_from_the_converted_backbone(eight_devices_started, tmp_path):
+  del eight_devices_started  # requested only to start the 8-device worker: it runs alongside these tests
   c = tiny_config()
   # A "pretrained" backbone + classifier: the baseline's variables without the last Linear.
   donor = DSNVGG16BN(1000, dsn=False, widths=c.widths, hidden=c.hidden)
@@ -93,3 +111,26 @@ def test_bfloat16_compute_keeps_float32_state_and_follows_float32():
   with pytest.raises(ValueError, match="compute_dtype"):
     c.compute_dtype = "float16"
     config_lib.validate_config(c, 1)
+
+
+def test_eight_devices_equal_one_device_after_three_steps(eight_devices_started):
+  """An 8-device pmap'd train step equals a 1-device step on the same global batch."""
+  out, proc = eight_devices_started.result()
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert '"devices": 8' in proc.stdout
+  r = np.load(out)
+  keys = sorted(k.split(":", 1)[1] for k in r.files if k.startswith("one:"))
+  assert any(k.startswith("params/saal/alpha") for k in keys)
+  assert any(k.startswith("params/saal/beta") for k in keys)
+  assert any(k.startswith("batch_stats/") for k in keys)
+  moved = 0.0
+  for k in keys:
+    one, many, init = r[f"one:{k}"], r[f"many:{k}"], r[f"init:{k}"]
+    np.testing.assert_allclose(many, one, atol=1e-5, rtol=1e-5, err_msg=k)
+    if k.startswith(("params/", "batch_stats/")):
+      moved = max(moved, float(np.max(np.abs(one - init))))
+  # The three steps really changed the state, so agreement is not trivial.
+  assert moved > 1e-2
+  for k in ("params/saal/alpha", "params/saal/beta", "batch_stats/bn1_1/mean"):
+    assert not np.allclose(r[f"one:{k}"], r[f"init:{k}"], atol=1e-6), k
+  assert int(r["one:step"]) == 3
