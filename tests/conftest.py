@@ -80,10 +80,29 @@ def assert_same_state(a, b):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+def _train_reference(tmp):
+  return tmp, train(tmp, tmp / "work", out=tmp / "final.npz")
+
+
 @pytest.fixture(scope="session")
-def reference(tmp_path_factory):
+def reference_started(tmp_path_factory):
+  """_train_reference's future: the reference run's process, in a background thread."""
+  with futures.ThreadPoolExecutor(1) as pool:  # leaving the block (end of the session) waits for it
+    yield pool.submit(_train_reference, tmp_path_factory.mktemp("reference"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_the_reference_run_early(request):
+  """Starts the reference run with the session's first test when any selected test needs it, so that its
+  process (~20 s, mostly single-threaded imports and compiles) runs alongside the modules before its first
+  user (test_checkpoint) instead of in front of it."""
+  if any("reference" in item.fixturenames for item in request.session.items):
+    request.getfixturevalue("reference_started")
+
+
+@pytest.fixture(scope="session")
+def reference(reference_started):
   """An uninterrupted run: final parameters and its workdir."""
-  tmp = tmp_path_factory.mktemp("reference")
-  proc = train(tmp, tmp / "work", out=tmp / "final.npz")
+  tmp, proc = reference_started.result()
   assert proc.returncode == 0, proc.stderr[-4000:]
   return np.load(tmp / "final.npz"), tmp / "work"
