@@ -80,6 +80,17 @@ def assert_same_state(a, b):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+@pytest.fixture(scope="session")
+def covid19_ct_dir():
+  """The real COVID19-CT folder (upstream layout); tests that need it skip, saying where it was looked for."""
+  from dsn_saal_jax.data import builders  # pylint: disable=g-import-not-at-top
+  path = builders.default_manual_dir("covid19_ct")
+  if path is None or not os.path.isdir(path):
+    pytest.skip(f"COVID-CT not found (looked at {path or '<repo>/../shared/data/covid19_ct'}); set "
+                f"${builders.COVID19_CT_ENV} to its upstream folder to run this test")
+  return path
+
+
 def _train_reference(tmp):
   return tmp, train(tmp, tmp / "work", out=tmp / "final.npz")
 

@@ -1,6 +1,5 @@
 """The real UCSD COVID-CT (../shared/data/covid19_ct, or $DSN_SAAL_COVID19_CT): official split."""
 
-import os
 from collections import Counter
 
 import ml_collections
@@ -25,24 +24,15 @@ FOLDER = {"covid": "CT_COVID", "non_covid": "CT_NonCOVID"}
 
 
 @pytest.fixture(scope="module")
-def real_dir():
-  path = builders.default_manual_dir("covid19_ct")
-  if path is None or not os.path.isdir(path):
-    pytest.skip(f"COVID-CT not found (looked at {path or '<repo>/../shared/data/covid19_ct'}); "
-                f"set ${builders.COVID19_CT_ENV} to its upstream folder to run these tests")
-  return path
-
-
-@pytest.fixture(scope="module")
-def data_dir(real_dir, tmp_path_factory):
-  del real_dir
+def data_dir(covid19_ct_dir, tmp_path_factory):
+  del covid19_ct_dir
   return str(tmp_path_factory.mktemp("tfds"))
 
 
 @pytest.fixture(scope="module")
-def builder(real_dir, data_dir):
+def builder(covid19_ct_dir, data_dir):
   b = builders.Covid19Ct(data_dir=data_dir, config="original")
-  builders.prepare(b, real_dir)
+  builders.prepare(b, covid19_ct_dir)
   return b
 
 

@@ -23,7 +23,7 @@ import launch_batch
 from test_predict import CT_SMALL, write_dicom
 
 from dsn_saal_jax import config_lib, folder_eval, predict, train
-from dsn_saal_jax.data import builders, ct, phantom
+from dsn_saal_jax.data import ct, phantom
 from dsn_saal_jax.data.builders import covid19_ct
 from dsn_saal_jax.data.builders.common import DatasetError
 
@@ -110,15 +110,6 @@ def launched(launched_started):
 
 # ----------------------------------------------------------------------------- the real COVID19-CT
 # In-process tests come first: they run while the launches do.
-
-
-@pytest.fixture(scope="module")
-def covid19_ct_dir():
-  path = builders.default_manual_dir("covid19_ct")
-  if path is None or not os.path.isdir(path):
-    pytest.skip(f"COVID-CT not found (looked at {path or '<repo>/../shared/data/covid19_ct'}); set "
-                f"${builders.COVID19_CT_ENV} to its upstream folder to run this test")
-  return path
 
 
 def test_data_report_on_the_official_test_split_equals_the_training_report(covid19_ct_dir, launched_started,
