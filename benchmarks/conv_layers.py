@@ -49,11 +49,20 @@ def vgg16_conv_shapes(size: int, channels: int) -> list[tuple[str, int, int, int
   return shapes
 
 
+def _conv(x: jax.Array, w: jax.Array) -> jax.Array:
+  return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _to_torch(a: np.ndarray, dtype, kind: str) -> torch.Tensor:
+  """An NHWC activation or HWIO kernel as PyTorch's NCHW / OIHW tensor, channels-last in memory."""
+  perm = (3, 2, 0, 1) if kind == "kernel" else (0, 3, 1, 2)
+  return torch.from_numpy(a.transpose(perm)).to(dtype).contiguous(memory_format=torch.channels_last)
+
+
 def _jax_passes(x: jax.Array, w: jax.Array, dy: jax.Array) -> dict[str, callable]:
-  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  forward = jax.jit(conv)
-  input_grad = jax.jit(lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0])
-  weight_grad = jax.jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0])
+  forward = jax.jit(_conv)
+  input_grad = jax.jit(lambda x, w, dy: jax.vjp(lambda x: _conv(x, w), x)[1](dy)[0])
+  weight_grad = jax.jit(lambda x, w, dy: jax.vjp(lambda w: _conv(x, w), w)[1](dy)[0])
   return {"forward": lambda: forward(x, w).block_until_ready(),
           "input grad": lambda: input_grad(x, w, dy).block_until_ready(),
           "weight grad": lambda: weight_grad(x, w, dy).block_until_ready()}
@@ -72,11 +81,9 @@ def _torch_passes(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor) -> dict[st
 
 def _check_same_conv(x: np.ndarray, w: np.ndarray, dy: np.ndarray, jdtype, tdtype) -> None:
   """Both sides compute the same forward pass and gradients (else the timings compare different work)."""
-  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  y, vjp = jax.vjp(conv, jnp.asarray(x, jdtype), jnp.asarray(w, jdtype))
+  y, vjp = jax.vjp(_conv, jnp.asarray(x, jdtype), jnp.asarray(w, jdtype))
   dx, dw = vjp(jnp.asarray(dy, jdtype))
-  tx, tw, tdy = (torch.from_numpy(a.transpose(p)).to(tdtype) for a, p in
-                 ((x, (0, 3, 1, 2)), (w, (3, 2, 0, 1)), (dy, (0, 3, 1, 2))))
+  tx, tw, tdy = _to_torch(x, tdtype, "activation"), _to_torch(w, tdtype, "kernel"), _to_torch(dy, tdtype, "activation")
   ty = torch.nn.functional.conv2d(tx, tw, padding=1)
   tdx, tdw, _ = torch.ops.aten.convolution_backward(tdy, tx, tw, None, (1, 1), (1, 1), (1, 1), False, (0, 0), 1,
                                                     [True, True, False])
@@ -103,9 +110,8 @@ def main(argv):
     w = (rng.standard_normal((3, 3, c, k)) * np.sqrt(2 / (9 * k))).astype(np.float32)
     dy = rng.standard_normal((FLAGS.batch, s, s, k), np.float32)
     jx = _jax_passes(*(jnp.asarray(a, jdtype) for a in (x, w, dy)))
-    to_torch = lambda a, perm: torch.from_numpy(a.transpose(perm)).to(tdtype).contiguous(
-        memory_format=torch.channels_last)
-    tx = _torch_passes(to_torch(x, (0, 3, 1, 2)), to_torch(w, (3, 2, 0, 1)), to_torch(dy, (0, 3, 1, 2)))
+    tx = _torch_passes(_to_torch(x, tdtype, "activation"), _to_torch(w, tdtype, "kernel"),
+                       _to_torch(dy, tdtype, "activation"))
     _check_same_conv(x, w, dy, jdtype, tdtype)
     flop = 2 * FLAGS.batch * s * s * c * k * 9
     for p in PASSES:

@@ -1,7 +1,7 @@
 """What CPU this is, from /proc/cpuinfo: the facts that CPU-dependent speed choices and benchmark reports name.
 
-Read without importing JAX, so that `dsn_saal_jax/__init__.py` can use it
-before JAX starts its backend.
+It imports no JAX: benchmarks/conv_kernels.py names the CPU in a process that
+must leave JAX's flags to its workers.
 """
 
 from __future__ import annotations
