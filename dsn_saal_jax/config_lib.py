@@ -100,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Loop, evaluation, checkpoints.
   c.log_every_steps = 50
+  c.tensorboard = True           # Also write the logged scalars as TensorBoard events (history.jsonl always).
   c.eval_every_epochs = 1
   c.checkpoint_every_steps = 0   # 0 = at the end of every epoch.
   c.keep_checkpoints = 2

@@ -526,18 +526,27 @@ def _saal_weight_summaries(config: ml_collections.ConfigDict, info, alpha_logit:
 
 
 class _Writer:
-  """Scalars from process 0 only: TensorBoard (tensorboardX) and `history.jsonl` for plots and sweeps.
+  """Scalars from process 0 only: TensorBoard event files and `history.jsonl` for plots and sweeps.
 
-  A resumed run appends again from its checkpoint's step, so readers keep the
-  last record of each step (`read_history`).
+  Events go through TensorFlow's summary writer, which the TFDS pipeline has
+  loaded already (tensorboardX imported torch, +3 s a run, where installed),
+  tagged for TensorBoard's scalars plugin as `tf.summary.scalar` tags them (that
+  function needs the tensorboard package, the viewer's extra). A run on an
+  in-memory dataset can skip them (config.tensorboard=False) rather than load
+  TensorFlow for them. A resumed run appends again from its checkpoint's step,
+  so readers keep the last record of each step (`read_history`).
   """
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, tensorboard: bool):
     self._writer = None
     self._history = None
     if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      if tensorboard:
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+        from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
+        self._tf = tf
+        self._scalar = summary_pb2.SummaryMetadata(plugin_data={"plugin_name": "scalars"})
+        self._writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
       path = os.path.join(workdir, HISTORY_FILE)
       torn = os.path.exists(path) and os.path.getsize(path) > 0 and _last_byte(path) != b"\n"
       self._history = open(path, "a")
@@ -546,15 +555,18 @@ class _Writer:
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     if self._writer is not None:
-      for k, v in values.items():
-        self._writer.add_scalar(k, v, step)
+      with self._writer.as_default():
+        for k, v in values.items():
+          self._tf.summary.write(k, self._tf.constant(v, self._tf.float32), step=int(step), metadata=self._scalar)
       self._writer.flush()
+    if self._history is not None:
       self._history.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n")
       self._history.flush()
 
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
+    if self._history is not None:
       self._history.close()
 
 
@@ -743,11 +755,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset
                  config.saal.meta_fraction, ", meta_balanced" if config.saal.meta_balanced else "",
                  _meta_set_record(info)["meta_counts"])
   _warn_if_gpu_scale_on_cpu(config, run, state)
-  logging.info("Every %d steps the training scalars go to TensorBoard (tensorboard --logdir=%s) and %s.",
-               config.log_every_steps, os.path.join(workdir, "tensorboard"), os.path.join(workdir, HISTORY_FILE))
+  logging.info("Every %d steps the training scalars go to %s%s.", config.log_every_steps,
+               f"TensorBoard (tensorboard --logdir={os.path.join(workdir, 'tensorboard')}) and "
+               if config.tensorboard else "", os.path.join(workdir, HISTORY_FILE))
 
   rstate = replicate(state)
-  writer = _Writer(workdir)
+  writer = _Writer(workdir, config.tensorboard)
   buffer = _MetricBuffer(workdir)
   val_split = _validation_split(info)
   ckpt_every = config.checkpoint_every_steps or run.steps_per_epoch

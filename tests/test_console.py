@@ -16,6 +16,7 @@ from concurrent import futures
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from absl import logging as absl_logging
 from packaging.requirements import Requirement
@@ -72,6 +73,32 @@ def test_default_console_is_a_few_start_lines_one_line_per_epoch_and_the_test_me
   for chatter in ("checkpoint_manager.py", "async_checkpointer.py", "oneDNN", "xla_bridge.py", "config:",
                   "Generating splits", "GPU/TPU scale"):
     assert chatter not in text
+
+
+def tensorboard_scalars(logdir) -> dict[str, tuple[list[int], list[float]]]:
+  """{tag: (steps, values)} of the scalar-plugin summaries in `logdir`'s event files, the last per step."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  files = sorted(str(p) for p in logdir.glob("events.out.tfevents*"))  # named by start time: oldest first
+  assert files, f"no event files in {logdir}"
+  series: dict[str, dict[int, float]] = {}
+  for record in tf.data.TFRecordDataset(files):
+    event = event_pb2.Event.FromString(record.numpy())
+    for value in event.summary.value:
+      assert value.metadata.plugin_data.plugin_name == "scalars", value.tag  # what TensorBoard plots
+      series.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+  return {tag: (sorted(points), [points[k] for k in sorted(points)]) for tag, points in series.items()}
+
+
+def test_tensorboard_events_hold_the_same_scalars_as_the_history(consoles):
+  """The default job (and its resumption) logs every scalar to TensorBoard, as to history.jsonl."""
+  history = train.read_history(str(consoles["workdir"]))
+  events = tensorboard_scalars(consoles["workdir"] / "tensorboard")
+  assert set(events) == set(history) and {"train/alpha", "validation/macro_f1", "test/auc"} <= set(events)
+  for name, (steps, values) in history.items():
+    assert events[name][0] == list(steps), name
+    np.testing.assert_allclose(events[name][1], values, rtol=1e-6, err_msg=name)
+  assert max(history["train/loss"][0]) == 45  # the resumed run's 3rd epoch is in both
 
 
 def test_a_resumed_run_says_so_by_default(consoles):

@@ -42,6 +42,7 @@ def tiny_config(**overrides) -> config_lib.ml_collections.ConfigDict:
   c.batch_size = c.eval_batch_size = 16
   c.learning_rate, c.num_train_steps, c.log_every_steps = 0.02, 12, 4
   c.checkpoint_every_steps, c.gradcam_per_class = 4, 2
+  c.tensorboard = False  # in-memory data: TensorFlow is not loaded otherwise (+4 s a process); test_console checks it
   for k, v in overrides.items():
     if k.startswith("saal."):
       c.saal[k.split(".", 1)[1]] = v
