@@ -13,13 +13,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 12  # tiny_config's num_train_steps: 3 epochs of 4 steps, a checkpoint every 4
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's tmpdir plugin has set up the session's base folder
+def pytest_configure(config):
+  """One persistent compilation cache for the session: this process and every process it launches.
+
+  Tests compile the same programs many times over (tiny configs' init, steps, reports), in process and in
+  each launched run; XLA:CPU's compile is most of a small test's time. Set before JAX is imported.
+  """
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(config._tmp_path_factory.getbasetemp() / "jax_cache"))  # pylint: disable=protected-access
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
 def run_worker(args, devices, tmp_path, timeout=900, env_extra=None):
   """Runs tests/train_worker.py in a fresh process with `devices` CPU devices."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(str(tmp_path), "..", "jax_cache"))
-  env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   env.update(env_extra or {})
   return subprocess.run([sys.executable, os.path.join(HERE, "train_worker.py"), *args], env=env,
                         capture_output=True, text=True, timeout=timeout)
@@ -56,9 +65,7 @@ def free_port() -> int:
 def multiprocess_env(tmp_path, devices_per_process: int = 2) -> dict[str, str]:
   """Environment for train_worker.py processes joined by jax.distributed on localhost."""
   return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
-              PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]),
-              JAX_COMPILATION_CACHE_DIR=str(tmp_path / ".." / "jax_cache"),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+              PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
 
 
 def train(tmp_path, workdir, out=None, devices=1, fault=None, **kwargs):

@@ -37,8 +37,6 @@ def run(invocations, tmp_path, timeout=900) -> list[Result]:
   with open(spec, "w") as f:
     json.dump(argvs, f)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tmp_path, "..", "jax_cache"))
-  env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), spec, results], env=env, capture_output=True,
                         text=True, timeout=timeout, cwd=tmp_path)
   assert proc.returncode == 0 and os.path.exists(results), proc.stderr[-4000:]

@@ -69,8 +69,6 @@ def make_manual_dir(root) -> None:
 
 def run_script(script, args, tmp_path, timeout=1200):
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
-  env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   return subprocess.run([sys.executable, os.path.join(REPO, "launch", script), *args], env=env,
                         capture_output=True, text=True, timeout=timeout, cwd=str(tmp_path))
 
