@@ -542,6 +542,7 @@ class _Writer:
     self._history = None
     if jax.process_index() == 0:
       if tensorboard:
+        import dsn_saal_jax.data  # pylint: disable=g-import-not-at-top,unused-import  (TF without accelerators)
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
         from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
         self._tf = tf
