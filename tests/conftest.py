@@ -98,6 +98,16 @@ def covid19_ct_dir():
   return path
 
 
+@pytest.fixture(scope="session")
+def covid19_ct_tfds(covid19_ct_dir, tmp_path_factory) -> str:
+  """A TFDS data_dir holding the real COVID19-CT, built once for the session (builder config 'original',
+  what lung_mask=False reads): decoding its 746 PNG slices is most of a build."""
+  from dsn_saal_jax.data import builders  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path_factory.mktemp("covid19_ct_tfds"))
+  builders.prepare(builders.Covid19Ct(data_dir=data_dir, config="original"), covid19_ct_dir)
+  return data_dir
+
+
 def _train_reference(tmp):
   return tmp, train(tmp, tmp / "work", out=tmp / "final.npz")
 

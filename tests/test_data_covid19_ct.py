@@ -24,15 +24,9 @@ FOLDER = {"covid": "CT_COVID", "non_covid": "CT_NonCOVID"}
 
 
 @pytest.fixture(scope="module")
-def data_dir(covid19_ct_dir, tmp_path_factory):
-  del covid19_ct_dir
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="module")
-def builder(covid19_ct_dir, data_dir):
-  b = builders.Covid19Ct(data_dir=data_dir, config="original")
-  builders.prepare(b, covid19_ct_dir)
+def builder(covid19_ct_dir, covid19_ct_tfds):
+  b = builders.Covid19Ct(data_dir=covid19_ct_tfds, config="original")
+  builders.prepare(b, covid19_ct_dir)  # built already (conftest): this finds it
   return b
 
 
@@ -51,10 +45,10 @@ def test_official_split_counts_and_named_labels(builder):
         assert ex["image"].ndim == 3 and ex["image"].shape[2] == 1 and ex["image"].max() > 0
 
 
-def test_pipeline_k_n_and_imbalance_on_real_data(builder, data_dir):
+def test_pipeline_k_n_and_imbalance_on_real_data(builder, covid19_ct_tfds):
   del builder  # built; create_dataset must reuse it (manual_dir defaults to the shared copy)
   config = ml_collections.ConfigDict(dict(
-      dataset="covid19_ct", data_dir=data_dir, manual_dir="", image_size=64, channels=3,
+      dataset="covid19_ct", data_dir=covid19_ct_tfds, manual_dir="", image_size=64, channels=3,
       covid_fraction=1.0, seed=0, batch_size=32, eval_batch_size=64, lung_mask=False))
   ds = input_pipeline.create_dataset(config, process_index=0, process_count=1, local_device_count=1)
   np.testing.assert_array_equal(ds.info.class_counts, [234, 191])

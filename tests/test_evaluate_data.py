@@ -112,8 +112,8 @@ def launched(launched_started):
 # In-process tests come first: they run while the launches do.
 
 
-def test_data_report_on_the_official_test_split_equals_the_training_report(covid19_ct_dir, launched_started,
-                                                                           tmp_path):
+def test_data_report_on_the_official_test_split_equals_the_training_report(covid19_ct_dir, covid19_ct_tfds,
+                                                                           launched_started, tmp_path):
   del launched_started  # requested only to start the launches first: they run alongside this run
   # The official test files as <class>/<file> symlinks (only under tmp_path).
   lists = covid19_ct.read_split_lists(epath.Path(covid19_ct_dir))
@@ -122,7 +122,7 @@ def test_data_report_on_the_official_test_split_equals_the_training_report(covid
     target.parent.mkdir(parents=True, exist_ok=True)
     target.symlink_to(os.path.join(covid19_ct_dir, "Images-processed", covid19_ct.IMAGE_DIRS[label], name))
   config = config_lib.paper_config("covid19_ct", channels=3, lung_mask=False, arg="baseline,ce")
-  configure(config, dict(TINY, data_dir=str(tmp_path / "tfds"), manual_dir=covid19_ct_dir, batch_size=16,
+  configure(config, dict(TINY, data_dir=covid19_ct_tfds, manual_dir=covid19_ct_dir, batch_size=16,
                          eval_batch_size=32, num_train_steps=6, learning_rate=0.01))
   train.train_and_evaluate(config, str(tmp_path / "work"))
   trained = json.loads((tmp_path / "work" / "report" / "test" / "metrics.json").read_text())
