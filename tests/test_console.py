@@ -39,10 +39,10 @@ def launch_default(tmp_path, workdir, *flags):
 
 @pytest.fixture(scope="module")
 def consoles(tmp_path_factory):
-  """Consoles of the default job: 2 epochs, then its resumption to 3 at --verbosity=1."""
+  """Consoles of the default job: 1 epoch, then its resumption to 2 at --verbosity=1."""
   tmp = tmp_path_factory.mktemp("console")
-  first = launch_default(tmp, tmp / "work", "--config.num_epochs=2")
-  resumed = launch_default(tmp, tmp / "work", "--config.num_epochs=3", "--verbosity=1")
+  first = launch_default(tmp, tmp / "work", "--config.num_epochs=1")
+  resumed = launch_default(tmp, tmp / "work", "--config.num_epochs=2", "--verbosity=1")
   return {"first": first, "resumed": resumed, "workdir": tmp / "work"}
 
 
@@ -53,9 +53,9 @@ def epoch_lines(lines):
 def test_default_console_is_a_few_start_lines_one_line_per_epoch_and_the_test_metrics(consoles):
   lines = consoles["first"]
   epochs = epoch_lines(lines)
-  assert [re.search(r"epoch (\d+/\d+)", e).group(1) for e in epochs] == ["1/2", "2/2"]
+  assert [re.search(r"epoch (\d+/\d+)", e).group(1) for e in epochs] == ["1/1"]
   for e in epochs:  # step, epoch, loss, accuracy, validation metric, best so far, speed, ETA
-    assert re.search(r"\(step \d+/30\): loss [\d.]+, accuracy [\d.]+; validation macro_f1 [\d.]+ "
+    assert re.search(r"\(step \d+/15\): loss [\d.]+, accuracy [\d.]+; validation macro_f1 [\d.]+ "
                      r"\(best [\d.]+ at step \d+\); \d+ ex/s, ETA \d+:\d\d:\d\d$", e), e
   # The full 15-epoch run adds one line per epoch and must stay within CONSOLE_LINES.
   assert len(lines) - len(epochs) + DEFAULT_EPOCHS <= CONSOLE_LINES, "\n".join(lines)
@@ -92,21 +92,21 @@ def test_tensorboard_events_hold_the_same_scalars_as_the_history(consoles):
   for name, (steps, values) in history.items():
     assert events[name][0] == list(steps), name
     np.testing.assert_allclose(events[name][1], values, rtol=1e-6, err_msg=name)
-  assert max(history["train/loss"][0]) == 45  # the resumed run's 3rd epoch is in both
+  assert list(history["train/loss"][0]) == [15, 30]  # both runs' epochs are in both
 
 
 def test_a_resumed_run_says_so_by_default(consoles):
   resumed = [line for line in consoles["resumed"] if "Resumed from" in line]
-  assert len(resumed) == 1 and f"Resumed from {consoles['workdir'] / 'checkpoints'} at step 30." in resumed[0]
+  assert len(resumed) == 1 and f"Resumed from {consoles['workdir'] / 'checkpoints'} at step 15." in resumed[0]
   # An INFO line of the project's own, which the console shows at the default verbosity (filter test below).
   assert re.match(r"I\d{4} [\d:.]+ +\d+ train\.py:\d+\] Resumed", resumed[0]), resumed[0]
-  assert [re.search(r"epoch (\d+/\d+)", e).group(1) for e in epoch_lines(consoles["resumed"])] == ["3/3"]
+  assert [re.search(r"epoch (\d+/\d+)", e).group(1) for e in epoch_lines(consoles["resumed"])] == ["2/2"]
 
 
 def test_verbosity_1_adds_every_logged_step_the_config_and_the_libraries_info_lines(consoles):
   verbose = "\n".join(consoles["resumed"])  # 1 epoch, as the first run's each
   assert len(consoles["resumed"]) > 3 * len(consoles["first"])
-  assert "config:" in verbose and "step 45/45 (epoch 3.00): loss" in verbose
+  assert "config:" in verbose and "step 30/30 (epoch 2.00): loss" in verbose
   assert "checkpoint_manager.py" in verbose  # orbax
 
 
