@@ -24,7 +24,7 @@ def pytest_configure(config):
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
-def run_worker(args, devices, tmp_path, timeout=900, env_extra=None):
+def run_worker(args, devices, timeout=900, env_extra=None):
   """Runs tests/train_worker.py in a fresh process with `devices` CPU devices."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
@@ -62,17 +62,17 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def multiprocess_env(tmp_path, devices_per_process: int = 2) -> dict[str, str]:
+def multiprocess_env(devices_per_process: int = 2) -> dict[str, str]:
   """Environment for train_worker.py processes joined by jax.distributed on localhost."""
   return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
 
 
-def train(tmp_path, workdir, out=None, devices=1, fault=None, **kwargs):
+def train(workdir, out=None, devices=1, fault=None, **kwargs):
   """One tiny in-memory training run in a subprocess; `fault` as train_worker.install_fault takes it."""
   args = ["train", f"--workdir={workdir}"] + ([f"--out={out}"] if out else [])
   args += ([f"--fault={fault}"] if fault else []) + [f"--{k}={v}" for k, v in kwargs.items()]
-  return run_worker(args, devices, tmp_path)
+  return run_worker(args, devices)
 
 
 def latest_steps(workdir):
@@ -109,7 +109,7 @@ def covid19_ct_tfds(covid19_ct_dir, tmp_path_factory) -> str:
 
 
 def _train_reference(tmp):
-  return tmp, train(tmp, tmp / "work", out=tmp / "final.npz")
+  return tmp, train(tmp / "work", out=tmp / "final.npz")
 
 
 @pytest.fixture(scope="session")

@@ -28,10 +28,10 @@ from conftest import (HERE, STEPS, assert_same_state, concurrently, free_port, l
 PREEMPTED = 143
 
 
-def resume_and_compare(tmp_path, workdir, reference, proc=None):
+def resume_and_compare(workdir, reference, proc=None):
   """Reruns the same command (or takes its `proc`); it must finish and equal the uninterrupted run."""
   out = workdir.parent / f"{workdir.name}.final.npz"
-  proc = proc or train(tmp_path, workdir, out=out)
+  proc = proc or train(workdir, out=out)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert_same_state(np.load(out), reference[0])
   report = lambda w: json.loads((w / "report" / "test" / "metrics.json").read_text())
@@ -53,15 +53,15 @@ def nan_runs(reference, tmp_path):
   """A finished 12-step run resumed at a NaN-making learning rate, then resumed normally: (proc, steps) of each."""
   workdir = tmp_path / "work"
   shutil.copytree(reference[1], workdir)  # a finished 12-step run: checkpoints 8 and 12
-  nan = train(tmp_path, workdir, overrides=json.dumps({"num_train_steps": 20, "learning_rate": 1e30}))
+  nan = train(workdir, overrides=json.dumps({"num_train_steps": 20, "learning_rate": 1e30}))
   nan_steps = latest_steps(workdir)
-  rerun = train(tmp_path, workdir, overrides=json.dumps({"num_train_steps": 16}))
+  rerun = train(workdir, overrides=json.dumps({"num_train_steps": 16}))
   return (nan, nan_steps), (rerun, latest_steps(workdir))
 
 
 def two_processes_sigterm(tmp_path):
   """Two processes joined by jax.distributed, SIGTERM to process 1 mid-training: ([(proc, out, err)], workdir)."""
-  env = multiprocess_env(tmp_path)
+  env = multiprocess_env()
   coordinator, workdir = f"localhost:{free_port()}", tmp_path / "multi"
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(HERE, "train_worker.py"), "multihost", f"--workdir={workdir}",
@@ -109,7 +109,7 @@ def faulted(reference, side_runs, tmp_path_factory):  # pylint: disable=unused-a
   runs = {}
 
   def run(name, fault, w=workdir):
-    proc = train(tmp, w, fault=fault)
+    proc = train(w, fault=fault)
     runs[name] = {"proc": proc, "steps": latest_steps(w), "report": (w / "report").exists()}
     return proc
 
@@ -124,7 +124,7 @@ def faulted(reference, side_runs, tmp_path_factory):  # pylint: disable=unused-a
   readers_copy = tmp / "readers_copy"
   shutil.copytree(workdir, readers_copy)
   evaluated, _ = concurrently(
-      lambda: run_worker(["evaluate", f"--workdir={readers_copy}", "--checkpoint=latest"], 1, tmp),
+      lambda: run_worker(["evaluate", f"--workdir={readers_copy}", "--checkpoint=latest"], 1),
       lambda: run("validation", "validation:1:SIGTERM"))
   runs["commit"]["evaluated"] = evaluated
   runs["commit"]["tmp_files_after_evaluator"] = bool(tmp_glob(readers_copy))
@@ -134,10 +134,10 @@ def faulted(reference, side_runs, tmp_path_factory):  # pylint: disable=unused-a
   shutil.copytree(workdir, truncated)
   damage(str(truncated / "checkpoints" / "10"), "truncated array file")
   damage(str(workdir / "checkpoints" / "10"), "missing metadata")
-  truncated_rerun, _ = concurrently(lambda: train(tmp, truncated, out=tmp / "truncated.final.npz"),
+  truncated_rerun, _ = concurrently(lambda: train(truncated, out=tmp / "truncated.final.npz"),
                                     lambda: run("report", "report:0:SIGTERM"))
   runs["report"]["report_files"] = sorted(os.listdir(workdir / "report" / "test"))
-  return {"runs": runs, "workdir": workdir, "truncated": (truncated, truncated_rerun), "tmp": tmp}
+  return {"runs": runs, "workdir": workdir, "truncated": (truncated, truncated_rerun)}
 
 
 @pytest.mark.parametrize("name, saved, resumed_at", [
@@ -195,8 +195,8 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_int
 
 def test_every_fault_then_a_rerun_ends_exactly_where_the_uninterrupted_run_does(faulted, reference):
   truncated, truncated_rerun = faulted["truncated"]
-  resume_and_compare(faulted["tmp"], truncated, reference, truncated_rerun)
-  proc = resume_and_compare(faulted["tmp"], faulted["workdir"], reference)
+  resume_and_compare(truncated, reference, truncated_rerun)
+  proc = resume_and_compare(faulted["workdir"], reference)
   assert f"at step {STEPS}." in proc.stderr
 
 
@@ -236,14 +236,14 @@ def test_sigterm_to_one_of_two_processes_makes_both_save_the_same_step_and_exit_
 LAUNCH = os.path.join(os.path.dirname(HERE), "launch", "train.py")
 
 
-def launch(tmp_path, workdir, data_dir, fault=None):
+def launch(workdir, data_dir, fault=None):
   """launch/train.py on configs/default.py shrunk to seconds, through the real TFDS build and pipeline."""
   overrides = dict(data_dir=data_dir, synthetic_scale=0.01, synthetic_image_size=32, image_size=32,
                    widths="(4,8,8,8,8)", hidden=16, num_train_steps=6, batch_size=16, eval_batch_size=16,
                    log_every_steps=3, checkpoint_every_steps=3, gradcam_per_class=1)
   args = ["launch"] + ([f"--fault={fault}"] if fault else []) + [
       "--", LAUNCH, f"--config={os.path.dirname(HERE)}/configs/default.py", f"--workdir={workdir}"]
-  return run_worker(args + [f"--config.{k}={v}" for k, v in overrides.items()], 1, tmp_path)
+  return run_worker(args + [f"--config.{k}={v}" for k, v in overrides.items()], 1)
 
 
 def launched_result(workdir):
@@ -258,20 +258,20 @@ def launcher_runs(tmp_path):
   reference, workdir, data_dir = tmp_path / "reference", tmp_path / "work", tmp_path / "data"
 
   def faults():  # alongside the reference run: its own data_dir and workdir
-    procs = [launch(tmp_path, workdir, data_dir, fault="build:20:SIGTERM"),
-             launch(tmp_path, workdir, data_dir, fault="build:40:SIGKILL")]  # (f) in the middle of the build
+    procs = [launch(workdir, data_dir, fault="build:20:SIGTERM"),
+             launch(workdir, data_dir, fault="build:40:SIGKILL")]  # (f) in the middle of the build
     partial = glob.glob(str(data_dir / "synthetic_ct" / "*" / "1.0.0"))
-    procs.append(launch(tmp_path, workdir, data_dir, fault="validation:1:SIGTERM"))  # rebuilds, then (b) at step 3
+    procs.append(launch(workdir, data_dir, fault="validation:1:SIGTERM"))  # rebuilds, then (b) at step 3
     return procs, partial, latest_steps(workdir)
 
-  ref_proc, faulted_runs = concurrently(lambda: launch(tmp_path, reference, tmp_path / "data_reference"), faults)
+  ref_proc, faulted_runs = concurrently(lambda: launch(reference, tmp_path / "data_reference"), faults)
   # Every checkpoint damaged (in a copy of this workdir).
   damaged = tmp_path / "damaged"
   shutil.copytree(workdir, damaged)
   for step in latest_steps(damaged):
     damage(str(damaged / "checkpoints" / str(step)), "missing metadata")
-  resumed, failed = concurrently(lambda: launch(tmp_path, workdir, data_dir),
-                                 lambda: launch(tmp_path, damaged, data_dir))
+  resumed, failed = concurrently(lambda: launch(workdir, data_dir),
+                                 lambda: launch(damaged, data_dir))
   return {"reference": (ref_proc, reference), "faults": faulted_runs, "resumed": (resumed, workdir),
           "damaged": (failed, damaged)}
 

@@ -235,7 +235,7 @@ def run_meta_worker(tmp):
   """One 2-device worker process (tests/train_worker.py meta): the step on 2 devices and on 1, then a run
   uninterrupted and one preempted and resumed. XLA at -O0: these tiny programs compile ~2x faster."""
   flags = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
-  return tmp, run_worker(["meta", f"--out={tmp / 'out.npz'}"], 2, tmp, env_extra={"XLA_FLAGS": flags})
+  return tmp, run_worker(["meta", f"--out={tmp / 'out.npz'}"], 2, env_extra={"XLA_FLAGS": flags})
 
 
 @pytest.fixture(scope="module")

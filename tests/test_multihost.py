@@ -12,7 +12,7 @@ OVERRIDES = '{"num_train_steps": 3, "checkpoint_every_steps": 3, "log_every_step
 
 
 def test_two_processes_match_one_process(tmp_path):
-  env = multiprocess_env(tmp_path)
+  env = multiprocess_env()
   coordinator = f"localhost:{free_port()}"
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(HERE, "train_worker.py"), "multihost", f"--workdir={tmp_path / 'multi'}",
@@ -23,7 +23,7 @@ def test_two_processes_match_one_process(tmp_path):
   outputs, single = concurrently(
       lambda: [p.communicate(timeout=900) for p in procs],
       lambda: run_worker(["train", f"--workdir={tmp_path / 'single'}", f"--out={tmp_path / 'single.npz'}",
-                          f"--overrides={OVERRIDES}"], 1, tmp_path))
+                          f"--overrides={OVERRIDES}"], 1))
   for p, (out, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-4000:]
     assert "FINISHED 3" in out

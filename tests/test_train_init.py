@@ -17,7 +17,7 @@ from train_worker import tiny_config
 def run_eight_devices(tmp):
   """tests/train_worker.py equiv with 8 CPU devices: the state after 3 steps pmapped over 8 devices and over 1."""
   out = tmp / "equiv.npz"
-  return out, run_worker(["equiv", f"--out={out}"], 8, tmp)
+  return out, run_worker(["equiv", f"--out={out}"], 8)
 
 
 @pytest.fixture(scope="module")
