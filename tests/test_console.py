@@ -104,7 +104,7 @@ def test_a_resumed_run_says_so_by_default(consoles):
 
 
 def test_verbosity_1_adds_every_logged_step_the_config_and_the_libraries_info_lines(consoles):
-  verbose = "\n".join(consoles["resumed"])  # 1 epoch, as the first run's each
+  verbose = "\n".join(consoles["resumed"])  # one epoch, like the first run
   assert len(consoles["resumed"]) > 3 * len(consoles["first"])
   assert "config:" in verbose and "step 30/30 (epoch 2.00): loss" in verbose
   assert "checkpoint_manager.py" in verbose  # orbax

@@ -24,10 +24,8 @@ FOLDER = {"covid": "CT_COVID", "non_covid": "CT_NonCOVID"}
 
 
 @pytest.fixture(scope="module")
-def builder(covid19_ct_dir, covid19_ct_tfds):
-  b = builders.Covid19Ct(data_dir=covid19_ct_tfds, config="original")
-  builders.prepare(b, covid19_ct_dir)  # built already (conftest): this finds it
-  return b
+def builder(covid19_ct_tfds):
+  return builders.Covid19Ct(data_dir=covid19_ct_tfds, config="original")  # built by conftest
 
 
 def test_official_split_counts_and_named_labels(builder):
