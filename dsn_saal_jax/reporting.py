@@ -28,6 +28,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from dsn_saal_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dsn_saal_jax import paired_stats  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def write_report(out_dir: str, result: Mapping[str, Any], labels: np.ndarray, probs: np.ndarray,
@@ -270,12 +271,14 @@ def _mean_std(values: Sequence[float]) -> dict[str, Any]:
 
 
 def aggregate(runs: Sequence[Mapping[str, Any]], table: str) -> dict[str, Any]:
-  """Mean +/- std (sample std over seeds or folds) per row of the paper's `table` layout.
+  """Mean +/- std (sample std over seeds or folds) per row of the paper's `table` layout, and paired differences.
 
   `runs` items: {'model', 'loss', 'covid_fraction', 'seed', 'fold', 'metrics': metrics.json dict}.
   Rows: Tables 5, 8 and 9 one per method; Table 6 one per COVID fraction (descending), with
   one column group per method and the sensitivities' change from the full training set.
   COVID SEN/SPE are the COVID class's own (for two classes macro SEN = macro SPE = balanced accuracy).
+  'paired' compares, run by run of the same seed and fold, every method with the first method of its
+  backbone in `runs` (`--methods` order; Table 6: within each fraction).
   """
   if table not in TABLE_COLUMNS:
     raise ValueError(f"Unknown table {table!r}; choose one of {', '.join(TABLE_COLUMNS)}.")
@@ -283,11 +286,17 @@ def aggregate(runs: Sequence[Mapping[str, Any]], table: str) -> dict[str, Any]:
   name = lambda r: method_name(r["model"], r["loss"], r.get("backbone") or "vgg16_bn", table)
   row_key = (lambda r: f"{r['covid_fraction']:g}") if table == "table6" else name
   rows: dict[str, dict[str, dict[str, list]]] = {}
+  by_run: dict[tuple[str, str], dict[tuple[Any, Any], Mapping[str, Any]]] = {}
+  reference: dict[str, str] = {}  # backbone -> its first method's name
+  arms: dict[tuple[str, str], str] = {}  # (row, group) -> backbone
   for r in runs:
     group = name(r) if table == "table6" else ""
     cell = rows.setdefault(row_key(r), {}).setdefault(group, {k: [] for k, _ in columns})
     for k, _ in columns:
       cell[k].append(_lookup(r["metrics"], k))
+    by_run.setdefault((row_key(r), group), {})[(r.get("seed"), r.get("fold"))] = r["metrics"]
+    reference.setdefault(r.get("backbone") or "vgg16_bn", name(r))
+    arms.setdefault((row_key(r), group), r.get("backbone") or "vgg16_bn")
   if table == "table6":
     rows = dict(sorted(rows.items(), key=lambda kv: -float(kv[0])))
   out = {"table": table, "columns": [name for _, name in columns],
@@ -301,7 +310,28 @@ def aggregate(runs: Sequence[Mapping[str, Any]], table: str) -> dict[str, Any]:
           ref = (full or {}).get(group, {}).get(name, {}).get("mean")
           if ref is not None and cell[name]["mean"] is not None:
             cell[name]["delta"] = cell[name]["mean"] - ref
+  out["paired"] = []
+  for (row, group), backbone in arms.items():
+    ref = (row, reference[backbone]) if table == "table6" else (reference[backbone], group)
+    if (row, group) != ref and ref in by_run:
+      out["paired"].append(_paired(row, group, by_run[(row, group)], ref, by_run[ref],
+                                   [k for k in columns if k[1] != "Params"], table))
+  if table == "table6":  # the rows' order
+    out["paired"].sort(key=lambda p: -float(p["row"]))
   return out
+
+
+def _paired(row: str, group: str, mine: Mapping[tuple[Any, Any], Mapping[str, Any]], ref: tuple[str, str],
+            theirs: Mapping[tuple[Any, Any], Mapping[str, Any]], columns: Sequence[tuple[str, str]],
+            table: str) -> dict[str, Any]:
+  """`paired_stats.paired_difference` of a (row, group) with its reference `ref`, run by run of one (seed, fold)."""
+  keys = [k for k in mine if k in theirs]
+  label = f"{group or row} minus {ref[1] or ref[0]}"
+  if table == "table6":
+    label = ("Stand. split" if row == "1" else f"{float(row):.0%} of COVID-19") + f": {label}"
+  return {"label": label, "row": row, "group": group, "minus": list(ref), "columns": {
+      col: paired_stats.paired_difference([_lookup(mine[k], key) for k in keys],
+                                          [_lookup(theirs[k], key) for k in keys]) for key, col in columns}}
 
 
 def _lookup(metrics: Mapping[str, Any], key: str) -> Any:
@@ -337,7 +367,8 @@ def to_markdown(table: Mapping[str, Any]) -> str:
   n = sorted({s["n"] for row in table["rows"].values() for c in row.values() for s in c.values() if s["n"]})
   lines.append("")
   lines.append(f"Mean ± sample std over {'/'.join(map(str, n))} runs per cell.")
-  return "\n".join(lines) + "\n"
+  paired = paired_stats.paired_markdown(table.get("paired", []), [c for c in table["columns"] if c != "Params"])
+  return "\n".join(lines) + "\n" + ("\n" + paired if paired else "")
 
 
 def write_table(table: Mapping[str, Any], out_dir: str) -> tuple[str, str]:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsn_saal_jax import metrics, reporting
+from dsn_saal_jax import metrics, paired_stats, reporting
 from dsn_saal_jax.models import DSNVGG16BN
 
 NAMES = ("normal", "pneumonia", "covid")
@@ -99,6 +99,52 @@ def test_table6_layout_mean_std_and_sensitivity_change(tmp_path):
   assert "| Stand. split |" in text
   assert json.load(open(js))["columns"] == ["ACC", "F1-score", "G-mean", "SEN", "SPE", "COVID SEN"]
   assert cell["COVID SEN"]["mean"] == pytest.approx(0.71) and cell["COVID SEN"]["delta"] == pytest.approx(-0.1)
+
+
+def test_paired_difference_by_hand():
+  # d = (1, 2, 3): mean 2, std 1, t = 2 / (1 / sqrt 3) with 2 df, whose two-sided p is 1 - t / sqrt(2 + t^2) =
+  # 1 - sqrt(6/7); the 97.5% quantile of t(2) is 0.95 / sqrt(2 * 0.975 * 0.025); 3 of 3 ahead: sign p = 2 / 8.
+  d = paired_stats.paired_difference([1.5, 2.5, 3.5], [0.5, 0.5, 0.5])
+  half = 0.95 / math.sqrt(2 * 0.975 * 0.025) / math.sqrt(3)
+  assert (d["n"], d["wins"], d["losses"]) == (3, 3, 0)
+  assert d["mean"] == pytest.approx(2) and d["std"] == pytest.approx(1)
+  assert d["t_p"] == pytest.approx(1 - math.sqrt(6 / 7)) and d["ci"] == pytest.approx([2 - half, 2 + half])
+  assert d["sign_p"] == pytest.approx(0.25) and d["permutation_p"] == pytest.approx(0.25)
+  assert paired_stats.min_exact_p(3) == 0.25
+  # d = (3, -1, 2): 2 of 3 ahead (sign p 1); sign flips give |sum| >= 4 in 4 of 8 (6, 4, -4, -6).
+  d = paired_stats.paired_difference([3, -1, 2], [0, 0, 0])
+  assert d["sign_p"] == pytest.approx(1.0) and d["permutation_p"] == pytest.approx(0.5)
+  # A missing value drops its pair; ties count as neither: d = (0, 0, 1), t = 1, p = 1 - 1 / sqrt 3.
+  d = paired_stats.paired_difference([0.7, None, 0.6, 0.9], [0.7, 0.5, 0.6, 0.8])
+  assert (d["n"], d["wins"], d["losses"]) == (3, 1, 0) and d["t_p"] == pytest.approx(1 - 1 / math.sqrt(3))
+  assert paired_stats.format_difference(d) == "+0.033 [-0.110, +0.177] p 0.42, 1/3 ahead, 2 tied"
+  # No spread: no t-test and no interval, only the counts.
+  d = paired_stats.paired_difference([0.8, 0.7, 0.6], [0.7, 0.6, 0.5])
+  assert d["t_p"] is None and d["ci"] is None and d["wins"] == 3
+  with pytest.raises(ValueError, match="as many values"):
+    paired_stats.paired_difference([1, 2], [1])
+
+
+def test_tables_pair_runs_by_seed():
+  # DSN is 0.01 ahead of the baseline at every seed; listed in reverse seed order, pairing by position would
+  # give differences of +0.05, +0.01, -0.03.
+  base = [run("baseline", "ce", 1.0, s, 0.70 + 0.02 * s, 0.8) for s in range(3)]
+  dsn = [run("dsn", "ce", 1.0, s, 0.71 + 0.02 * s, 0.8) for s in (2, 1, 0)]
+  (pair,) = reporting.aggregate(base + dsn, "table8")["paired"]
+  assert pair["label"] == "DSN + CE minus VGG-16 + CE" and pair["columns"]["ACC"]["wins"] == 3
+  assert pair["columns"]["ACC"]["mean"] == pytest.approx(0.01) and pair["columns"]["ACC"]["ci"] is None
+  assert "| DSN + CE minus VGG-16 + CE | +0.010 p -, 3/3 ahead |" in reporting.to_markdown(
+      reporting.aggregate(base + dsn, "table8"))
+  # Table 6 compares within each fraction; Table 4 within each backbone, never across.
+  quarter = [run("baseline", "ce", 0.25, 0, 0.6, 0.6), run("dsn", "ce", 0.25, 0, 0.5, 0.6)]
+  t6 = reporting.aggregate(base + dsn + quarter, "table6")
+  assert [p["label"] for p in t6["paired"]] == ["Stand. split: DSN + CE minus VGG-16 + CE",
+                                               "25% of COVID-19: DSN + CE minus VGG-16 + CE"]
+  assert t6["paired"][1]["columns"]["ACC"]["mean"] == pytest.approx(-0.1)
+  t4 = reporting.aggregate(base + dsn + [dict(r, backbone="resnet50") for r in base + dsn], "table4")
+  assert [p["label"] for p in t4["paired"]] == ["VGG-16 DSN minus VGG-16 Baseline",
+                                               "ResNet-50 DSN minus ResNet-50 Baseline"]
+  assert "Params" not in t4["paired"][0]["columns"]
 
 
 def test_table5_and_table9_rows_are_methods():
