@@ -5,12 +5,14 @@
 1. Copies each run's small files (config.json, history.jsonl, report/test/metrics.json) from --runs
    (run_study.sh's output; skipped if absent) into results/covid19_ct_meta/runs/.
 2. Writes tables.md: per COVID fraction, Table 8's columns (ACC, F1, AUC, COVID SEN, COVID SPE), one
-   row per arm, mean ± std over seeds; then what each learned weighting ended at (alpha, w_covid /
-   w_non-covid, mean beta_i; MW-Net's mean weight per class). DSN + CE and the paper's DSN-SAAL
-   (joint, sigmoid alpha) are results/covid19_ct_cpu's runs: the same config and seeds.
+   row per arm, mean ± std over seeds; the paired differences (same seed) of every arm from each of
+   the first four (CE, CB, LA, the paper's SAAL; paired_stats); then what each learned weighting ended
+   at (alpha, w_covid / w_non-covid, mean beta_i; MW-Net's mean weight per class). DSN + CE and the
+   paper's DSN-SAAL (joint, sigmoid alpha) are results/covid19_ct_cpu's runs: the same config and seeds.
 3. Plots alpha, beta_i and the class weights over training, joint vs meta (reporting.plot_saal_history).
 """
 
+import functools
 import glob
 import json
 import os
@@ -19,7 +21,7 @@ import shutil
 import numpy as np
 from absl import app, flags
 
-from dsn_saal_jax import reporting, train
+from dsn_saal_jax import paired_stats, reporting, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("runs", "/tmp/dsn_saal_meta", "run_study.sh's RUNS directory (skipped if absent).")
@@ -79,6 +81,26 @@ def results_table(fraction: str) -> str:
   return reporting.to_markdown({"table": "table8", "columns": columns, "rows": rows}) if rows else ""
 
 
+def paired_table(fraction: str) -> str:
+  """Each arm minus each of the first four arms (the fixed losses and the paper's SAAL), run by run of one seed."""
+  metrics = {}
+  for label, method_dir, _ in ARMS:
+    runs = finished(method_dir, fraction)
+    metrics[label] = {int(r.rsplit("_seed", 1)[1].split("_")[0]): read_json(os.path.join(r, SMALL_FILES[2]))
+                      for r in runs}
+  columns = reporting.TABLE_COLUMNS["table8"]
+  value = lambda arm, s, key: functools.reduce(lambda d, k: (d or {}).get(k), key.split("/"), metrics[arm][s])
+  entries = []
+  for i, (ref, _, _) in enumerate(ARMS[:4]):
+    for label, _, _ in ARMS[i + 1:]:
+      seeds = [s for s in metrics[label] if s in metrics[ref]]
+      if seeds:
+        entries.append({"label": f"{label} minus {ref}", "columns": {
+            name: paired_stats.paired_difference([value(label, s, key) for s in seeds],
+                                                 [value(ref, s, key) for s in seeds]) for key, name in columns}})
+  return paired_stats.paired_markdown(entries, [name for _, name in columns])
+
+
 def read_json(path: str) -> dict:
   with open(path) as f:
     return json.load(f)
@@ -118,6 +140,7 @@ def main(argv):
   for fraction in FRACTIONS:
     title = "Official split" if fraction == "1" else f"{float(fraction):.0%} of the COVID training slices"
     parts += [f"## {title}: test metrics\n", results_table(fraction),
+              f"## {title}: paired differences of the test metrics\n", paired_table(fraction),
               f"## {title}: where the learned weights ended (last logged step)\n", learned_table(fraction)]
     groups = {label.replace("DSN-SAAL ", ""): [train.read_history(r) for r in finished(d, fraction)]
               for label, d, _ in ARMS[3:7]}
