@@ -316,15 +316,16 @@ def aggregate(runs: Sequence[Mapping[str, Any]], table: str) -> dict[str, Any]:
     if (row, group) != ref and ref in by_run:
       out["paired"].append(_paired(row, group, by_run[(row, group)], ref, by_run[ref],
                                    [k for k in columns if k[1] != "Params"], table))
-  if table == "table6":  # the rows' order
+  if table == "table6":  # the rows' order; then whether the sensitivities' drop from the full set differs
     out["paired"].sort(key=lambda p: -float(p["row"]))
+    out["paired"] += _paired_drops(by_run, arms, reference, [k for k in columns if k[1] in DELTA_COLUMNS])
   return out
 
 
 def _paired(row: str, group: str, mine: Mapping[tuple[Any, Any], Mapping[str, Any]], ref: tuple[str, str],
             theirs: Mapping[tuple[Any, Any], Mapping[str, Any]], columns: Sequence[tuple[str, str]],
             table: str) -> dict[str, Any]:
-  """`paired_stats.paired_difference` of a (row, group) with its reference `ref`, run by run of one (seed, fold)."""
+  """`paired_stats.paired_difference` of a (row, group) with its reference `ref`, run by run of a (seed, fold)."""
   keys = [k for k in mine if k in theirs]
   label = f"{group or row} minus {ref[1] or ref[0]}"
   if table == "table6":
@@ -332,6 +333,25 @@ def _paired(row: str, group: str, mine: Mapping[tuple[Any, Any], Mapping[str, An
   return {"label": label, "row": row, "group": group, "minus": list(ref), "columns": {
       col: paired_stats.paired_difference([_lookup(mine[k], key) for k in keys],
                                           [_lookup(theirs[k], key) for k in keys]) for key, col in columns}}
+
+
+def _paired_drops(by_run: Mapping[tuple[str, str], Mapping[tuple[Any, Any], Mapping[str, Any]]],
+                  arms: Mapping[tuple[str, str], str], reference: Mapping[str, str],
+                  columns: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+  """Table 6: each method's change from the full training set minus its reference's, run by run of one seed."""
+  def change(row, group):
+    full = by_run.get(("1", group), {})
+    return {k: {name: None if None in (_lookup(m, key), _lookup(full[k], key)) else
+                _lookup(m, key) - _lookup(full[k], key) for key, name in columns}
+            for k, m in by_run[(row, group)].items() if k in full}
+  out = []
+  for (row, group), backbone in arms.items():
+    ref = (row, reference[backbone])
+    if row != "1" and group != ref[1] and ref in by_run:
+      pair = _paired(row, group, change(row, group), ref, change(*ref), [(n, n) for _, n in columns], "table6")
+      pair["label"] = pair["label"].replace(": ", ": change from the stand. split, ", 1)
+      out.append(dict(pair, change_from_full=True))
+  return sorted(out, key=lambda p: -float(p["row"]))
 
 
 def _lookup(metrics: Mapping[str, Any], key: str) -> Any:

@@ -4,7 +4,8 @@
 # 1. Copies each run's small files (config.json, history.jsonl, report/test/metrics.json) from
 #    $RUNS (run_study.sh's output; skipped if absent) into results/covid19_ct_cpu/runs/.
 # 2. Rebuilds the tables with the project's sweep command: every run there is finished, so the
-#    sweep trains nothing and only aggregates (table8, table6 and table4 .md/.json under runs/).
+#    sweep trains nothing and only aggregates (table8, table6 and table4 .md/.json under runs/), each
+#    table, printed as well, ending with its arms' paired differences (same seed).
 # 3. Redraws the alpha/beta plots from the runs' history.jsonl.
 set -euo pipefail
 RUNS=${RUNS:-/tmp/dsn_saal_study}

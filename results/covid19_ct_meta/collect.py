@@ -9,6 +9,7 @@
    the first four (CE, CB, LA, the paper's SAAL; paired_stats); then what each learned weighting ended
    at (alpha, w_covid / w_non-covid, mean beta_i; MW-Net's mean weight per class). DSN + CE and the
    paper's DSN-SAAL (joint, sigmoid alpha) are results/covid19_ct_cpu's runs: the same config and seeds.
+   The paired differences are printed as well.
 3. Plots alpha, beta_i and the class weights over training, joint vs meta (reporting.plot_saal_history).
 """
 
@@ -139,8 +140,10 @@ def main(argv):
            "all of it.\n"]
   for fraction in FRACTIONS:
     title = "Official split" if fraction == "1" else f"{float(fraction):.0%} of the COVID training slices"
+    paired = paired_table(fraction)
+    print(f"{title}: paired differences\n{paired}")
     parts += [f"## {title}: test metrics\n", results_table(fraction),
-              f"## {title}: paired differences of the test metrics\n", paired_table(fraction),
+              f"## {title}: paired differences of the test metrics\n", paired,
               f"## {title}: where the learned weights ended (last logged step)\n", learned_table(fraction)]
     groups = {label.replace("DSN-SAAL ", ""): [train.read_history(r) for r in finished(d, fraction)]
               for label, d, _ in ARMS[3:7]}
