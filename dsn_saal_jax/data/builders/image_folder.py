@@ -31,7 +31,7 @@ config.split_seed. Point the run at the folder with --config.manual_dir=/path/to
 """
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, repr=False)
 class FolderConfig(tfds.core.BuilderConfig):
   """Everything that shapes the built data; `make_config` hashes it into the config name."""
   manual_dir: str = ""
@@ -40,6 +40,9 @@ class FolderConfig(tfds.core.BuilderConfig):
   split_seed: int = 0
   lung_mask: bool = False
   files: str = ""  # digest of the slice ids and labels the folder held when the config was made
+
+  def __repr__(self) -> str:  # TFDS logs the config it is given; every field would be ~600 characters
+    return f"image_folder/{self.name} ({self.manual_dir})"
 
 
 def _files_digest(folder: folders.LabeledFolder) -> str:
@@ -65,6 +68,7 @@ def make_config(manual_dir: str, class_names: Sequence[str] = (),
   root = os.path.abspath(os.path.expanduser(manual_dir))
   config_lib.check_split_fractions(split_fractions)
   folder = folders.scan(root, tuple(class_names) or None)
+  split_slices(folder, split_fractions, split_seed)  # a class too small for the splits, before TFDS writes
   fields = dict(manual_dir=root, class_names=folder.class_names,
                 split_fractions=tuple(float(f) for f in split_fractions), split_seed=int(split_seed),
                 lung_mask=bool(lung_mask), files=_files_digest(folder))
