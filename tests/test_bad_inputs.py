@@ -1,4 +1,4 @@
-"""Bad or unusual inputs to evaluate --data, predict and train (issue 27, items 3, 4, 6, 7): a clear answer, no file touched.
+"""Bad or unusual inputs to evaluate --data, predict and train (issue 27, items 3, 4, 6, 7): clear answers.
 
 Every launch runs in one process (launch_batch.py) against one untrained
 tiny checkpoint (the answers do not depend on its weights) and its own folder;
@@ -9,7 +9,6 @@ included, as links).
 
 import csv
 import hashlib
-import json
 import os
 import shutil
 from concurrent import futures
@@ -25,7 +24,7 @@ from pydicom.data import get_testdata_file
 import launch_batch
 from conftest import init_variables
 from dsn_saal_jax import checkpointing, config_lib, predict, train
-from dsn_saal_jax.data import ct, folders, input_pipeline, phantom
+from dsn_saal_jax.data import ct, folders, input_pipeline
 from dsn_saal_jax.data.builders.common import DatasetError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -24,8 +24,10 @@ One folder per class (its name is the class name), slices inside, optionally gro
   <manual_dir>/<class>/<slice>                every slice is its own case
   <manual_dir>/<class>/<case>/.../<slice>     slices of one patient/scan stay in one split
   <manual_dir>/{train,val,test}/<class>/...   explicit splits, used as they are
-Slices are PNG, JPEG, BMP, TIFF (8-bit, windowed) or DICOM (.dcm, .dicom or no extension;
-converted to HU, windowed WL -400 / WW 1500 and lung-masked), mixed freely. Without split
+Slices are PNG, JPEG, BMP, TIFF (8-bit, windowed) or CT DICOM (.dcm, .dicom, or no extension
+and DICOM content; converted to HU, windowed WL -400 / WW 1500 and lung-masked), mixed freely,
+at least 16 px a side. Each file counts once, under the class folder it lies in (links back into
+the folder are not followed). Without split
 folders each class's cases are split train/val/test by config.split_fractions, seeded by
 config.split_seed. Point the run at the folder with --config.manual_dir=/path/to/folder.
 """
@@ -136,7 +138,7 @@ def split_slices(folder: folders.LabeledFolder, fractions: Sequence[float],
 class ImageFolder(tfds.core.GeneratorBasedBuilder):
   """A labeled folder of CT slices. Labels: config.class_names, else the sorted folder names.
 
-  Files under the class folders that are no slice (by extension) fail the
+  Files under the class folders that are no slice (by extension or content) fail the
   build with a DatasetError naming them, rather than being skipped: a
   silently dropped scan (a .nii, a zipped DICOM) would bias the data.
   """
