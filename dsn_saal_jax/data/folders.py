@@ -127,12 +127,18 @@ def count_once(paths: Sequence[str], root: str | os.PathLike) -> tuple[list[str]
   return kept, passed
 
 
+_WARNED: set[str] = set()  # warnings given in this process: a folder is scanned more than once per run
+
+
 def warn_passed_over(passed: Sequence[tuple[str, str]], where: str | os.PathLike) -> None:
-  """One warning naming the links `walk_files` and `count_once` passed over (the first ten)."""
+  """One warning (once per process) naming the links `walk_files` and `count_once` passed over (the first ten)."""
   if passed:
     shown = "\n".join(f"  {path}: {reason}" for path, reason in passed[:10])
-    logging.warning("Passing over %d link(s) under %s, so that each file is counted once:\n%s%s", len(passed),
-                    where, shown, "\n  ..." if len(passed) > 10 else "")
+    message = (f"Passing over {len(passed)} link(s) under {where}, so that each file is counted once:\n{shown}"
+               + ("\n  ..." if len(passed) > 10 else ""))
+    if message not in _WARNED:
+      _WARNED.add(message)
+      logging.warning("%s", message)
 
 
 def _split_folders(root: epath.Path, require_train: bool) -> dict[str, epath.Path]:

@@ -99,13 +99,17 @@ def read_image(path: epath.Path, mask: bool = False) -> np.ndarray:
   return decode_image(path.read_bytes(), os.fspath(path), mask)
 
 
+_WARNED_SHAPES: set[str] = set()
+
+
 def check_slice_shape(image: np.ndarray, name: str) -> np.ndarray:
   """`image` (H, W, ...) unchanged; a DatasetError below MIN_SLICE_SIZE px a side, a warning beyond MAX_ASPECT."""
   h, w = image.shape[:2]
   if min(h, w) < MIN_SLICE_SIZE:
     raise DatasetError(f"{name}: a {h}x{w} image, smaller than {MIN_SLICE_SIZE} px on a side, is no CT slice "
                        "(a thumbnail or icon?). Pass the full slice, or remove the file.")
-  if max(h, w) > MAX_ASPECT * min(h, w):
+  if max(h, w) > MAX_ASPECT * min(h, w) and name not in _WARNED_SHAPES:  # once: evaluate reads a file twice
+    _WARNED_SHAPES.add(name)
     logging.warning("%s: a %dx%d image is resized to a square input, distorting it %.1fx; crop it to the "
                     "body first if it is not a CT slice laid out that way.", name, h, w, max(h, w) / min(h, w))
   return image
