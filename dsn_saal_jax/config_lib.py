@@ -25,6 +25,13 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 SELECTION_METRICS = ("macro_f1", "accuracy", "g_mean", "auc", "macro_sensitivity")
 
 
+class ConfigError(ValueError):
+  """A config value the run cannot use (alone or with its data); the message names the key and the fix.
+
+  launch/train.py prints it as one `Error:` line with the usage exit status (2), not a traceback.
+  """
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every field the trainer and the data layer read, at the paper's protocol (Sec. 4.2)."""
   c = ml_collections.ConfigDict()
@@ -171,15 +178,15 @@ def _check_known(key: str, known: Iterable[str], where: str) -> None:
   if key not in known:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"Unknown {where} key {key!r}.{hint} Known keys: {', '.join(sorted(known))}.")
+    raise ConfigError(f"Unknown {where} key {key!r}.{hint} Known keys: {', '.join(sorted(known))}.")
 
 
 def check_split_fractions(fractions: Iterable[float]) -> None:
-  """Raises ValueError unless `fractions` are three train/val/test shares >= 0 (train > 0) summing to 1."""
+  """Raises ConfigError unless `fractions` are three train/val/test shares >= 0 (train > 0) summing to 1."""
   fractions = tuple(fractions)
   if (len(fractions) != 3 or any(f < 0 for f in fractions) or fractions[0] <= 0
       or abs(sum(fractions) - 1) > 1e-6):
-    raise ValueError(
+    raise ConfigError(
         f"config.split_fractions={fractions} must be three train/val/test shares >= 0 (train > 0) that sum to 1 "
         f"(they sum to {sum(fractions):g}), e.g. --config.split_fractions='(0.7, 0.1, 0.2)'.")
 
@@ -194,31 +201,31 @@ def _validate_saal_update(config: ml_collections.ConfigDict) -> None:
   saal = config.saal
   for key, allowed in (("update_rule", UPDATE_RULES), ("meta_learn", META_LEARN)):
     if saal[key] not in allowed:
-      raise ValueError(f"config.saal.{key}={saal[key]!r} is not one of {', '.join(allowed)}.")
+      raise ConfigError(f"config.saal.{key}={saal[key]!r} is not one of {', '.join(allowed)}.")
   meta.check_meta_fraction(saal.meta_fraction)
   if not (isinstance(saal.meta_every_steps, int) and saal.meta_every_steps >= 1):
-    raise ValueError(f"config.saal.meta_every_steps must be a positive integer, got {saal.meta_every_steps!r}.")
+    raise ConfigError(f"config.saal.meta_every_steps must be a positive integer, got {saal.meta_every_steps!r}.")
   if not saal.meta_lr > 0:
-    raise ValueError(f"config.saal.meta_lr must be positive, got {saal.meta_lr!r}.")
+    raise ConfigError(f"config.saal.meta_lr must be positive, got {saal.meta_lr!r}.")
   if saal.update_rule == "meta" and config.loss not in META_LOSSES:
-    raise ValueError(f"config.saal.update_rule='meta' meta-learns the loss's own parameters, but config.loss="
+    raise ConfigError(f"config.saal.update_rule='meta' meta-learns the loss's own parameters, but config.loss="
                      f"{config.loss!r} has none; use loss={' or '.join(META_LOSSES)}, or update_rule='joint'.")
   if saal.update_rule == "meta" and config.loss == "saal" and not saal.learn_alpha_beta:
-    raise ValueError("config.saal.update_rule='meta' with config.saal.learn_alpha_beta=False: alpha and beta are "
+    raise ConfigError("config.saal.update_rule='meta' with config.saal.learn_alpha_beta=False: alpha and beta are "
                      "fixed, so there is nothing to meta-learn; set learn_alpha_beta=True or update_rule='joint'.")
   if config.loss == "mwn" and saal.update_rule != "meta":
-    raise ValueError(f"config.loss='mwn' (Meta-Weight-Net) learns its weights on the meta set only; set "
+    raise ConfigError(f"config.loss='mwn' (Meta-Weight-Net) learns its weights on the meta set only; set "
                      f"config.saal.update_rule='meta' (got {saal.update_rule!r}).")
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Raises ValueError for any key or value the trainer cannot run with."""
+  """Raises ConfigError for any key or value the trainer cannot run with."""
   schema = base_config()
   for key in config.keys():
     _check_known(key, schema.keys(), "config")
   for key in schema.keys():
     if key not in config:
-      raise ValueError(f"Config is missing key {key!r}; build configs from dsn_saal_jax.config_lib.base_config().")
+      raise ConfigError(f"Config is missing key {key!r}; build configs from dsn_saal_jax.config_lib.base_config().")
   for key in config.saal.keys():
     _check_known(key, schema.saal.keys(), "config.saal")
   choices = {"dataset": DATASETS, "model": MODELS, "loss": LOSS_NAMES, "eval_head": EVAL_HEADS,
@@ -226,47 +233,47 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
              "compute_dtype": COMPUTE_DTYPES}
   for key, allowed in choices.items():
     if config[key] not in allowed:
-      raise ValueError(f"config.{key}={config[key]!r} is not one of {', '.join(allowed)}.")
+      raise ConfigError(f"config.{key}={config[key]!r} is not one of {', '.join(allowed)}.")
   if config.saal.alpha_param not in ALPHA_PARAMS:
-    raise ValueError(f"config.saal.alpha_param={config.saal.alpha_param!r} is not one of {', '.join(ALPHA_PARAMS)}.")
+    raise ConfigError(f"config.saal.alpha_param={config.saal.alpha_param!r} is not one of {', '.join(ALPHA_PARAMS)}.")
   _validate_saal_update(config)
   positive = ("learning_rate", "batch_size", "eval_batch_size", "image_size", "num_epochs", "lr_decay_epochs",
               "log_every_steps", "eval_every_epochs", "hidden", "keep_checkpoints")
   for key in positive:
     if not config[key] > 0:
-      raise ValueError(f"config.{key} must be positive, got {config[key]!r}.")
+      raise ConfigError(f"config.{key} must be positive, got {config[key]!r}.")
   for key in ("weight_decay", "momentum", "checkpoint_every_steps", "dropout_rate"):
     if config[key] < 0:
-      raise ValueError(f"config.{key} must be >= 0, got {config[key]!r}.")
+      raise ConfigError(f"config.{key} must be >= 0, got {config[key]!r}.")
   if not 0 < config.covid_fraction <= 1:
-    raise ValueError(f"config.covid_fraction must be in (0, 1], got {config.covid_fraction!r}.")
+    raise ConfigError(f"config.covid_fraction must be in (0, 1], got {config.covid_fraction!r}.")
   if config.train_per_class < 0:
-    raise ValueError(f"config.train_per_class must be >= 0 (0 = all), got {config.train_per_class!r}.")
+    raise ConfigError(f"config.train_per_class must be >= 0 (0 = all), got {config.train_per_class!r}.")
   check_split_fractions(config.split_fractions)
   if len(set(config.class_names)) != len(config.class_names):
-    raise ValueError(f"config.class_names {tuple(config.class_names)} names a class twice.")
+    raise ConfigError(f"config.class_names {tuple(config.class_names)} names a class twice.")
   if config.minority_class and config.class_names and config.minority_class not in config.class_names:
-    raise ValueError(f"config.minority_class={config.minority_class!r} is not one of config.class_names "
+    raise ConfigError(f"config.minority_class={config.minority_class!r} is not one of config.class_names "
                      f"{tuple(config.class_names)}.")
   from dsn_saal_jax import models  # pylint: disable=g-import-not-at-top  (flax only when validating)
   if config.backbone not in models.list_models():
-    raise ValueError(f"config.backbone={config.backbone!r} is not one of {', '.join(models.list_models())}.")
+    raise ConfigError(f"config.backbone={config.backbone!r} is not one of {', '.join(models.list_models())}.")
   min_size = models.get_model(config.backbone, num_classes=2, **models.config_kwargs(config)).min_size
   if config.image_size < min_size:
-    raise ValueError(f"config.image_size must be >= {min_size} for {config.backbone} (its downsampling "
+    raise ConfigError(f"config.image_size must be >= {min_size} for {config.backbone} (its downsampling "
                      f"stages), got {config.image_size}.")
   if config.channels not in (1, 3):
-    raise ValueError(f"config.channels must be 1 or 3, got {config.channels}.")
+    raise ConfigError(f"config.channels must be 1 or 3, got {config.channels}.")
   if config.width_scale != 1.0 and "width_scale" not in models.config_fields(config.backbone):
-    raise ValueError(f"config.width_scale={config.width_scale} does not apply to {config.backbone}"
+    raise ConfigError(f"config.width_scale={config.width_scale} does not apply to {config.backbone}"
                      + ("; narrow it with config.widths instead." if config.backbone == "vgg16_bn" else "."))
   if not config.width_scale > 0:
-    raise ValueError(f"config.width_scale must be positive, got {config.width_scale!r}.")
+    raise ConfigError(f"config.width_scale must be positive, got {config.width_scale!r}.")
   if config.backbone == "vgg16_bn" and len(config.widths) != len(config.stages):
-    raise ValueError(f"config.widths {tuple(config.widths)} and config.stages {tuple(config.stages)} "
+    raise ConfigError(f"config.widths {tuple(config.widths)} and config.stages {tuple(config.stages)} "
                      "need one entry per stage.")
   for key in ("batch_size", "eval_batch_size"):
     if config[key] % num_devices:
-      raise ValueError(
+      raise ConfigError(
           f"config.{key}={config[key]} is not divisible by the {num_devices} devices; set it to a multiple of "
           f"{num_devices} (e.g. --config.{key}={max(num_devices, config[key] // num_devices * num_devices)}).")

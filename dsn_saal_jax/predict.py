@@ -6,13 +6,15 @@ were lung-masked like, and the model fields. A `Predictor` therefore needs
 neither the dataset nor the config, and feeds each file exactly as training did:
 
 * DICOM (.dcm, .dicom, or any file pydicom recognizes): HU -> window
-  WL -400 / WW 1500 -> lung mask (data/ct.py), masked as the spec says.
+  WL -400 / WW 1500 -> lung mask (data/ct.py), masked as the spec says. Only
+  CT slices with a rescale to HU; others (MR, ...) are refused by name.
 * 8-bit images (PNG, JPEG, BMP, TIFF): to gray as the TFDS builders store
   slices, i.e. PIL's "L" (ITU-R 601-2 luma of RGB; alpha is dropped, not
   composited), so a slice saved as gray, RGB or RGBA predicts the same;
   lung-masked as the spec says. Images of more than 8 bits are refused.
 * then `input_pipeline.preprocess`: resize to the run's size, gray repeated to
-  its channels, normalized with its statistics.
+  its channels, normalized with its statistics. Slices under 16 px a side are
+  refused, and a warning names any more than twice as long as wide.
 
 Batches have a fixed size, the last one padded, so one compiled program serves
 every batch. COVIDx-CT runs were trained on slices cropped to the body box:
@@ -34,18 +36,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-import pydicom
 import tensorflow as tf
 from absl import logging
 from PIL import Image
 
 from dsn_saal_jax import checkpointing, config_lib, models, train
-from dsn_saal_jax.data import builders, ct, input_pipeline
+from dsn_saal_jax.data import builders, ct, folders, input_pipeline
 from dsn_saal_jax.data.builders import common
 from dsn_saal_jax.models import predict_probs
 
 CHECKPOINT_DIRS = {"best": "best", "latest": "checkpoints"}
-_IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 
 
 class InputError(ValueError):
@@ -74,32 +74,15 @@ class Prediction:
 # ----------------------------------------------------------------------------- inputs
 
 
-def _is_dicom(path: str) -> bool:
-  """DICOM by extension; a file with another unknown extension (or none) if pydicom recognizes it."""
-  suffix = os.path.splitext(path)[1].lower()
-  if suffix in common.DICOM_EXTENSIONS:
-    return True
-  try:
-    return suffix not in common.IMAGE_EXTENSIONS and pydicom.misc.is_dicom(path)
-  except OSError:  # Unreadable: reading it as an image reports why.
-    return False
-
-
-def _is_slice(path: str) -> bool:
-  return os.path.splitext(path)[1].lower() in common.IMAGE_EXTENSIONS or _is_dicom(path)
-
-
-def _visible(name: str) -> bool:
-  return not name.startswith(".") and name not in _IGNORED_NAMES
-
-
 def find_inputs(inputs: Sequence[str]) -> tuple[list[str], list[Prediction]]:
   """(files to predict, error rows) from files and folders, folders searched recursively and sorted.
 
   A file given by name is always tried, so a bad one gets its own error. In
-  folders, files with an image or DICOM extension and files pydicom
-  recognizes are taken; others are skipped with a warning. A missing path or a
-  folder without slices becomes an error row.
+  folders, files are listed as the labeled-folder scan lists them
+  (`folders.walk_files`, `folders.count_once`: each real file once, no link
+  followed back into the folder); those with an image or DICOM extension and
+  files pydicom recognizes (`common.is_slice`) are taken, others skipped with
+  a warning. A missing path or a folder without slices becomes an error row.
   """
   files: list[str] = []
   problems: list[Prediction] = []
@@ -107,12 +90,11 @@ def find_inputs(inputs: Sequence[str]) -> tuple[list[str], list[Prediction]]:
     if os.path.isfile(given):
       files.append(given)
     elif os.path.isdir(given):
-      found, skipped = [], []
-      for dirpath, dirnames, filenames in os.walk(given):
-        dirnames[:] = sorted(d for d in dirnames if _visible(d))
-        for name in sorted(filter(_visible, filenames)):
-          path = os.path.join(dirpath, name)
-          (found if _is_slice(path) else skipped).append(path)
+      listed, passed = folders.walk_files(given)
+      listed, duplicates = folders.count_once(listed, given)
+      folders.warn_passed_over(passed + duplicates, given)
+      found = [p for p in listed if common.is_slice(p)]
+      skipped = sorted(set(listed) - set(found))
       if skipped:
         logging.warning("Skipping %d files under %s that are neither images nor DICOM, e.g. %s",
                         len(skipped), given, skipped[0])
@@ -130,11 +112,11 @@ def find_inputs(inputs: Sequence[str]) -> tuple[list[str], list[Prediction]]:
 def read_slice(path: str, lung_mask: Mapping[str, bool]) -> np.ndarray:
   """A file as the TFDS datasets store slices: (H, W, 1) uint8, lung-masked as `lung_mask` says."""
   try:
-    if _is_dicom(path):
-      return ct.preprocess_dicom(path, mask=lung_mask["dicom"])[:, :, None]
+    if common.is_dicom(path):
+      return common.check_slice_shape(ct.preprocess_dicom(path, mask=lung_mask["dicom"])[:, :, None], path)
     with open(path, "rb") as f:
       data = f.read()
-    return common.decode_image(data, path, mask=lung_mask["images"])
+    return common.check_slice_shape(common.decode_image(data, path, mask=lung_mask["images"]), path)
   except ct.CTReadError as e:
     raise InputError(str(e)) from e
   except common.DatasetError as e:

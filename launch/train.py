@@ -5,6 +5,9 @@ Multi-host: add `--distributed` (auto-detects Cloud TPU pods and SLURM) or give
 `--coordinator_address`, `--num_processes` and `--process_id` explicitly.
 The console shows one line per epoch; `--verbosity=1` adds every logged step
 and the libraries' INFO lines (see dsn_saal_jax/console.py).
+Exit status: 0 trained, 1 failed (a damaged checkpoint; a crash), 2 usage error
+(a config value or data folder the run cannot use: one `Error:` line with the
+fix), 143 preempted (SIGTERM; rerun to resume).
 """
 
 import sys
@@ -18,7 +21,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dsn_saal_jax import checkpointing, train
+from dsn_saal_jax import checkpointing, config_lib, train
+from dsn_saal_jax.data.builders import DatasetError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).", lock_config=True)
@@ -31,6 +35,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: schedulers see the run as interrupted, not done.
 FAILED_EXIT_CODE = 1
+USAGE_EXIT_CODE = 2  # as predict.py's and evaluate.py's: the run was asked for something it cannot do
 
 
 def main(argv):
@@ -46,6 +51,9 @@ def main(argv):
   except checkpointing.CheckpointDamagedError as e:
     print(f"Error: {e}", file=sys.stderr)
     sys.exit(FAILED_EXIT_CODE)
+  except (config_lib.ConfigError, DatasetError) as e:
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(USAGE_EXIT_CODE)
 
 
 if __name__ == "__main__":

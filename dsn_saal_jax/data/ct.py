@@ -23,11 +23,15 @@ class CTReadError(ValueError):
 
 
 def read_dicom_hu(path: str | os.PathLike) -> np.ndarray:
-  """Returns the slice in Hounsfield units (stored value * RescaleSlope + RescaleIntercept).
+  """Returns the CT slice in Hounsfield units (stored value * RescaleSlope + RescaleIntercept).
 
-  Without the two tags (e.g. an MR or secondary-capture file) the stored
-  values are returned unchanged, which is what the DICOM standard implies.
+  Anything else is refused with a CTReadError rather than windowed as if it
+  were HU: another modality (MR, PET, a secondary capture...; Modality must be
+  CT), and a CT file without a usable rescale (both tags, a finite non-zero
+  slope, RescaleType absent or HU).
   """
+  if os.path.isfile(path) and os.path.getsize(path) == 0:
+    raise CTReadError(f"{path}: empty file (0 bytes). Re-export or re-copy it, or delete it.")
   try:
     ds = pydicom.dcmread(path)
   except Exception as e:  # pydicom raises many types for bad files.
@@ -39,6 +43,22 @@ def read_dicom_hu(path: str | os.PathLike) -> np.ndarray:
     raise CTReadError(
         f"{path}: DICOM file without pixel data ({kind}): a plan, report or DICOMDIR rather than an "
         "image slice. Remove it, or pass the image slices.")
+  modality = str(ds.get("Modality", "") or "").strip().upper()
+  if modality != "CT":
+    raise CTReadError(
+        f"{path}: {f'Modality {modality}' if modality else 'no Modality tag'}, not CT: its values are not "
+        "Hounsfield units, and the CT window (WL -400 / WW 1500) would make a meaningless input. "
+        "Pass CT slices only, or remove the file.")
+  try:
+    slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+  except (AttributeError, TypeError, ValueError):
+    slope = intercept = float("nan")
+  rescale_type = str(ds.get("RescaleType", "") or "HU").strip().upper()
+  if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0 and rescale_type == "HU"):
+    raise CTReadError(
+        f"{path}: CT slice without a usable rescale to Hounsfield units (RescaleSlope "
+        f"{ds.get('RescaleSlope')!s}, RescaleIntercept {ds.get('RescaleIntercept')!s}, RescaleType "
+        f"{ds.get('RescaleType', '(none)')!s}). Re-export it from the scanner or PACS with them, or remove it.")
   try:
     pixels = ds.pixel_array
   except Exception as e:  # pydicom raises many types for bad/compressed pixel data.
@@ -50,8 +70,6 @@ def read_dicom_hu(path: str | os.PathLike) -> np.ndarray:
     raise CTReadError(
         f"{path}: expected one 2-D slice, got pixel data of shape {pixels.shape}. "
         "Split multi-frame or colour files into single grayscale slices first.")
-  slope = float(ds.get("RescaleSlope", 1.0))
-  intercept = float(ds.get("RescaleIntercept", 0.0))
   return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 

@@ -23,7 +23,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from jax.experimental import multihost_utils
 
-from dsn_saal_jax import meta
+from dsn_saal_jax import config_lib, meta
 from dsn_saal_jax.data import builders
 
 # ImageNet statistics (torchvision), because the backbone starts from ImageNet weights.
@@ -106,8 +106,8 @@ def subsample_class(labels: np.ndarray, target: int, fraction: float, seed: int,
   target_idx = np.flatnonzero(labels == target)
   keep = round(fraction * len(target_idx))
   if keep == 0:
-    raise ValueError(f"covid_fraction={fraction} keeps round({fraction} * {len(target_idx)}) = 0 "
-                     f"examples of class {name or target}; raise covid_fraction.")
+    raise config_lib.ConfigError(f"covid_fraction={fraction} keeps round({fraction} * {len(target_idx)}) = 0 "
+                                 f"examples of class {name or target}; raise covid_fraction.")
   rng = np.random.default_rng([seed, _SUBSAMPLE_STREAM])
   chosen = rng.choice(target_idx, size=keep, replace=False)
   return np.sort(np.concatenate([np.flatnonzero(labels != target), chosen]))
@@ -119,8 +119,8 @@ def keep_per_class(labels: np.ndarray, per_class: int, seed: int,
   counts = np.bincount(labels, minlength=len(class_names))
   short = [f"{name} ({n})" for name, n in zip(class_names, counts) if n < per_class]
   if short:
-    raise ValueError(f"config.train_per_class={per_class} exceeds the training examples of class "
-                     f"{', '.join(short)}; lower it to at most {counts.min()}, or 0 to keep all.")
+    raise config_lib.ConfigError(f"config.train_per_class={per_class} exceeds the training examples of class "
+                                 f"{', '.join(short)}; lower it to at most {counts.min()}, or 0 to keep all.")
   rng = np.random.default_rng([seed, _PER_CLASS_STREAM])
   return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), size=per_class, replace=False)
                                  for c in range(len(class_names))]))
@@ -134,7 +134,8 @@ def minority_class(name: str, class_names: Sequence[str], default: int | None) -
   """
   if name:
     if name not in class_names:
-      raise ValueError(f"config.minority_class={name!r} is not one of the classes {list(class_names)}.")
+      raise config_lib.ConfigError(
+          f"config.minority_class={name!r} is not one of the classes {list(class_names)}.")
     return list(class_names).index(name)
   if default is not None:
     return default
@@ -154,8 +155,9 @@ def training_subset(labels: np.ndarray, class_names: Sequence[str], *, per_class
   if fraction == 1.0:
     return kept
   if minority is None:
-    raise ValueError(f"config.covid_fraction={fraction} thins the minority class, but none of the classes "
-                     f"{list(class_names)} is named covid; set --config.minority_class to one of them.")
+    raise config_lib.ConfigError(
+        f"config.covid_fraction={fraction} thins the minority class, but none of the classes "
+        f"{list(class_names)} is named covid; set --config.minority_class to one of them.")
   return kept[subsample_class(labels[kept], minority, fraction, seed, class_names[minority])]
 
 
@@ -234,8 +236,8 @@ class Dataset:
     counts = np.bincount(self._train.labels[self._kept], minlength=len(class_names))
     steps = len(self._kept) // self._batch_size
     if steps == 0:
-      raise ValueError(f"batch_size {self._batch_size} exceeds the {len(self._kept)} training "
-                       "examples; lower config.batch_size.")
+      raise config_lib.ConfigError(f"batch_size {self._batch_size} exceeds the {len(self._kept)} training "
+                                   "examples; lower config.batch_size.")
     normalization = normalization_for(config)
     self._normalization = normalization
     self.info = DataInfo(

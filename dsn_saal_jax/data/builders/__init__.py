@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from typing import Any
 
 import tensorflow_datasets as tfds
+from absl import logging
 
 from dsn_saal_jax.data.builders import duplicates, image_folder
 from dsn_saal_jax.data.builders.common import DatasetError
@@ -66,9 +69,13 @@ def prepare(builder: tfds.core.GeneratorBasedBuilder, manual_dir: str | None) ->
   predates it), and its cross-split groups are logged on every run.
   """
   if not builder.is_prepared():
-    builder.download_and_prepare(
-        file_format="array_record",
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." to stdout: one line of ours instead.
+    logging.info("Building %s/%s into %s (once: later runs reuse it).", builder.name, builder.builder_config.name
+                 if builder.builder_config else "", builder.data_dir)
+    with contextlib.redirect_stdout(io.StringIO()):
+      builder.download_and_prepare(
+          file_format="array_record",
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   duplicates.warn(duplicates.ensure(builder), duplicates.report_path(builder))
 
 

@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterable
 
 import numpy as np
+import pydicom
 import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
@@ -16,6 +17,11 @@ from dsn_saal_jax.data import ct
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DICOM_EXTENSIONS = (".dcm", ".dicom")
+# Slices smaller than this on a side are refused; longer than MAX_ASPECT times their width (or height) warned
+# about: resizing either to the run's square input invents or squashes the anatomy.
+MIN_SLICE_SIZE = 16
+MAX_ASPECT = 2.0
+NOT_A_SLICE = "not an image or DICOM file (by its extension; DICOM also by its content)"
 # Entries that archivers and file browsers add; never data.
 _IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 
@@ -65,6 +71,8 @@ def decode_image(data: bytes, name: str, mask: bool = False) -> np.ndarray:
   Colour and alpha are dropped: the public sets store windowed grayscale
   slices, some as RGB(A) screenshots.
   """
+  if not data:
+    raise DatasetError(f"{name}: empty file (0 bytes). Re-export or re-copy it, or delete it.")
   try:
     with Image.open(io.BytesIO(data)) as im:
       im.load()
@@ -91,24 +99,51 @@ def read_image(path: epath.Path, mask: bool = False) -> np.ndarray:
   return decode_image(path.read_bytes(), os.fspath(path), mask)
 
 
+_WARNED_SHAPES: set[str] = set()
+
+
+def check_slice_shape(image: np.ndarray, name: str) -> np.ndarray:
+  """`image` (H, W, ...) unchanged; a DatasetError below MIN_SLICE_SIZE px a side, a warning beyond MAX_ASPECT."""
+  h, w = image.shape[:2]
+  if min(h, w) < MIN_SLICE_SIZE:
+    raise DatasetError(f"{name}: a {h}x{w} image, smaller than {MIN_SLICE_SIZE} px on a side, is no CT slice "
+                       "(a thumbnail or icon?). Pass the full slice, or remove the file.")
+  if max(h, w) > MAX_ASPECT * min(h, w) and name not in _WARNED_SHAPES:  # once: evaluate reads a file twice
+    _WARNED_SHAPES.add(name)
+    logging.warning("%s: a %dx%d image is resized to a square input, distorting it %.1fx; crop it to the "
+                    "body first if it is not a CT slice laid out that way.", name, h, w, max(h, w) / min(h, w))
+  return image
+
+
 def read_slice(path: epath.Path, mask_images: bool) -> np.ndarray:
-  """A DICOM slice (windowed and lung-masked) or an 8-bit image (masked if `mask_images`)."""
+  """A DICOM slice (windowed and lung-masked) or an 8-bit image (masked if `mask_images`), size-checked."""
   if is_dicom(path):
     try:
-      return ct.preprocess_dicom(path)[:, :, None]
+      return check_slice_shape(ct.preprocess_dicom(path)[:, :, None], os.fspath(path))
     except ct.CTReadError as e:
       raise DatasetError(str(e)) from e
-  return read_image(path, mask_images)
+  return check_slice_shape(read_image(path, mask_images), os.fspath(path))
 
 
-def is_dicom(path: epath.Path) -> bool:
-  """DICOM by extension, or an extension-less file (how many scanners export slices)."""
-  suffix = path.suffix.lower()
-  return suffix in DICOM_EXTENSIONS or (suffix == "" and path.is_file())
+def is_dicom(path: str | os.PathLike) -> bool:
+  """DICOM by extension (.dcm, .dicom); any other file without an image extension by its content.
+
+  Content is DICOM's 'DICM' marker at byte 128, which scanners' extension-less
+  exports carry; a stray README or a DICOM file without the marker is no slice
+  (name the latter .dcm).
+  """
+  path = os.fspath(path)
+  suffix = os.path.splitext(path)[1].lower()
+  if suffix in DICOM_EXTENSIONS:
+    return True
+  try:
+    return suffix not in IMAGE_EXTENSIONS and pydicom.misc.is_dicom(path)
+  except OSError:  # Unreadable or a folder: reading it reports why.
+    return False
 
 
-def is_slice(path: epath.Path) -> bool:
-  return path.suffix.lower() in IMAGE_EXTENSIONS or is_dicom(path)
+def is_slice(path: str | os.PathLike) -> bool:
+  return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS or is_dicom(path)
 
 
 def slice_files(folder: epath.Path, skipped: list[tuple[str, str]] | None = None,
@@ -129,7 +164,7 @@ def slice_files(folder: epath.Path, skipped: list[tuple[str, str]] | None = None
   if skipped is not None:
     base = os.fspath(relative_to or folder)
     skipped.extend((os.path.relpath(os.fspath(p), base).replace(os.sep, "/"),
-                    "not an image or DICOM file (by its extension)") for p in sorted(others))
+                    NOT_A_SLICE) for p in sorted(others))
   elif others:
     logging.warning("Skipping %d non-image files under %s, e.g. %s", len(others), folder, others[0])
   return found

@@ -24,14 +24,16 @@ One folder per class (its name is the class name), slices inside, optionally gro
   <manual_dir>/<class>/<slice>                every slice is its own case
   <manual_dir>/<class>/<case>/.../<slice>     slices of one patient/scan stay in one split
   <manual_dir>/{train,val,test}/<class>/...   explicit splits, used as they are
-Slices are PNG, JPEG, BMP, TIFF (8-bit, windowed) or DICOM (.dcm, .dicom or no extension;
-converted to HU, windowed WL -400 / WW 1500 and lung-masked), mixed freely. Without split
+Slices are PNG, JPEG, BMP, TIFF (8-bit, windowed) or CT DICOM (.dcm, .dicom, or no extension
+and DICOM content; converted to HU, windowed WL -400 / WW 1500 and lung-masked), mixed freely,
+at least 16 px a side. Each file counts once, under the class folder it lies in (links back into
+the folder are not followed). Without split
 folders each class's cases are split train/val/test by config.split_fractions, seeded by
 config.split_seed. Point the run at the folder with --config.manual_dir=/path/to/folder.
 """
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, repr=False)
 class FolderConfig(tfds.core.BuilderConfig):
   """Everything that shapes the built data; `make_config` hashes it into the config name."""
   manual_dir: str = ""
@@ -40,6 +42,9 @@ class FolderConfig(tfds.core.BuilderConfig):
   split_seed: int = 0
   lung_mask: bool = False
   files: str = ""  # digest of the slice ids and labels the folder held when the config was made
+
+  def __repr__(self) -> str:  # TFDS logs the config it is given; every field would be ~600 characters
+    return f"image_folder/{self.name} ({self.manual_dir})"
 
 
 def _files_digest(folder: folders.LabeledFolder) -> str:
@@ -65,6 +70,7 @@ def make_config(manual_dir: str, class_names: Sequence[str] = (),
   root = os.path.abspath(os.path.expanduser(manual_dir))
   config_lib.check_split_fractions(split_fractions)
   folder = folders.scan(root, tuple(class_names) or None)
+  split_slices(folder, split_fractions, split_seed)  # a class too small for the splits, before TFDS writes
   fields = dict(manual_dir=root, class_names=folder.class_names,
                 split_fractions=tuple(float(f) for f in split_fractions), split_seed=int(split_seed),
                 lung_mask=bool(lung_mask), files=_files_digest(folder))
@@ -132,7 +138,7 @@ def split_slices(folder: folders.LabeledFolder, fractions: Sequence[float],
 class ImageFolder(tfds.core.GeneratorBasedBuilder):
   """A labeled folder of CT slices. Labels: config.class_names, else the sorted folder names.
 
-  Files under the class folders that are no slice (by extension) fail the
+  Files under the class folders that are no slice (by extension or content) fail the
   build with a DatasetError naming them, rather than being skipped: a
   silently dropped scan (a .nii, a zipped DICOM) would bias the data.
   """
