@@ -13,6 +13,7 @@ the SAAL loss needs the training set's class counts, which the spec lacks.
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -61,7 +62,8 @@ def check_out_dir(out_dir: str, data: str, workdir: str | None = None) -> None:
   It may not be, hold or lie inside the folder evaluated, nor be or hold the
   run's `workdir`, nor be, hold or lie inside the workdir's own entries
   (checkpoints/, best/, ...; only a folder inside report/ is fine); and it
-  must be new, empty or a report of ours (`reporting.check_report_dir`).
+  must be new, empty or a report of ours (`reporting.check_report_dir`) of
+  a --data evaluation, not a split's (training's report/test/).
   """
   out = os.path.realpath(out_dir)
   if _overlap(out, os.path.realpath(data)):
@@ -79,6 +81,15 @@ def check_out_dir(out_dir: str, data: str, workdir: str | None = None) -> None:
           "training's reports); the report must not replace them. Drop --out (the report goes to "
           f"{os.path.join(workdir, 'report', 'data_...')}) or name a folder outside {workdir}.")
   reporting.check_report_dir(out_dir)
+  try:  # a report of ours: only one of a --data evaluation, never a split's that sweeps read (report/test)
+    with open(os.path.join(out_dir, "metrics.json")) as f:
+      split_report = "data" not in json.load(f)
+  except (OSError, ValueError):
+    split_report = False
+  if split_report:
+    raise reporting.ReportDirError(
+        f"--out={out_dir} is the report of a split of the run's own dataset (written by training or evaluate "
+        "--config), which a --data evaluation does not replace. Drop --out, or name another folder.")
 
 
 def _slices(folder: folders.LabeledFolder, split: str | None) -> list[folders.Slice]:

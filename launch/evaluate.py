@@ -16,7 +16,8 @@ A report folder is replaced on a rerun only while it holds just the files the
 report wrote, unchanged (its manifest.json lists them with their sha256). So
 --out is refused, before anything is read or written, when it is an existing
 file, a folder holding anything else, is or holds or lies inside the folder
-evaluated, or is or holds the run's own folders (checkpoints/, best/, ...).
+evaluated, is or holds the run's own folders (checkpoints/, best/, ...), or
+is a split's report (training's report/test/, which sweeps read).
 
 Exit status with --data: 0 every slice evaluated, 1 some files unreadable
 (their CSV rows say why; the report covers the rest) or a damaged checkpoint,

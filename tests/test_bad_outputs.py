@@ -5,8 +5,9 @@ to read slices, so that a tool that did not refuse would go on and write) and
 its own small folder of slices; all rows launch in one process
 (launch_batch.py). Each row asserts the exit status, the one `Error:` line
 naming the path, and that every file under its folder (inputs, workdir, the
---out/--output target) is byte-identical afterwards, with nothing added. What the tools may replace (their own reports and CSVs) is tested here
-in-process and, end to end, in test_evaluate_data.py and test_predict.py.
+--out/--output target) is byte-identical afterwards, with nothing added. What
+the tools may replace (their own reports and CSVs) is tested here in-process
+and, end to end, in test_evaluate_data.py and test_predict.py.
 """
 
 import hashlib
@@ -71,6 +72,8 @@ ROWS = {
     "out_is_the_report_folder": (("evaluate.py", "--data={data}", "--out={work}/report"), WORKDIR_REFUSED),
     "out_holds_a_users_file": (("evaluate.py", "--data={data}", "--out={mine}"), NOT_OURS),
     "out_is_an_existing_file": (("evaluate.py", "--data={data}", "--out={mine}/notes.txt"), "is an existing file"),
+    "out_is_trainings_report": (("evaluate.py", "--data={data}", "--out={work}/report/test"),
+                                "is the report of a split of the run's own dataset"),
     "out_is_a_report_with_a_users_file": (("evaluate.py", "--data={data}", "--out={work}/report/test"), NOT_OURS),
     "out_is_a_report_edited_since": (("evaluate.py", "--data={data}", "--out={work}/report/test"),
                                      "gradcam.png changed since the report was written"),
