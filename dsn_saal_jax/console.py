@@ -16,18 +16,21 @@ TensorBoard and history.jsonl get every logged scalar whatever the console shows
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import re
 import sys
 import tempfile
-from typing import Sequence
+import time
+from typing import Iterable, Iterator, Sequence, TypeVar
 
 from absl import logging as absl_logging
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # What TensorFlow's C++ code prints at INFO while it loads: the lines themselves and C++ absl's notice.
 _TF_LOAD_CHATTER = re.compile(r"I\d{4} |WARNING: All log messages before absl::InitializeLog\(\)")
+_T = TypeVar("_T")
 
 
 def setup(argv: Sequence[str]) -> None:
@@ -102,3 +105,30 @@ class _ConsoleFilter(logging.Filter):
     if not os.path.abspath(record.pathname).startswith(self._own_dirs):
       verbosity -= 1
     return record.levelno >= absl_logging.converter.absl_to_standard(verbosity)
+
+
+def progress(items: Iterable[_T], total: int, unit: str, every_s: float = 10.0) -> Iterator[_T]:
+  """Yields `items`, showing done/total, rate and ETA on stderr, never stdout (which may carry a CSV or JSON).
+
+  On a terminal a tqdm bar, after the first second; otherwise an INFO line
+  every `every_s` seconds, and a last one when any was printed: a short run
+  stays silent, a long one is never silent for long.
+  """
+  if sys.stderr.isatty():
+    import tqdm  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+    # disable=False: setup's TQDM_DISABLE is for TFDS's bars, not this one.
+    yield from tqdm.tqdm(items, total=total, unit=f" {unit}", file=sys.stderr, delay=1.0, disable=False)
+    return
+  start = last = time.monotonic()
+  done = 0
+  for done, item in enumerate(items, 1):
+    yield item
+    now = time.monotonic()
+    if now - last >= every_s:
+      last = now
+      rate = done / (now - start)
+      eta = datetime.timedelta(seconds=round((total - done) / rate)) if done < total else "done"
+      absl_logging.info("%d/%d %s (%.0f%%), %.1f %s/s, ETA %s", done, total, unit, 100 * done / max(total, 1),
+                        rate, unit, eta)
+  if last > start:
+    absl_logging.info("%d/%d %s in %.0f s", done, total, unit, time.monotonic() - start)

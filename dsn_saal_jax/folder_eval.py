@@ -13,6 +13,7 @@ the SAAL loss needs the training set's class counts, which the spec lacks.
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -21,7 +22,7 @@ import numpy as np
 from absl import logging
 
 from dsn_saal_jax import metrics as metrics_lib
-from dsn_saal_jax import models, predict, reporting
+from dsn_saal_jax import console, models, predict, reporting
 from dsn_saal_jax.data import folders
 from dsn_saal_jax.data.builders.common import DatasetError
 
@@ -48,6 +49,47 @@ def default_out_dir(workdir: str, data: str, checkpoint: str, split: str | None 
   """WORKDIR/report/data_<folder>[_<split>]_<checkpoint>: beside training's reports, never over them."""
   name = os.path.basename(os.path.normpath(os.path.abspath(data)))
   return os.path.join(workdir, "report", "_".join(["data", name, *([split] if split else []), checkpoint]))
+
+
+def _overlap(a: str, b: str) -> bool:
+  """Whether real paths `a` and `b` are the same, or one lies inside the other."""
+  return os.path.commonpath([a, b]) in (a, b)
+
+
+def check_out_dir(out_dir: str, data: str, workdir: str | None = None) -> None:
+  """Raises reporting.ReportDirError unless `out_dir` may take the report of `data` (nothing is touched).
+
+  It may not be, hold or lie inside the folder evaluated, nor be or hold the
+  run's `workdir`, nor be, hold or lie inside the workdir's own entries
+  (checkpoints/, best/, ...; only a folder inside report/ is fine); and it
+  must be new, empty or a report of ours (`reporting.check_report_dir`) of
+  a --data evaluation, not a split's (training's report/test/).
+  """
+  out = os.path.realpath(out_dir)
+  if _overlap(out, os.path.realpath(data)):
+    raise reporting.ReportDirError(
+        f"--out={out_dir} is, holds or lies inside the folder being evaluated ({data}); the report must go "
+        "elsewhere. Drop --out (the report goes to WORKDIR/report/) or name a folder outside it.")
+  if workdir is not None and os.path.isdir(workdir):
+    work = os.path.realpath(workdir)
+    own = [os.path.join(work, n) for n in sorted(os.listdir(work)) if n != "report"]
+    inside = out != work and os.path.commonpath([out, work]) == work  # a new entry, or inside report/
+    if _overlap(out, work) and not (inside and out != os.path.join(work, "report")
+                                    and not any(_overlap(out, p) for p in own)):
+      raise reporting.ReportDirError(
+          f"--out={out_dir} is, holds or lies inside the run's own files ({workdir}: checkpoints, logs, "
+          "training's reports); the report must not replace them. Drop --out (the report goes to "
+          f"{os.path.join(workdir, 'report', 'data_...')}) or name a folder outside {workdir}.")
+  reporting.check_report_dir(out_dir)
+  try:  # a report of ours: only one of a --data evaluation, never a split's that sweeps read (report/test)
+    with open(os.path.join(out_dir, "metrics.json")) as f:
+      split_report = "data" not in json.load(f)
+  except (OSError, ValueError):
+    split_report = False
+  if split_report:
+    raise reporting.ReportDirError(
+        f"--out={out_dir} is the report of a split of the run's own dataset (written by training or evaluate "
+        "--config), which a --data evaluation does not replace. Drop --out, or name another folder.")
 
 
 def _slices(folder: folders.LabeledFolder, split: str | None) -> list[folders.Slice]:
@@ -89,11 +131,15 @@ def evaluate_folder(predictor: predict.Predictor, data: str, out_dir: str, *,
   Without `class_map` the folder names must be the run's class names. With
   explicit split folders every slice is evaluated, or only `split`'s
   ('train', 'val', 'test'). Raises DatasetError (naming the folder) for a
-  layout or class map that does not fit the run, or when no slice is readable.
+  layout or class map that does not fit the run, or when no slice is readable;
+  reporting.ReportDirError, before any work, for an `out_dir` that is not
+  ours to replace (`check_out_dir`).
   """
+  check_out_dir(out_dir, data)
   folder = folders.scan(data, predictor.class_names, class_map, require_train=False)
   slices = _slices(folder, split)
-  results = list(predictor.iter_predictions([os.fspath(s.path) for s in slices]))
+  results = list(console.progress(predictor.iter_predictions([os.fspath(s.path) for s in slices]), len(slices),
+                                  "slices"))
   good = [i for i, r in enumerate(results) if r.error is None]
   unreadable = {slices[i].id: r.error for i, r in enumerate(results) if r.error is not None}
   for reason in unreadable.values():

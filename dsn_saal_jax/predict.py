@@ -26,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import itertools
 import os
+import secrets
 import types
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -40,7 +42,7 @@ import tensorflow as tf
 from absl import logging
 from PIL import Image
 
-from dsn_saal_jax import checkpointing, config_lib, models, train
+from dsn_saal_jax import checkpointing, config_lib, console, models, train
 from dsn_saal_jax.data import builders, ct, folders, input_pipeline
 from dsn_saal_jax.data.builders import common
 from dsn_saal_jax.models import predict_probs
@@ -58,6 +60,10 @@ class CheckpointError(ValueError):
 
 class DamagedCheckpointError(CheckpointError):
   """A committed checkpoint step whose files cannot be read back."""
+
+
+class OutputError(ValueError):
+  """An output path that would overwrite what this tool did not write; the message names it and the fix."""
 
 
 @dataclasses.dataclass
@@ -400,32 +406,80 @@ def csv_row(p: Prediction, num_classes: int) -> list[str]:
   return [p.path, p.label or "", *probs, p.error or ""]
 
 
+def _is_predictions_csv(path: str) -> bool:
+  """Whether the file's first line is a header `write_predictions` writes: path,prediction,prob_<class>...,error."""
+  try:
+    with open(path, newline="", encoding="utf-8") as f:
+      header = next(csv.reader([f.readline(1 << 16)]), [])
+  except (OSError, UnicodeDecodeError, csv.Error):
+    return False
+  return (len(header) >= 4 and header[:2] == ["path", "prediction"] and header[-1] == "error"
+          and all(h.startswith("prob_") for h in header[2:-1]))
+
+
+def check_output(output: str, inputs: Sequence[str]) -> None:
+  """Raises OutputError unless `output` is new or a predictions CSV this tool wrote (which a rerun replaces).
+
+  Refused: a folder, a symbolic link, one of `inputs` (files or folders), and
+  any other existing file, e.g. a slice (`--output a.dcm b.dcm` makes a.dcm
+  the output: the easy slip).
+  """
+  if os.path.isdir(output):
+    raise OutputError(f"--output={output} is a folder; --output names the CSV file to write, e.g. "
+                      f"--output={os.path.join(output, 'predictions.csv')}.")
+  if os.path.islink(output):
+    raise OutputError(f"--output={output} is a symbolic link; name a new CSV file (the link and its target are "
+                      "left as they are).")
+  if not os.path.exists(output):
+    return
+  if any(os.path.exists(i) and os.path.samefile(output, i) for i in inputs):
+    raise OutputError(f"--output={output} is one of the inputs; it was left as it is. Name a new CSV file, e.g. "
+                      "--output=predictions.csv, before the inputs.")
+  if not _is_predictions_csv(output):
+    raise OutputError(
+        f"--output={output} exists and is not a predictions CSV this tool wrote (its first line is not "
+        "path,prediction,prob_<class>...,error); it was left as it is. Name a new CSV file, or move this one "
+        "away. (`--output a.dcm b.dcm` takes a.dcm as the output: write --output=FILE.csv.)")
+
+
 def write_predictions(predictor: Predictor, files: Sequence[str], output: str, cam_dir: str | None = None,
                       problems: Sequence[Prediction] = ()) -> tuple[int, int]:
   """Predicts `files` into the CSV `output` (a row per file, then `problems`); returns (predicted, failed).
 
-  Rows are written as batches finish, so an interrupted run keeps what it did.
-  With `cam_dir`, each predicted file's Grad-CAM overlay goes to
-  cam_dir/<path relative to the inputs' common folder>.png.
+  `output` must pass `check_output` (else OutputError, nothing written). The
+  rows go to a new file beside it, renamed to `output` when every file is
+  done: a CSV under that name is always complete. With `cam_dir`, each
+  predicted file's Grad-CAM overlay goes to cam_dir/<path relative to the
+  inputs' common folder>.png.
   """
+  check_output(output, files)
   root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files]) if files else ""
   counts = {"predicted": 0, "failed": 0}
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  with open(output, "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(csv_header(predictor.class_names))
-    for p in (*predictor.iter_predictions(files, cam=cam_dir is not None), *problems):
-      writer.writerow(csv_row(p, len(predictor.class_names)))
-      f.flush()
-      if p.error is not None:
-        logging.error("%s", p.error)
-        counts["failed"] += 1
-        continue
-      counts["predicted"] += 1
-      if cam_dir is not None:
-        from dsn_saal_jax import reporting  # pylint: disable=g-import-not-at-top  (matplotlib only when needed)
-        path = os.path.join(cam_dir, os.path.relpath(os.path.abspath(p.path), root) + ".png")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        title = f"{os.path.basename(p.path)}: {p.label} {float(np.max(p.probs)):.2f}"
-        reporting.plot_gradcam_overlay(p.image, p.cam, title, path)
+  folder, name = os.path.split(os.path.abspath(output))
+  os.makedirs(folder, exist_ok=True)
+  tmp = os.path.join(folder, f".{name}.tmp-{secrets.token_hex(4)}")
+  try:
+    with open(tmp, "x", newline="") as f:
+      writer = csv.writer(f)
+      writer.writerow(csv_header(predictor.class_names))
+      rows = console.progress(predictor.iter_predictions(files, cam=cam_dir is not None), len(files), "files")
+      for p in itertools.chain(rows, problems):
+        writer.writerow(csv_row(p, len(predictor.class_names)))
+        if p.error is not None:
+          logging.error("%s", p.error)
+          counts["failed"] += 1
+          continue
+        counts["predicted"] += 1
+        if cam_dir is not None:
+          from dsn_saal_jax import reporting  # pylint: disable=g-import-not-at-top  (matplotlib only when needed)
+          path = os.path.join(cam_dir, os.path.relpath(os.path.abspath(p.path), root) + ".png")
+          os.makedirs(os.path.dirname(path), exist_ok=True)
+          title = f"{os.path.basename(p.path)}: {p.label} {float(np.max(p.probs)):.2f}"
+          reporting.plot_gradcam_overlay(p.image, p.cam, title, path)
+    check_output(output, files)  # again, just before replacing: it may have changed meanwhile
+    os.replace(tmp, output)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
   return counts["predicted"], counts["failed"]

@@ -10,9 +10,11 @@ differentiated, so the model needs no hook and its outputs are unchanged.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
 from typing import Any, Callable, Mapping, Sequence
 
@@ -31,42 +33,117 @@ from dsn_saal_jax import metrics as metrics_lib  # pylint: disable=g-import-not-
 from dsn_saal_jax import paired_stats  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
+MANIFEST = "manifest.json"
+# What write_report writes (with evaluate --data's predictions.csv): a folder holding only these, one of them
+# a report's metrics.json, is a report written before manifests existed, and may be replaced as well.
+_LEGACY_FILES = frozenset({"metrics.json", "confusion_matrix.png", "roc.png", "gradcam.png", "predictions.csv"})
+
+
+class ReportDirError(ValueError):
+  """A report folder that write_report may not replace; the message names it and the fix."""
+
+
 def write_report(out_dir: str, result: Mapping[str, Any], labels: np.ndarray, probs: np.ndarray,
                  model: nn.Module, variables: Mapping[str, Any], cam_images: np.ndarray, cam_labels: np.ndarray,
                  write_more: Callable[[str], None] | None = None) -> None:
   """metrics.json (`result`), the confusion matrix, ROC curves and a Grad-CAM grid of `cam_images` into `out_dir`.
 
   Training's split reports and `launch/evaluate.py --data` share it, so both
-  read alike. Everything is written beside `out_dir` and renamed into place
-  when complete (`write_more(folder)` adds files first): a killed run never
-  leaves a partial report.
+  read alike. Everything is written into a new folder beside `out_dir` and
+  renamed into place when complete (`write_more(folder)` adds files first):
+  a killed run never leaves a partial report. `out_dir` is replaced only when
+  `check_report_dir` finds it is a report of ours; else ReportDirError, and
+  nothing is touched.
   """
+  out_dir = os.path.abspath(out_dir)
+  check_report_dir(out_dir)
   class_names = result["class_names"]
-  tmp_dir = f"{out_dir}.tmp"
-  shutil.rmtree(tmp_dir, ignore_errors=True)
-  os.makedirs(tmp_dir)
-  with open(os.path.join(tmp_dir, "metrics.json"), "w") as f:
-    json.dump(metrics_lib.to_json_safe(result), f, indent=2)
-  plot_confusion_matrix(np.asarray(result["confusion_matrix"]), class_names,
-                        os.path.join(tmp_dir, "confusion_matrix.png"))
-  plot_roc(labels, probs, class_names, os.path.join(tmp_dir, "roc.png"))
-  cams, cam_probs = grad_cam(model, variables, cam_images)
-  plot_gradcam_grid(cam_images, cams, cam_labels, cam_probs, class_names, os.path.join(tmp_dir, "gradcam.png"))
-  if write_more is not None:
-    write_more(tmp_dir)
-  _replace_dir(tmp_dir, out_dir)
+  os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+  tmp_dir = f"{os.path.join(os.path.dirname(out_dir), '.' + os.path.basename(out_dir))}.tmp-{secrets.token_hex(4)}"
+  os.makedirs(tmp_dir)  # a new name: no earlier folder of that name (ours or not) is ever removed
+  try:
+    with open(os.path.join(tmp_dir, "metrics.json"), "w") as f:
+      f.write(metrics_lib.dumps(result, indent=2))
+    plot_confusion_matrix(np.asarray(result["confusion_matrix"]), class_names,
+                          os.path.join(tmp_dir, "confusion_matrix.png"))
+    plot_roc(labels, probs, class_names, os.path.join(tmp_dir, "roc.png"))
+    cams, cam_probs = grad_cam(model, variables, cam_images)
+    plot_gradcam_grid(cam_images, cams, cam_labels, cam_probs, class_names, os.path.join(tmp_dir, "gradcam.png"))
+    if write_more is not None:
+      write_more(tmp_dir)
+    written = {n: _sha256(os.path.join(tmp_dir, n)) for n in sorted(os.listdir(tmp_dir))}
+    with open(os.path.join(tmp_dir, MANIFEST), "w") as f:
+      json.dump({"written_by": "dsn_saal_jax.reporting.write_report, which replaces this folder only while it "
+                               "holds these files unchanged", "sha256": written}, f, indent=2)
+    _replace_dir(tmp_dir, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    raise
   logging.info("Report (%d examples) in %s: %s", result["num_examples"], out_dir,
                ", ".join(f"{k}={result[k]:.4f}" for k in metrics_lib.SUMMARY_KEYS))
 
 
+def check_report_dir(out_dir: str) -> None:
+  """Raises ReportDirError unless `out_dir` is new, empty, or a report write_report wrote and nobody changed since.
+
+  Replacing a folder deletes it, so it must hold exactly the files its
+  manifest lists, each with its recorded sha256. A folder without a
+  manifest (a report of an earlier version) may go when it holds only files
+  a report has, one of them a report's metrics.json.
+  """
+  if os.path.islink(out_dir) or (os.path.exists(out_dir) and not os.path.isdir(out_dir)):
+    kind = "a symbolic link" if os.path.islink(out_dir) else "an existing file"
+    raise ReportDirError(f"{out_dir} is {kind}, not a report folder; nothing was written. Name a new folder for "
+                         "the report.")
+  names = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
+  problem = _not_a_report(out_dir, names) if names else None
+  if problem:
+    raise ReportDirError(f"{out_dir} is not a report folder this tool wrote ({problem}), and replacing it would "
+                         "delete that; nothing was touched. Name a new folder for the report, or move this one away.")
+
+
+def _not_a_report(folder: str, names: set[str]) -> str | None:
+  """Why `folder` (holding `names`) is not an unchanged report of ours; None when it is one."""
+  for name in sorted(names):
+    if os.path.islink(os.path.join(folder, name)) or not os.path.isfile(os.path.join(folder, name)):
+      return f"it holds {name!r}, which is not a plain file"
+  if MANIFEST not in names:
+    others = sorted(names - _LEGACY_FILES)
+    if others:
+      return f"it holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}"
+    try:
+      with open(os.path.join(folder, "metrics.json")) as f:
+        metrics = json.load(f)
+      return None if {"confusion_matrix", "class_names"} <= set(metrics) else "its metrics.json is not a report's"
+    except (OSError, ValueError, TypeError):
+      return "it has no report's metrics.json"
+  try:
+    with open(os.path.join(folder, MANIFEST)) as f:
+      recorded = dict(json.load(f)["sha256"])
+  except (OSError, ValueError, TypeError, KeyError):
+    return f"its {MANIFEST} is not one this tool wrote"
+  others = sorted(names - set(recorded) - {MANIFEST})
+  if others:
+    return f"it holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}, which the report did not write"
+  changed = [n for n in sorted(names - {MANIFEST}) if _sha256(os.path.join(folder, n)) != recorded[n]]
+  return f"{', '.join(changed)} changed since the report was written" if changed else None
+
+
+def _sha256(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
 def _replace_dir(src: str, dst: str) -> None:
-  """Puts directory `src` at `dst`, replacing what was there; `dst` is never seen half-written."""
-  old = f"{dst}.old"
-  shutil.rmtree(old, ignore_errors=True)
-  if os.path.exists(dst):
-    os.replace(dst, old)
+  """Puts our new directory `src` at `dst`, replacing a report of ours there; `dst` is never seen half-written."""
+  check_report_dir(dst)  # again, just before: the folder may have changed while the report was computed
+  if not os.path.exists(dst):
+    os.replace(src, dst)
+    return
+  old = f"{src}.old"  # beside our own new name, so no folder of the user's is in the way
+  os.replace(dst, old)
   os.replace(src, dst)
-  shutil.rmtree(old, ignore_errors=True)
+  shutil.rmtree(old)
 
 
 def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str) -> None:
@@ -397,5 +474,5 @@ def write_table(table: Mapping[str, Any], out_dir: str) -> tuple[str, str]:
   with open(md, "w") as f:
     f.write(to_markdown(table))
   with open(js, "w") as f:
-    json.dump(table, f, indent=2)
+    f.write(metrics_lib.dumps(table, indent=2))
   return md, js

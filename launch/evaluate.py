@@ -10,13 +10,20 @@ model is refused. With --data the checkpoint's inference spec is all it needs
 {train,val,test}/<class>/..., every slice is evaluated (--split picks one split
 folder), and the report, plus predictions.csv with a row per file, goes to
 --out (default WORKDIR/report/data_<folder>[_<split>]_<checkpoint>/). Folder
-names must be the run's class names unless --class_map renames them. Exit
-status with --data: 0 every slice evaluated, 1 some files unreadable (their
-CSV rows say why; the report covers the rest) or a damaged checkpoint, 2 usage
-error (bad flags, folder or class map).
+names must be the run's class names unless --class_map renames them.
+
+A report folder is replaced on a rerun only while it holds just the files the
+report wrote, unchanged (its manifest.json lists them with their sha256). So
+--out is refused, before anything is read or written, when it is an existing
+file, a folder holding anything else, is or holds or lies inside the folder
+evaluated, is or holds the run's own folders (checkpoints/, best/, ...), or
+is a split's report (training's report/test/, which sweeps read).
+
+Exit status with --data: 0 every slice evaluated, 1 some files unreadable
+(their CSV rows say why; the report covers the rest) or a damaged checkpoint,
+2 usage error (bad flags, folder, class map or --out; nothing was written).
 """
 
-import json
 import os
 import sys
 
@@ -28,7 +35,7 @@ console.setup(sys.argv)  # first: TensorFlow reads its log level once, when it l
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dsn_saal_jax import checkpointing, folder_eval, metrics, predict, train
+from dsn_saal_jax import checkpointing, folder_eval, metrics, predict, reporting, train
 
 FILE_ERROR, USAGE_ERROR = 1, 2
 
@@ -77,6 +84,7 @@ def evaluate_data() -> None:
     error(str(e))
   out = FLAGS.out or folder_eval.default_out_dir(FLAGS.workdir, FLAGS.data, FLAGS.checkpoint, FLAGS.split)
   try:
+    folder_eval.check_out_dir(out, FLAGS.data, FLAGS.workdir)  # before any work; checked again when writing
     predictor = predict.Predictor.from_workdir(FLAGS.workdir, FLAGS.checkpoint, config=FLAGS.config,
                                                batch_size=FLAGS.batch_size)
     logging.info("Evaluating %s on %s (%s head).", predictor.source, FLAGS.data, predictor.eval_head)
@@ -86,9 +94,9 @@ def evaluate_data() -> None:
         extra={"checkpoint": FLAGS.checkpoint, "checkpoint_step": int(os.path.basename(predictor.source))})
   except predict.DamagedCheckpointError as e:
     error(str(e), FILE_ERROR)
-  except (predict.CheckpointError, folder_eval.DatasetError) as e:
+  except (predict.CheckpointError, folder_eval.DatasetError, reporting.ReportDirError) as e:
     error(str(e))
-  print(json.dumps({k: result[k] for k in metrics.SUMMARY_KEYS}, indent=2))
+  print(metrics.dumps({k: result[k] for k in metrics.SUMMARY_KEYS}, indent=2))
   print(f"{result['num_examples']} evaluated, {result['num_unreadable']} unreadable, {result['num_skipped']} "
         f"skipped (not images); report and predictions.csv: {out}")
   sys.exit(FILE_ERROR if result["num_unreadable"] else 0)
@@ -107,11 +115,15 @@ def main(argv):
       error(f"--{name} goes with --data=FOLDER.")
   if FLAGS.distributed:
     train.initialize_distributed()
+  split = FLAGS.split or "test"
   try:
-    result = train.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.split or "test", FLAGS.checkpoint)
+    reporting.check_report_dir(os.path.join(FLAGS.workdir, "report", f"{split}_{FLAGS.checkpoint}"))
+    result = train.evaluate(FLAGS.config, FLAGS.workdir, split, FLAGS.checkpoint)
   except checkpointing.CheckpointDamagedError as e:
     error(str(e), FILE_ERROR)
-  print(json.dumps({k: result[k] for k in metrics.SUMMARY_KEYS}, indent=2))
+  except reporting.ReportDirError as e:
+    error(str(e))
+  print(metrics.dumps({k: result[k] for k in metrics.SUMMARY_KEYS}, indent=2))
 
 
 if __name__ == "__main__":

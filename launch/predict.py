@@ -6,8 +6,18 @@
 SLICES are PNG/JPEG/DICOM files or folders (searched recursively). They are
 preprocessed as the run's training data (see dsn_saal_jax/predict.py); the
 checkpoint carries what that takes. Checkpoints saved before it did need the
-run's --config. Exit status: 0 all predicted, 1 some files failed (their rows
-say why; the others are predicted), 2 usage error (no inputs, bad checkpoint).
+run's --config.
+
+The CSV is written beside --output and renamed to it when every file is done,
+so a file under that name is always complete; a rerun replaces a predictions
+CSV this tool wrote. Any other existing --output is refused before anything is
+read: a folder, one of the inputs, or a file that is not such a CSV (the easy
+slip `--output a.dcm b.dcm` makes a.dcm the output). Long runs log files done,
+rate and ETA on stderr.
+
+Exit status: 0 all predicted, 1 some files failed (their rows say why; the
+others are predicted), 2 usage error (no inputs, bad checkpoint, an --output
+that is refused; nothing was written).
 """
 
 import sys
@@ -60,6 +70,10 @@ def main(argv):
   files, problems = predict.find_inputs(inputs)
   if not files:
     usage_error("No PNG, JPEG or DICOM files in the inputs:\n" + "\n".join(p.error for p in problems))
+  try:
+    predict.check_output(FLAGS.output, [*inputs, *files])  # before anything is loaded; checked again when writing
+  except predict.OutputError as e:
+    usage_error(str(e))
   options = dict(config=FLAGS.config, batch_size=FLAGS.batch_size, eval_head=FLAGS.eval_head)
   try:
     if FLAGS.workdir:
@@ -69,7 +83,10 @@ def main(argv):
   except predict.CheckpointError as e:
     usage_error(str(e))
   logging.info("Predicting %d files with %s (%s head).", len(files), predictor.source, predictor.eval_head)
-  predicted, failed = predict.write_predictions(predictor, files, FLAGS.output, FLAGS.cam, problems)
+  try:
+    predicted, failed = predict.write_predictions(predictor, files, FLAGS.output, FLAGS.cam, problems)
+  except predict.OutputError as e:
+    usage_error(str(e))
   print(f"{predicted} predicted, {failed} failed; CSV: {FLAGS.output}"
         + (f"; Grad-CAM overlays: {FLAGS.cam}" if FLAGS.cam else ""))
   sys.exit(FILE_ERROR if failed else 0)

@@ -11,6 +11,7 @@ equal its training report.
 import csv
 import json
 import os
+import shutil
 from concurrent import futures
 
 import numpy as np
@@ -22,7 +23,7 @@ from sklearn import metrics as skm
 import launch_batch
 from test_predict import CT_SMALL, write_dicom
 
-from dsn_saal_jax import config_lib, folder_eval, predict, train
+from dsn_saal_jax import config_lib, folder_eval, metrics, predict, train
 from dsn_saal_jax.data import ct, phantom
 from dsn_saal_jax.data.builders import covid19_ct
 from dsn_saal_jax.data.builders.common import DatasetError
@@ -46,6 +47,10 @@ def configure(config, overrides):
 def read_csv(path):
   with open(path, newline="") as f:
     return list(csv.DictReader(f))
+
+
+def strict(constant):
+  raise ValueError(f"{constant} is not JSON")
 
 
 def probs_of(row):
@@ -81,17 +86,26 @@ def folder(tmp_path_factory):
 def run_launches(workdir, folder, tmp):
   """The launches of the tests below, one after another in one process (JAX imported once): {name: result}.
 
-  report: evaluate.py on the planted folder, its report in the default place; predict: predict.py on the same
-  folder; bad_class_map: evaluate.py with a class map that does not fit the run.
+  report: evaluate.py on the planted folder, its report in the default place; report_again: the same rerun,
+  which replaces its own report; predict: predict.py on the same folder; bad_class_map: evaluate.py with a class
+  map that does not fit the run; absent_class: evaluate.py on a folder without one class.
   """
+  for name in ("Healthy", "Covid"):
+    shutil.copytree(folder / name, tmp / "two_classes" / name)
+  report = ["evaluate.py", f"--workdir={workdir}", f"--data={folder}", f"--class_map={CLASS_MAP}", "--batch_size=4",
+            "--gradcam_per_class=2"]
   invocations = {
-      "report": ["evaluate.py", f"--workdir={workdir}", f"--data={folder}", f"--class_map={CLASS_MAP}",
-                 "--batch_size=4", "--gradcam_per_class=2"],
+      "report": report,
+      "report_again": report,
       "predict": ["predict.py", f"--workdir={workdir}", f"--output={tmp / 'predict.csv'}", str(folder)],
       "bad_class_map": ["evaluate.py", f"--workdir={workdir}", f"--data={folder}",
-                        "--class_map=Healthy:normal,Covid:covid"]}
+                        "--class_map=Healthy:normal,Covid:covid"],
+      "absent_class": ["evaluate.py", f"--workdir={workdir}", f"--data={tmp / 'two_classes'}",
+                       f"--out={tmp / 'two_classes_report'}", "--class_map=Healthy:normal,Covid:covid19",
+                       "--gradcam_per_class=1"]}
   results = dict(zip(invocations, launch_batch.run(list(invocations.values()), tmp)))
   results["predict"].output = tmp / "predict.csv"
+  results["absent_class"].output = tmp / "two_classes_report"
   return results
 
 
@@ -170,16 +184,19 @@ def test_split_picks_one_split_folder(folder, launched_started, predictor, tmp_p
 @pytest.fixture(scope="module")
 def report(workdir, launched):
   """The launcher's report on the planted folder, in its default place."""
-  proc = launched["report"]
-  assert proc.returncode == 1, proc.stderr[-4000:]  # as predict.py: some files could not be read
-  assert "Traceback" not in proc.stderr and "10 evaluated, 2 unreadable, 1 skipped" in proc.stdout
+  for name in ("report", "report_again"):  # the rerun replaces the report the first run wrote
+    proc = launched[name]
+    assert proc.returncode == 1, proc.stderr[-4000:]  # as predict.py: some files could not be read
+    assert "Traceback" not in proc.stderr and "10 evaluated, 2 unreadable, 1 skipped" in proc.stdout
+    summary = json.loads(proc.stdout[:proc.stdout.rindex("}") + 1], parse_constant=strict)
+    assert set(summary) == set(metrics.SUMMARY_KEYS)
   return workdir / "report" / "data_hospital_b_best"
 
 
 def test_report_holds_predicts_probabilities_and_sklearns_metrics(workdir, folder, report, launched):
-  assert sorted(os.listdir(report)) == ["confusion_matrix.png", "gradcam.png", "metrics.json", "predictions.csv",
-                                        "roc.png"]
-  assert not (workdir / "report" / "data_hospital_b_best.tmp").exists()
+  assert sorted(os.listdir(report)) == ["confusion_matrix.png", "gradcam.png", "manifest.json", "metrics.json",
+                                        "predictions.csv", "roc.png"]
+  assert sorted(os.listdir(workdir / "report")) == ["data_hospital_b_best", "test"]  # no temporary folder left
   rows = {r["id"]: r for r in read_csv(report / "predictions.csv")}
   assert list(next(iter(rows.values()))) == ["id", "true_class", "path", "prediction", *[f"prob_{c}" for c in CLASSES],
                                              "error"]
@@ -235,7 +252,7 @@ def test_class_maps_that_do_not_fit_the_run_are_refused_by_name(workdir, folder,
   assert error.startswith("Error: Class map") and str(folder) in error
   assert "folders ['Bacterial'] are not mapped" in error
   assert "classes ['covid'] are not among the run's classes ['normal', 'bacterial_pneumonia', 'covid19']" in error
-  assert not (workdir / "report" / "data_hospital_b_best.tmp").exists()
+  assert not [n for n in os.listdir(workdir / "report") if n.startswith(".")]  # no temporary folder left
 
   with pytest.raises(DatasetError, match=r"Class folders \['Bacterial', 'Covid', 'Healthy'\] in .*hospital_b are "
                                          r"not among the classes \['normal', 'bacterial_pneumonia', 'covid19'\]"):
@@ -246,3 +263,20 @@ def test_class_maps_that_do_not_fit_the_run_are_refused_by_name(workdir, folder,
     folder_eval.evaluate_folder(predictor, str(folder), str(tmp_path / "out"),
                                 class_map=folder_eval.parse_class_map(CLASS_MAP), split="test")
   assert not (tmp_path / "out").exists()
+
+
+def test_a_class_absent_from_the_folder_is_named_and_left_out_of_the_macro_values(launched):
+  proc = launched["absent_class"]
+  assert proc.returncode == 1, proc.stderr[-4000:]  # Healthy/deep.png and Covid/broken.png are unreadable
+  summary = json.loads(proc.stdout[:proc.stdout.rindex("}") + 1], parse_constant=strict)  # no NaN: valid JSON
+  text = (proc.output / "metrics.json").read_text()
+  m = json.loads(text, parse_constant=strict)
+  assert m["absent_classes"] == ["bacterial_pneumonia"] and "No examples of bacterial_pneumonia" in proc.stderr
+  rows = [r for r in read_csv(proc.output / "predictions.csv") if r["prediction"]]
+  y = np.array([CLASSES.index(r["true_class"]) for r in rows])
+  pred = np.array([CLASSES.index(r["prediction"]) for r in rows])
+  assert set(y) == {0, 2}
+  assert m["macro_sensitivity"] == pytest.approx(skm.recall_score(y, pred, labels=[0, 2], average="macro"))
+  assert m["macro_f1"] == pytest.approx(skm.f1_score(y, pred, labels=[0, 2], average="macro", zero_division=0))
+  assert summary["macro_sensitivity"] == pytest.approx(m["macro_sensitivity"])
+  assert m["per_class"]["bacterial_pneumonia"]["sensitivity"] is None

@@ -181,7 +181,7 @@ def test_sigterm_during_the_final_report_exits_143_after_a_whole_report(faulted)
   assert run["proc"].returncode == PREEMPTED, run["proc"].stderr[-4000:]
   assert "during the final report" in run["proc"].stdout
   assert run["steps"] == [8, STEPS]
-  assert run["report_files"] == ["confusion_matrix.png", "gradcam.png", "metrics.json", "roc.png"]
+  assert run["report_files"] == ["confusion_matrix.png", "gradcam.png", "manifest.json", "metrics.json", "roc.png"]
 
 
 def test_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_intact_one(faulted):

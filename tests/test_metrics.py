@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sklearn import metrics as skm
 
 from dsn_saal_jax import metrics, paired_stats, reporting
 from dsn_saal_jax.models import DSNVGG16BN
@@ -46,6 +47,27 @@ def test_binary_auc_and_undefined_values():
   assert json.loads(json.dumps(metrics.to_json_safe(one_class)))["auc"] is None
   with pytest.raises(ValueError, match=r"probs must be \(N, 3\)"):
     metrics.compute_metrics(labels, probs, NAMES)
+
+
+def test_a_class_absent_from_the_labels_is_named_and_left_out_of_the_macro_values(caplog):
+  """Macro values over the classes present, as scikit-learn's with labels=present; never a silent 0 for the rest."""
+  labels = np.array([0, 0, 0, 1, 1, 1])  # no covid
+  probs = np.array([[.8, .1, .1], [.1, .2, .7], [.3, .6, .1], [.2, .7, .1], [.1, .8, .1], [.7, .2, .1]])
+  with caplog.at_level("WARNING"):
+    m = metrics.compute_metrics(labels, probs, NAMES)
+  preds, present = probs.argmax(1), [0, 1]
+  assert m["macro_sensitivity"] == pytest.approx(skm.recall_score(labels, preds, labels=present, average="macro"))
+  assert m["macro_precision"] == pytest.approx(skm.precision_score(labels, preds, labels=present, average="macro"))
+  assert m["macro_f1"] == pytest.approx(skm.f1_score(labels, preds, labels=present, average="macro"))
+  spe = [np.mean(preds[labels != n] != n) for n in present]
+  assert m["macro_specificity"] == pytest.approx(np.mean(spe))
+  assert m["auc"] == pytest.approx(np.mean([skm.roc_auc_score(labels == n, probs[:, n]) for n in present]))
+  assert m["absent_classes"] == ["covid"] and "No examples of covid" in caplog.text
+  text = metrics.dumps(m)  # strict JSON: undefined values are null
+  covid = json.loads(text)["per_class"]["covid"]
+  assert (covid["sensitivity"], covid["f1"], covid["auc"], covid["support"]) == (None, None, None, 0)
+  assert covid["precision"] == 0.0  # predicted once, wrongly: defined
+  assert metrics.compute_metrics(np.array([0, 1, 2]), np.eye(3), NAMES)["absent_classes"] == []
 
 
 def test_report_figures_are_written(tmp_path):

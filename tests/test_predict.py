@@ -312,6 +312,9 @@ def launch_predictions(workdir, files, tmp):
   csv_dir.mkdir()
   invocations["csv"] = csv_dir, [f"--workdir={workdir}", "--checkpoint=latest", f"--output={csv_dir / 'preds.csv'}",
                                  f"--cam={csv_dir / 'cams'}", "--batch_size=4", *files]
+  # A rerun replaces the CSV it wrote (only that: test_bad_outputs.py has what it refuses).
+  invocations["csv_again"] = csv_dir, [f"--workdir={workdir}", "--checkpoint=latest",
+                                       f"--output={csv_dir / 'preds.csv'}", "--batch_size=4", *files]
   invocations["bad_inputs"] = tmp / "bad_inputs", bad_inputs_args(workdir, tmp / "bad_inputs")
   usage = tmp / "usage"
   (usage / "empty").mkdir(parents=True)
@@ -340,6 +343,9 @@ def test_launcher_csv_equals_the_runs_evaluation_and_writes_cams(run, evaluation
   folder, proc = launched["csv"]
   out, cams = folder / "preds.csv", folder / "cams"
   assert proc.returncode == 0, proc.stderr[-4000:]
+  rerun = launched["csv_again"][1]
+  assert rerun.returncode == 0 and f"CSV: {out}" in rerun.stdout, rerun.stderr[-4000:]
+  assert sorted(os.listdir(folder)) == ["cams", "preds.csv"]  # the rerun's CSV, renamed into place: no leftovers
   rows = read_csv(out)
   assert list(rows[0]) == ["path", "prediction", "prob_normal", "prob_bacterial_pneumonia", "prob_covid19", "error"]
   assert [r["path"] for r in rows] == files
