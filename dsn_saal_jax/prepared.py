@@ -75,7 +75,12 @@ class Writer:
     with open(os.path.join(self._tmp, MANIFEST), "w") as f:
       json.dump({"key": self.key, "num_examples": len(labels)}, f, indent=1, sort_keys=True)
     final = os.path.join(self.root, variant_name(self.key))
-    os.rename(self._tmp, final)
+    try:
+      os.rename(self._tmp, final)
+    except OSError:
+      if not os.path.isfile(os.path.join(final, MANIFEST)):
+        raise
+      self.abort()  # Another run sharing the data_dir finished the same variant first; it is read instead.
     return final
 
   def abort(self) -> None:

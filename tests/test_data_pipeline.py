@@ -290,11 +290,13 @@ def test_a_variant_is_only_read_for_its_key(data_dir, tmp_path):
   with pytest.raises(prepared.VariantError, match="not a complete prepared variant"):
     prepared.open_variant(tmp_path, key24)
   # A variant being written (no commit yet) is invisible: the next run prepares it again.
-  writer = prepared.Writer(tmp_path / "other", key24, 3)
+  writer, racer = prepared.Writer(tmp_path / "other", key24, 3), prepared.Writer(tmp_path / "other", key24, 3)
   writer.images[:] = 7
   assert prepared.open_variant(tmp_path / "other", key24) is None
   writer.commit(np.zeros(3), ["a", "b", "c"])
+  racer.commit(np.zeros(3), ["a", "b", "c"])  # a second run finishing the same variant later keeps the first
   assert prepared.open_variant(tmp_path / "other", key24).images.sum() == 7 * 3 * 24 * 24
+  assert sorted(p.name for p in (tmp_path / "other").iterdir()) == [prepared.variant_name(key24)]
 
 
 def test_a_failing_batch_is_an_error_not_a_hang(data_dir):
