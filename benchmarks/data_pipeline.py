@@ -10,7 +10,8 @@ the iterators' worker threads start after it), interleaved over --rounds
 rounds, medians printed with the load average. Cores needed: one H100 (989
 TFLOP/s bf16 dense) at 40% MFU trains 0.4 * peak / (XLA's FLOPs per image of
 the compiled DSN train step at --image_size) images/s; divided by the 1-core
-train rate.
+train images per CPU-second (what a core given wholly to the pipeline feeds,
+robust to a shared machine; the wall-clock rates are printed beside it).
 """
 
 from __future__ import annotations
@@ -96,28 +97,32 @@ def source_config(source: str, args: argparse.Namespace) -> ml_collections.Confi
   return config
 
 
-def images_per_second(batches, count: int, warmup: int) -> float:
-  """Throughput over `count` batches after `warmup` untimed ones (slots, padding included)."""
+def images_per_second(batches, count: int, warmup: int) -> tuple[float, float]:
+  """(images per second, images per CPU-second of this process) over `count` batches after `warmup`.
+
+  Images are slots, padding included. The CPU-second rate is what a core given wholly to the
+  pipeline would feed, whatever else shares the machine.
+  """
   for _ in itertools.islice(batches, warmup):
     pass
-  start, images = time.perf_counter(), 0
+  start, cpu, images = time.perf_counter(), time.process_time(), 0
   for batch in itertools.islice(batches, count):
     images += batch["label"].size
-  return images / (time.perf_counter() - start)
+  return images / (time.perf_counter() - start), images / (time.process_time() - cpu)
 
 
-def measure(ds: input_pipeline.Dataset, cores: int, args: argparse.Namespace) -> tuple[float, float]:
-  """(train, eval) images/s with this process pinned to the first `cores` cores."""
+def measure(ds: input_pipeline.Dataset, cores: int, args: argparse.Namespace) -> list[float]:
+  """[train, eval] x [images/s, images per CPU-second] with this process pinned to `cores` cores."""
   allowed = sorted(os.sched_getaffinity(0))
   os.sched_setaffinity(0, allowed[:cores])
   try:
-    train_rate = images_per_second(ds.train_iter(), args.steps, args.warmup)
+    train_rates = images_per_second(ds.train_iter(), args.steps, args.warmup)
     split = next(iter(ds.info.num_eval))
     evals = itertools.chain.from_iterable(ds.eval_iter(split) for _ in itertools.count())
-    eval_rate = images_per_second(evals, args.steps, args.warmup)
+    eval_rates = images_per_second(evals, args.steps, args.warmup)
   finally:
     os.sched_setaffinity(0, allowed)
-  return train_rate, eval_rate
+  return [*train_rates, *eval_rates]
 
 
 def train_flops_per_image(backbone: str, image_size: int, channels: int, batch: int = 8) -> float:
@@ -163,18 +168,18 @@ def main() -> None:
       for cores in core_counts:
         rates[cores].append(measure(ds, cores, args))
     for cores in core_counts:
-      train_rate, eval_rate = np.median(rates[cores], axis=0)
-      print(f"  {cores} core(s): train {train_rate:8.0f} images/s ({train_rate / cores:6.0f} per core), "
-            f"eval {eval_rate:8.0f} images/s ({eval_rate / cores:6.0f} per core); medians of {args.rounds}, "
-            f"load average {os.getloadavg()[0]:.1f}")
+      train_rate, train_cpu, eval_rate, eval_cpu = np.median(rates[cores], axis=0)
+      print(f"  {cores} core(s): train {train_rate:6.0f} images/s ({train_rate / cores:5.0f} per core, "
+            f"{train_cpu:5.0f} per CPU-s), eval {eval_rate:6.0f} images/s ({eval_rate / cores:5.0f} per core, "
+            f"{eval_cpu:5.0f} per CPU-s); medians of {args.rounds}, load average {os.getloadavg()[0]:.1f}")
       if cores == 1:
-        per_core[source] = train_rate
+        per_core[source] = train_cpu
   backbones = [b for b in args.backbones.split(",") if b]
   if not backbones or not per_core:
     return
   needed_at = args.mfu * H100_BF16_TFLOPS * 1e12
   print(f"Host cores per H100 ({H100_BF16_TFLOPS:.0f} TFLOP/s bf16 dense) at {args.mfu:.0%} MFU, "
-        f"{args.image_size} px, from the 1-core train rates:")
+        f"{args.image_size} px, from the 1-core train images per CPU-second:")
   print(f"  {'backbone':16s} {'GFLOP/img':>9s} {'img/s':>8s}  " + "  ".join(f"{s:>13s}" for s in per_core))
   for backbone in backbones:
     flops = train_flops_per_image(backbone, args.image_size, args.channels)
