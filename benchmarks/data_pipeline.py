@@ -151,6 +151,9 @@ def main() -> None:
   tfds.disable_progress_bar()
   os.makedirs(args.work_dir, exist_ok=True)
   core_counts = [int(c) for c in args.cores.split(",")]
+  if max(core_counts) > len(os.sched_getaffinity(0)):
+    raise SystemExit(f"Error: --cores={args.cores} asks for more than the {len(os.sched_getaffinity(0))} "
+                     "core(s) this process may use (taskset?); lower it.")
   print(f"{os.cpu_count()} CPUs, {args.image_size}x{args.image_size}x{args.channels}, batch {args.batch_size}, "
         f"{args.steps} timed batches after {args.warmup}")
   per_core = {}
