@@ -1,6 +1,10 @@
 """Input pipeline on a small synthetic_ct: shapes, determinism, resume, sharding, eval, imbalance."""
 
 import itertools
+import json
+import shutil
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
@@ -9,8 +13,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from dsn_saal_jax import losses
-from dsn_saal_jax.data import input_pipeline
+from dsn_saal_jax import losses, prepared
+from dsn_saal_jax.data import builders, input_pipeline
 from dsn_saal_jax.data.builders import synthetic_ct
 
 tfds.disable_progress_bar()
@@ -244,3 +248,79 @@ def test_sars_fold_selection():
   assert input_pipeline.split_specs("covid19_diag", ["train", "test"], 0) == ("train", {"test": "test"})
   with pytest.raises(ValueError, match="config.fold must be in 0..4"):
     input_pipeline.split_specs("sars_cov2_ct", [], 5)
+
+
+@pytest.mark.parametrize("image_size", [40, 24])  # 32-px slices enlarged (plain bilinear) and shrunk (antialiased)
+def test_batches_are_the_per_epoch_preprocessing_rounded_to_uint8(data_dir, image_size):
+  """The prepared bytes are the old per-epoch decode + resize, rounded half to even to uint8.
+
+  So a batch equals the old normalize() of the rounded resize bit for bit, and the
+  unrounded one within half a gray level (0.5 / 255 / std).
+  """
+  ds = create(data_dir, image_size=image_size, channels=3)
+  builder = builders.make_builder(make_config(data_dir))
+  norm = ds.info.normalization
+  rounded_somewhere = False
+  for split, batch, rows in (("train", next(ds.train_iter()), ds.epoch_order(0)[:8]),
+                             ("validation", next(ds.eval_iter("validation")), np.arange(16))):
+    source = builder.as_data_source(split)
+    for k, row in enumerate(rows):
+      resized = input_pipeline.resize(source[int(row)]["image"], image_size)
+      got = batch["image"].reshape((-1, image_size, image_size, 3))[k]
+      np.testing.assert_array_equal(got, input_pipeline.normalize(tf.round(resized), norm).numpy())
+      old = input_pipeline.normalize(resized, norm).numpy()
+      assert np.abs(got - old).max() <= 0.5 / 255 / min(norm["std"]) + 1e-6
+      rounded_somewhere |= bool((resized.numpy() != np.round(resized.numpy())).any())
+  assert rounded_somewhere  # the resize's fractions are real, so the rounding above is exercised
+
+
+def test_a_variant_is_only_read_for_its_key(data_dir, tmp_path):
+  small = create(data_dir, image_size=24)
+  assert next(small.train_iter())["image"].shape == (1, 8, 24, 24, 1)
+  assert next(create(data_dir).train_iter())["image"].shape == (1, 8, 40, 40, 1)
+  builder = builders.make_builder(make_config(data_dir))
+  key40, key24 = (input_pipeline.variant_key(builder, "test", size) for size in (40, 24))
+  assert prepared.variant_name(key40) != prepared.variant_name(key24)
+  # The 40-px variant's files under the 24-px variant's name: an error naming both keys, never read.
+  impostor = tmp_path / prepared.variant_name(key24)
+  shutil.copytree(f"{input_pipeline.variants_root(builder)}/{prepared.variant_name(key40)}", impostor)
+  with pytest.raises(prepared.VariantError, match=r'prepared for .*"image_size": 40.* needs .*"image_size": 24'):
+    prepared.open_variant(tmp_path, key24)
+  (impostor / prepared.MANIFEST).unlink()
+  with pytest.raises(prepared.VariantError, match="not a complete prepared variant"):
+    prepared.open_variant(tmp_path, key24)
+  # A variant being written (no commit yet) is invisible: the next run prepares it again.
+  writer, racer = prepared.Writer(tmp_path / "other", key24, 3), prepared.Writer(tmp_path / "other", key24, 3)
+  writer.images[:] = 7
+  assert prepared.open_variant(tmp_path / "other", key24) is None
+  writer.commit(np.zeros(3), ["a", "b", "c"])
+  racer.commit(np.zeros(3), ["a", "b", "c"])  # a second run finishing the same variant later keeps the first
+  assert prepared.open_variant(tmp_path / "other", key24).images.sum() == 7 * 3 * 24 * 24
+  assert sorted(p.name for p in (tmp_path / "other").iterdir()) == [prepared.variant_name(key24)]
+
+
+def test_a_failing_batch_is_an_error_not_a_hang(data_dir):
+  ds = create(data_dir)
+  gather, calls = ds._train.gather, []
+
+  def failing(rows):
+    calls.append(rows)
+    if len(calls) == 3:
+      raise OSError("disk gone")
+    return gather(rows)
+
+  ds._train.gather = failing
+  it = ds.train_iter()
+  with pytest.raises(OSError, match="disk gone"):
+    for _ in range(10):
+      next(it)
+
+
+def test_prepared_variants_read_without_tensorflow(data_dir):
+  builder = builders.make_builder(make_config(data_dir))
+  key = input_pipeline.variant_key(builder, "validation", 40)
+  code = ("import json, sys; sys.modules['tensorflow'] = None; from dsn_saal_jax import prepared; "
+          "v = prepared.open_variant(sys.argv[1], json.loads(sys.argv[2])); print(v.images.shape, len(v.ids))")
+  out = subprocess.run([sys.executable, "-c", code, input_pipeline.variants_root(builder), json.dumps(key)],
+                       check=True, capture_output=True, text=True).stdout
+  assert out.split() == ["(42,", "40,", "40,", "1)", "42"]

@@ -251,8 +251,9 @@ def test_predictions_equal_the_runs_evaluation(evaluation, launched_started, pre
   results = predictor.predict_files(files)
   assert [r.error for r in results] == [None] * len(files)
   np.testing.assert_allclose(np.stack([r.probs for r in results]), probs, atol=1e-5)
-  # The model tells the slices apart by far more than the 1e-5 compared to above: the test is not vacuous.
-  assert np.ptp(probs, axis=0).max() > 1e-4
+  # The model tells the slices apart by several times the 1e-5 compared to above: the test is not vacuous.
+  # (This 24-step run's spread is ~1e-4: 7.7e-5 since the inputs are the uint8-rounded resize.)
+  assert np.ptp(probs, axis=0).max() > 5e-5
 
 
 def test_ct_small_and_a_mixed_folder(predictor, tmp_path):

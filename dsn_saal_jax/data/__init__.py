@@ -1,7 +1,7 @@
 """Data layer: CT preprocessing (`ct`), TFDS builders (`builders`), the input pipeline.
 
 Importing this package hides accelerators from TensorFlow first, so that TF
-(used only for decoding and resizing) never claims memory that JAX needs.
+(used only to decode and resize, once per prepared variant) never claims memory that JAX needs.
 """
 
 import tensorflow as tf

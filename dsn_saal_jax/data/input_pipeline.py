@@ -1,9 +1,12 @@
 """Input pipeline: deterministic, resumable, multi-host batches from the TFDS CT datasets.
 
-Examples are read by index from ArrayRecord files (`tfds.data_source`), so the
-global order of every epoch is a plain numpy permutation of (seed, epoch):
-a resumed run, or a run on a different number of processes, sees exactly the
-same global batches. TensorFlow only decodes, resizes and normalizes. For
+Once per dataset build and image size, process 0 decodes every stored slice and
+resizes it to `image_size` into a prepared variant (`dsn_saal_jax.prepared`:
+uint8 NumPy arrays keyed by dataset, build, split, size and resize); TensorFlow
+runs only then. Every epoch then reads those bytes by index: the global order of
+an epoch is a plain numpy permutation of (seed, epoch), so a resumed run, or a
+run on a different number of processes, sees exactly the same global batches,
+and a batch is one gather plus a lookup-table normalization in worker threads. For
 `config.saal.update_rule='meta'` a seeded slice of the kept training examples is
 held out as the meta set (`dsn_saal_jax.meta`), and every training batch
 carries that step's `meta_image` and `meta_label`.
@@ -12,6 +15,8 @@ carries that step's `meta_image` and `meta_label`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import os
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -23,7 +28,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from jax.experimental import multihost_utils
 
-from dsn_saal_jax import config_lib, meta
+from dsn_saal_jax import config_lib, meta, prepared
 from dsn_saal_jax.data import builders
 
 # ImageNet statistics (torchvision), because the backbone starts from ImageNet weights.
@@ -35,6 +40,7 @@ _SUBSAMPLE_STREAM = 0
 _SHUFFLE_STREAM = 1
 _PER_CLASS_STREAM = 2
 _SCAN_CHUNK = 1024
+RESIZE = "bilinear_antialias"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +68,7 @@ def normalization_for(config: Any) -> dict[str, Any]:
   if len(mean) != channels or len(std) != channels:
     raise ValueError(f"norm_mean/norm_std need {channels} values, got {mean} and {std}.")
   return {"scale": 255.0, "mean": [float(m) for m in mean], "std": [float(s) for s in std],
-          "resize": "bilinear_antialias", "channels": channels}
+          "resize": RESIZE, "channels": channels}
 
 
 def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -80,6 +86,11 @@ def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
       lambda: tf.image.resize(image, size, method="bilinear", antialias=True))
 
 
+def to_pixels(image: tf.Tensor, image_size: int) -> tf.Tensor:
+  """uint8 (H, W, 1) slice -> uint8 (S, S, 1): `resize`, rounded half to even (the prepared bytes)."""
+  return tf.cast(tf.round(tf.clip_by_value(resize(image, image_size), 0.0, 255.0)), tf.uint8)
+
+
 def normalize(pixels: tf.Tensor, normalization: dict[str, Any]) -> tf.Tensor:
   """float32 (..., 1) pixels in [0, 255] -> (..., C) model input: gray repeated, /255, -mean, /std."""
   x = tf.repeat(pixels, normalization["channels"], axis=-1) / normalization["scale"]
@@ -89,10 +100,11 @@ def normalize(pixels: tf.Tensor, normalization: dict[str, Any]) -> tf.Tensor:
 def preprocess(image: tf.Tensor, image_size: int, normalization: dict[str, Any]) -> tf.Tensor:
   """uint8 (H, W, 1) slice -> float32 (S, S, C): exactly what training and evaluation feed the model.
 
+  The resized slice is rounded to uint8 first, as the prepared variants store it.
   For inference on a DICOM file:
   `preprocess(ct.preprocess_dicom(path)[..., None], info.image_shape[0], info.normalization)`.
   """
-  return normalize(resize(image, image_size), normalization)
+  return normalize(tf.cast(to_pixels(image, image_size), tf.float32), normalization)
 
 
 def subsample_class(labels: np.ndarray, target: int, fraction: float, seed: int,
@@ -172,29 +184,86 @@ def split_specs(dataset: str, splits: Sequence[str], fold: int) -> tuple[str, di
   return "train", {s: s for s in ("validation", "test") if s in splits}
 
 
-class _Split:
-  """Random access to one (possibly composite) split: raw records, labels, ids."""
+def variants_root(builder: tfds.core.DatasetBuilder) -> str:
+  """Where the prepared variants of a build live: inside it, so a rebuilt dataset drops them."""
+  return os.path.join(os.fspath(builder.data_dir), "prepared")
 
-  def __init__(self, builder: tfds.core.DatasetBuilder, spec: str):
-    try:
-      self.raw = builder.as_data_source(
-          spec, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
-    except NotImplementedError as e:
-      raise ValueError(
-          f"{builder.data_path} was built as {builder.info.file_format}, but this pipeline reads "
-          "ArrayRecord files by index. Delete that directory (or use another data_dir) and let "
-          "create_dataset build it again.") from e
-    decoded = builder.as_data_source(spec, decoders={"image": tfds.decode.SkipDecoding()})
-    labels, ids = [], []
-    for start in range(0, len(decoded), _SCAN_CHUNK):
-      for ex in decoded.__getitems__(range(start, min(start + _SCAN_CHUNK, len(decoded)))):
-        labels.append(ex["label"])
-        ids.append(ex["id"].decode())
-    self.labels = np.asarray(labels, dtype=np.int64)
-    self.ids = ids
 
-  def __len__(self) -> int:
-    return len(self.labels)
+def variant_key(builder: tfds.core.DatasetBuilder, split: str, image_size: int) -> dict[str, Any]:
+  """Everything a prepared split depends on.
+
+  The builder config's name carries the source options (lung_mask, image_folder's
+  folder digest and split, synthetic_ct's size and seed). Channels are not in it:
+  the variant stores the gray slice, repeated per batch.
+  """
+  return {"format": prepared.FORMAT, "dataset": builder.name, "builder_config": builder.builder_config.name,
+          "version": str(builder.version), "split": split,
+          "num_examples": int(builder.info.splits[split].num_examples), "image_size": int(image_size),
+          "resize": RESIZE, "rounding": prepared.ROUNDING}
+
+
+def _data_source(builder: tfds.core.DatasetBuilder, split: str):
+  try:
+    return builder.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  except NotImplementedError as e:
+    raise ValueError(
+        f"{builder.data_path} was built as {builder.info.file_format}, but this pipeline reads "
+        "ArrayRecord files by index. Delete that directory (or use another data_dir) and let "
+        "create_dataset build it again.") from e
+
+
+def _write_variant(builder: tfds.core.DatasetBuilder, split: str, key: dict[str, Any]) -> str:
+  """Decodes and resizes every slice of `split` once (TensorFlow, in parallel) into a variant."""
+  raw = _data_source(builder, split)
+  features = builder.info.features
+  size = key["image_size"]
+
+  def records():
+    for start in range(0, len(raw), _SCAN_CHUNK):
+      yield from raw.__getitems__(range(start, min(start + _SCAN_CHUNK, len(raw))))
+
+  def parse(record):
+    ex = features.deserialize_example(record, decoders={"image": tfds.decode.SkipDecoding()})
+    return to_pixels(tf.io.decode_png(ex["image"], channels=1), size), ex["label"], ex["id"]
+
+  ds = tf.data.Dataset.from_generator(records, output_signature=tf.TensorSpec((), tf.string))
+  ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(256).prefetch(2)
+  writer = prepared.Writer(variants_root(builder), key, len(raw))
+  labels, ids, filled = [], [], 0
+  try:
+    for images, label, ex_id in ds.as_numpy_iterator():
+      writer.images[filled:filled + len(images)] = images
+      filled += len(images)
+      labels.append(label)
+      ids.extend(i.decode() for i in ex_id)
+    return writer.commit(np.concatenate(labels) if labels else np.zeros(0, np.int64), ids)
+  except BaseException:
+    writer.abort()
+    raise
+
+
+def prepare_variants(builder: tfds.core.DatasetBuilder, image_size: int) -> None:
+  """Writes the prepared variant of every split at `image_size` unless it exists (process 0's job)."""
+  for split in builder.info.splits:
+    key = variant_key(builder, split, image_size)
+    if prepared.open_variant(variants_root(builder), key) is None:
+      logging.info("Preparing %s %s at %d px (decode and resize once) in %s", builder.name, split,
+                   image_size, variants_root(builder))
+      _write_variant(builder, split, key)
+
+
+def _open_split(builder: tfds.core.DatasetBuilder, spec: str, image_size: int) -> prepared.Rows:
+  """The prepared splits of `spec` ('a+b' lays them end to end)."""
+  parts = []
+  for split in spec.split("+"):
+    variant = prepared.open_variant(variants_root(builder), variant_key(builder, split, image_size))
+    if variant is None:
+      raise FileNotFoundError(
+          f"{builder.name} {split} is not prepared at {image_size} px under {variants_root(builder)}. "
+          "Process 0 prepares it in create_dataset; give every process the same (shared) "
+          "config.data_dir.")
+    parts.append(variant)
+  return prepared.Rows(parts)
 
 
 class Dataset:
@@ -215,8 +284,8 @@ class Dataset:
 
     train_spec, eval_specs = split_specs(config.dataset, list(builder.info.splits),
                                          int(config.get("fold", 0)))
-    self._train = _Split(builder, train_spec)
-    self._eval = {name: _Split(builder, spec) for name, spec in eval_specs.items()}
+    self._train = _open_split(builder, train_spec, self._image_size)
+    self._eval = {name: _open_split(builder, spec, self._image_size) for name, spec in eval_specs.items()}
     removed = (self._duplicates(train_spec.split("+"), eval_specs) if config.get("dedup", False)
                else {name: np.zeros(0, np.int64) for name in eval_specs})
     # Rows of each eval split that are evaluated, in storage order.
@@ -239,7 +308,7 @@ class Dataset:
       raise config_lib.ConfigError(f"batch_size {self._batch_size} exceeds the {len(self._kept)} training "
                                    "examples; lower config.batch_size.")
     normalization = normalization_for(config)
-    self._normalization = normalization
+    self._table = prepared.lookup_table(normalization)
     self.info = DataInfo(
         class_names=class_names,
         class_counts=counts.astype(np.int64),
@@ -294,7 +363,7 @@ class Dataset:
     ids = self._split(split).ids
     return [ids[i] for i in self._eval_rows[split]]
 
-  def _split(self, split: str) -> _Split:
+  def _split(self, split: str) -> prepared.Rows:
     if split not in self._eval:
       raise ValueError(f"Unknown eval split {split!r}; this dataset has {sorted(self._eval)}.")
     return self._eval[split]
@@ -304,57 +373,27 @@ class Dataset:
     rng = np.random.default_rng([self._seed, _SHUFFLE_STREAM, epoch])
     return self._kept[rng.permutation(len(self._kept))]
 
-  def _train_indices(self, start_step: int) -> Iterator[int]:
+  def _train_rows(self, start_step: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """This process's rows of the train split for each step from `start_step` on, and its meta rows."""
     per_process = self._per_device * self._local_devices
-    steps = self.info.steps_per_epoch
-    epoch = start_step // steps
-    while True:
-      order = self.epoch_order(epoch)
-      for step in range(max(start_step - epoch * steps, 0), steps):
-        begin = step * self._batch_size + self._process_index * per_process
-        yield from order[begin:begin + per_process].tolist()
-      epoch += 1
+    begin = self._process_index * per_process
+    steps, epoch, order = self.info.steps_per_epoch, -1, None
+    for step in itertools.count(start_step):
+      if step // steps != epoch:
+        epoch = step // steps
+        order = self.epoch_order(epoch)
+      first = (step - epoch * steps) * self._batch_size + begin
+      meta_rows = None
+      if self._meta is not None:
+        positions = meta.meta_batch_positions(len(self._meta), self._batch_size, self._seed, step)
+        meta_rows = self._meta[positions[begin:begin + per_process]]
+      yield order[first:first + per_process], meta_rows
 
-  def _eval_indices(self, n: int) -> Iterator[int]:
-    """This process's share of each padded global eval batch; -1 marks padding."""
-    per_process = self._eval_per_device * self._local_devices
-    num_batches = -(-n // self._eval_batch_size)
-    for b in range(num_batches):
-      begin = b * self._eval_batch_size + self._process_index * per_process
-      for i in range(begin, begin + per_process):
-        yield i if i < n else -1
-
-  def _pipeline(self, source: Sequence[bytes], items: Iterator[tuple[int, int]], per_device: int,
-                with_index: bool) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of the records `source[row]` for each (row, index) of `items`; `index` is yielded."""
-    features = self._builder.info.features
-    size, normalization = self._image_size, self._normalization
-
-    def records():
-      for row, index in items:
-        yield source[row], index
-
-    def parse(raw, index):
-      ex = features.deserialize_example(raw, decoders={"image": tfds.decode.SkipDecoding()})
-      # Per example only what depends on its size; normalization runs once per batch.
-      out = {"image": resize(tf.io.decode_png(ex["image"], channels=1), size),
-             "label": tf.cast(ex["label"], tf.int32)}
-      if with_index:
-        out["index"] = index
-        out["mask"] = tf.cast(index >= 0, tf.float32)
-      return out
-
-    def shard(batch):
-      batch = {**batch, "image": normalize(batch["image"], normalization)}
-      return {k: tf.reshape(v, (self._local_devices, per_device) + tuple(v.shape[1:]))
-              for k, v in batch.items()}
-
-    ds = tf.data.Dataset.from_generator(
-        records, output_signature=(tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.int32)))
-    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(per_device * self._local_devices, drop_remainder=True)
-    ds = ds.map(shard).prefetch(tf.data.AUTOTUNE)
-    return ds.as_numpy_iterator()
+  def _examples(self, source: prepared.Rows, rows: np.ndarray, per_device: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image float32 (devices, per_device, S, S, C), label int32 (devices, per_device)) of `rows`."""
+    image = prepared.normalize(source.gather(rows), self._table)
+    shape = (self._local_devices, per_device)
+    return image.reshape(shape + image.shape[1:]), source.labels[rows].astype(np.int32).reshape(shape)
 
   def train_iter(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Infinite training batches from global step `start_step` on.
@@ -365,23 +404,15 @@ class Dataset:
     """
     if start_step < 0:
       raise ValueError(f"start_step must be >= 0, got {start_step}.")
-    train = self._pipeline(self._train.raw, ((i, i) for i in self._train_indices(start_step)),
-                           self._per_device, with_index=False)
-    if self._meta is None:
-      return train
-    rows = (i for i in self._meta_indices(start_step))
-    held = self._pipeline(self._train.raw, ((i, i) for i in rows), self._per_device, with_index=False)
-    return ({**batch, "meta_image": m["image"], "meta_label": m["label"]} for batch, m in zip(train, held))
 
-  def _meta_indices(self, start_step: int) -> Iterator[int]:
-    """This process's share of each step's global meta batch (rows of the train split)."""
-    per_process = self._per_device * self._local_devices
-    step = start_step
-    while True:
-      positions = meta.meta_batch_positions(len(self._meta), self._batch_size, self._seed, step)
-      begin = self._process_index * per_process
-      yield from self._meta[positions[begin:begin + per_process]].tolist()
-      step += 1
+    def batch(rows: tuple[np.ndarray, np.ndarray | None]) -> dict[str, np.ndarray]:
+      image, label = self._examples(self._train, rows[0], self._per_device)
+      if rows[1] is None:
+        return {"image": image, "label": label}
+      meta_image, meta_label = self._examples(self._train, rows[1], self._per_device)
+      return {"image": image, "label": label, "meta_image": meta_image, "meta_label": meta_label}
+
+    return prepared.ordered_map(batch, self._train_rows(start_step))
 
   def eval_iter(self, split: str) -> Iterator[dict[str, np.ndarray]]:
     """One deterministic pass over `split`, padded to whole global batches.
@@ -391,14 +422,24 @@ class Dataset:
     example counts exactly once across all processes.
     """
     source, rows = self._split(split), self._eval_rows[split]
-    items = ((int(rows[max(i, 0)]), i) for i in self._eval_indices(len(rows)))
-    return self._pipeline(source.raw, items, self._eval_per_device, with_index=True)
+    per_process = self._eval_per_device * self._local_devices
+    shape = (self._local_devices, self._eval_per_device)
+
+    def batch(b: int) -> dict[str, np.ndarray]:
+      begin = b * self._eval_batch_size + self._process_index * per_process
+      index = np.arange(begin, begin + per_process)
+      index = np.where(index < len(rows), index, -1).astype(np.int32)
+      image, label = self._examples(source, rows[np.maximum(index, 0)], self._eval_per_device)
+      return {"image": image, "label": label, "index": index.reshape(shape),
+              "mask": (index >= 0).astype(np.float32).reshape(shape)}
+
+    return prepared.ordered_map(batch, range(-(-len(rows) // self._eval_batch_size)))
 
 
 def create_dataset(config: Any, *, process_index: int | None = None,
                    process_count: int | None = None,
                    local_device_count: int | None = None) -> Dataset:
-  """Builds the configured TFDS dataset if needed (process 0 only) and returns its pipeline.
+  """Builds the configured TFDS dataset and its variant at image_size if needed (process 0 only).
 
   The keyword overrides exist to test multi-process sharding in one process.
   """
@@ -407,7 +448,9 @@ def create_dataset(config: Any, *, process_index: int | None = None,
   local_device_count = jax.local_device_count() if local_device_count is None else local_device_count
   manual_dir = config.get("manual_dir") or builders.default_manual_dir(config.dataset)
   if process_index == 0:
-    builders.prepare(builders.make_builder(config), manual_dir)
+    builder = builders.make_builder(config)
+    builders.prepare(builder, manual_dir)
+    prepare_variants(builder, int(config.image_size))
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("dsn_saal_jax.data: dataset prepared")
   builder = builders.make_builder(config)
