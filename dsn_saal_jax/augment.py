@@ -45,25 +45,23 @@ def example_key(seed: int | jax.Array, step: jax.Array, index: jax.Array) -> jax
 
 
 def sample_params(key: jax.Array, policy: Policy) -> dict[str, jax.Array]:
-  """One example's draws: crop (area share, aspect ratio, centre), flip, angle, brightness, contrast, blur."""
-  k = jax.random.split(key, 9)
-  scale = jax.random.uniform(k[0], (), minval=policy.crop_scale[0], maxval=policy.crop_scale[1])
-  log_ratio = jax.random.uniform(k[1], (), minval=math.log(policy.crop_ratio[0]),
-                                 maxval=math.log(policy.crop_ratio[1]))
-  ratio = jnp.exp(log_ratio)
+  """One example's draws: crop (area share, aspect ratio, centre), flip, angle, brightness, contrast, blur.
+
+  All from one vector of uniforms (one random-bits call: XLA compiles each call's hash anew).
+  """
+  u = jax.random.uniform(key, (10,))
+  between = lambda i, lo, hi: lo + (hi - lo) * u[i]
+  scale = between(0, *policy.crop_scale)
+  ratio = jnp.exp(between(1, math.log(policy.crop_ratio[0]), math.log(policy.crop_ratio[1])))
   # Crop width and height as shares of the image side; clipped to the image (area then shrinks a little).
   w, h = jnp.minimum(jnp.sqrt(scale * ratio), 1.0), jnp.minimum(jnp.sqrt(scale / ratio), 1.0)
-  cx = jax.random.uniform(k[2], (), minval=-(1 - w), maxval=1 - w)  # centre in [-1, 1] coordinates
-  cy = jax.random.uniform(k[3], (), minval=-(1 - h), maxval=1 - h)
-  flip = jax.random.bernoulli(k[4]) if policy.flip else jnp.bool_(False)
-  angle = jax.random.uniform(k[5], (), minval=-policy.max_rotation, maxval=policy.max_rotation)
-  brightness = jax.random.uniform(k[6], (), minval=-policy.brightness, maxval=policy.brightness)
-  contrast = jax.random.uniform(k[7], (), minval=1 - policy.contrast, maxval=1 + policy.contrast)
-  kb1, kb2 = jax.random.split(k[8])
-  blur = jax.random.bernoulli(kb1, policy.blur_prob)
-  sigma = jax.random.uniform(kb2, (), minval=policy.blur_sigma[0], maxval=policy.blur_sigma[1])
-  return {"crop_w": w, "crop_h": h, "crop_cx": cx, "crop_cy": cy, "flip": flip, "angle": angle,
-          "brightness": brightness, "contrast": contrast, "blur": blur, "sigma": sigma}
+  return {"crop_w": w, "crop_h": h,
+          "crop_cx": between(2, -(1 - w), 1 - w), "crop_cy": between(3, -(1 - h), 1 - h),  # centre in [-1, 1]
+          "flip": (u[4] < 0.5) & policy.flip,
+          "angle": between(5, -policy.max_rotation, policy.max_rotation),
+          "brightness": between(6, -policy.brightness, policy.brightness),
+          "contrast": between(7, 1 - policy.contrast, 1 + policy.contrast),
+          "blur": u[8] < policy.blur_prob, "sigma": between(9, *policy.blur_sigma)}
 
 
 def _resample(image: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:

@@ -7,6 +7,7 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pydicom
 import pytest
 from flax import traverse_util
@@ -69,19 +70,18 @@ def test_contrastive_loss_matches_a_float64_reference_in_value_gradient_and_devi
 
 
 def test_augmentation_is_a_function_of_seed_step_and_example_and_stays_in_its_ranges():
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, SIZE, SIZE, 1)), jnp.float32)
-  policy = augment.PRETRAINING
-  batch = jax.jit(functools.partial(augment.augment_batch, policy=policy), static_argnames="view")
-  whole = batch(x, 3, 7, 0, view=0)
-  # Split over two devices (first index 0 and 2): the same images; another step, seed or view: others.
-  halves = jnp.concatenate([batch(x[:2], 3, 7, 0, view=0), batch(x[2:], 3, 7, 2, view=0)])
-  np.testing.assert_array_equal(np.asarray(whole), np.asarray(halves))
-  for other in (batch(x, 3, 8, 0, view=0), batch(x, 4, 7, 0, view=0), batch(x, 3, 7, 0, view=1)):
-    assert not np.allclose(whole, other)
-
-  for pol in (augment.SUPERVISED, augment.PRETRAINING):
-    keys = jax.random.split(jax.random.PRNGKey(1), 500)
-    p = jax.tree_util.tree_map(np.asarray, jax.jit(jax.vmap(lambda k, pol=pol: augment.sample_params(k, pol)))(keys))
+  x = np.random.default_rng(0).normal(size=(4, SIZE, SIZE, 1)).astype(np.float32)
+  batch = jax.jit(functools.partial(augment.augment_batch, policy=augment.PRETRAINING))  # one program for all
+  whole = np.asarray(batch(x, 3, 7, 0, view=0))
+  # Examples 2 and 3 on a second device (first index 2): the same draws as at positions 2, 3 of one device.
+  shifted = np.asarray(batch(np.concatenate([x[2:], x[:2]]), 3, 7, 2, view=0))
+  np.testing.assert_array_equal(shifted[:2], whole[2:])
+  for seed, step, view in ((3, 8, 0), (4, 7, 0), (3, 7, 1)):  # another step, seed or view: other draws
+    other = np.asarray(batch(x, seed, step, 0, view=view))
+    assert all(not np.allclose(other[i], whole[i]) for i in range(4))
+  draws = jax.jit(lambda: [jax.vmap(lambda k, pol=pol: augment.sample_params(k, pol))(
+      jax.random.split(jax.random.PRNGKey(1), 500)) for pol in (augment.SUPERVISED, augment.PRETRAINING)])()
+  for pol, p in zip((augment.SUPERVISED, augment.PRETRAINING), jax.tree_util.tree_map(np.asarray, draws)):
     area = p["crop_w"] * p["crop_h"]
     assert pol.crop_scale[0] * 0.95 <= area.min() and area.max() <= 1.0 and area.min() < pol.crop_scale[0] + 0.05
     assert np.all(np.abs(p["crop_cx"]) <= 1 - p["crop_w"] + 1e-6) and np.all(np.abs(p["crop_cy"]) <= 1 - p["crop_h"] + 1e-6)
@@ -93,7 +93,7 @@ def test_augmentation_is_a_function_of_seed_step_and_example_and_stays_in_its_ra
   # The identity draw gives the image back exactly; a flip alone mirrors it.
   identity = {"crop_w": 1.0, "crop_h": 1.0, "crop_cx": 0.0, "crop_cy": 0.0, "flip": False, "angle": 0.0,
               "brightness": 0.0, "contrast": 1.0, "blur": False, "sigma": 1.0}
-  apply = jax.jit(functools.partial(augment.apply_params, policy=policy))
+  apply = jax.jit(functools.partial(augment.apply_params, policy=augment.PRETRAINING))
   np.testing.assert_allclose(apply(x[0], identity), x[0], atol=1e-6)
   np.testing.assert_allclose(apply(x[0], {**identity, "flip": True}), x[0, :, ::-1], atol=1e-6)
 
@@ -160,73 +160,85 @@ def backbone_arrays(path):
   return traverse_util.flatten_dict(convert.load_pretrained(path))
 
 
+STEPS = 16  # the shared run's length: enough for the linear probe's margin
+
+
 @pytest.fixture(scope="module")
-def four_steps(tmp_path_factory, phantoms):
-  return run(tmp_path_factory.mktemp("ssl") / "a", phantoms, num_train_steps=4, checkpoint_every_steps=2)
+def pretrained(tmp_path_factory, phantoms):
+  """One uninterrupted 16-step run; its backbone directory."""
+  return run(tmp_path_factory.mktemp("ssl") / "whole", phantoms, num_train_steps=STEPS, checkpoint_every_steps=8)
 
 
-def test_labels_are_never_read_and_a_preempted_run_resumes_exactly(tmp_path, phantoms, four_steps):
-  permuted = np.random.default_rng(1).permutation(phantoms[1])
-  assert np.mean(permuted != phantoms[1]) > 0.3
-  other = run(tmp_path / "permuted", phantoms, labels=permuted, num_train_steps=4, checkpoint_every_steps=2)
-
+def preempted_at_step_2(workdir, phantoms, labels=None):
+  """A run that gets SIGTERM while step 1 runs: it saves step 2 and stops (the trainer's contract)."""
   x, y = phantoms
-  data = array_dataset.ArrayDataset((x, y), {}, ["a", "b", "c"], 32, 32)
+  data = array_dataset.ArrayDataset((x, y if labels is None else labels), {}, ["a", "b", "c"], 32, 32)
   batches = data.train_iter
 
-  def sigterm_after_first(start):  # SIGTERM arrives while step 1 runs; the run saves after it and stops
+  def sigterm_during_step_1(start):
     for i, batch in enumerate(batches(start)):
       if start == 0 and i == 1:
         os.kill(os.getpid(), signal.SIGTERM)
       yield batch
 
-  data.train_iter = sigterm_after_first
-  config = ssl_config(num_train_steps=4, checkpoint_every_steps=2)
-  with pytest.raises(train.Preempted, match="step 2/4"):
-    pretrain.pretrain_and_save(config, str(tmp_path / "resumed"), dataset=data)
-  assert not os.path.exists(tmp_path / "resumed" / pretrain.BACKBONE_DIR)
-  resumed = pretrain.pretrain_and_save(config, str(tmp_path / "resumed"), dataset=data)
-
-  reference = backbone_arrays(four_steps)
-  for path in (other, resumed):
-    got = backbone_arrays(path)
-    assert got.keys() == reference.keys()
-    for k in reference:
-      np.testing.assert_array_equal(got[k], reference[k], err_msg="/".join(k))
-  # Trained: not the initialisation.
-  fresh = traverse_util.flatten_dict(train.init_variables(ssl_config(), pretrain.create_encoder(ssl_config()),
-                                                          (SIZE, SIZE, 1), jax.random.PRNGKey(0)))
-  assert not np.allclose(fresh[("params", "conv1_1", "kernel")], reference[("params", "conv1_1", "kernel")])
+  data.train_iter = sigterm_during_step_1
+  config = ssl_config(num_train_steps=STEPS, checkpoint_every_steps=8)
+  with pytest.raises(train.Preempted, match=f"step 2/{STEPS}"):
+    pretrain.pretrain_and_save(config, str(workdir), dataset=data)
+  assert not os.path.exists(workdir / pretrain.BACKBONE_DIR)
+  with ocp.CheckpointManager(str(workdir / "checkpoints"), item_names=("state", "meta")) as mgr:
+    assert mgr.all_steps() == [2]
+    state = mgr.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  return config, data, {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(state)}
 
 
-def test_the_backbone_initialises_a_dsn_run_with_heads_fresh_and_other_models_are_refused(four_steps):
-  config = tiny_config(widths=(8, 16, 16, 32, 32), stages=(1, 1, 1, 1, 1), hidden=64, init_checkpoint=four_steps)
+def test_labels_are_never_read_and_a_preempted_run_resumes_exactly(tmp_path, phantoms, pretrained):
+  config, data, state = preempted_at_step_2(tmp_path / "resumed", phantoms)
+  permuted = np.random.default_rng(1).permutation(phantoms[1])
+  assert np.mean(permuted != phantoms[1]) > 0.3
+  _, _, permuted_state = preempted_at_step_2(tmp_path / "permuted", phantoms, labels=permuted)
+  assert state.keys() == permuted_state.keys()
+  for k in state:  # params, BatchNorm statistics, optimizer state, step
+    np.testing.assert_array_equal(np.asarray(permuted_state[k]), np.asarray(state[k]), err_msg=k)
+
+  resumed = backbone_arrays(pretrain.pretrain_and_save(config, str(tmp_path / "resumed"), dataset=data))
+  reference = backbone_arrays(pretrained)
+  assert resumed.keys() == reference.keys()
+  for k in reference:
+    np.testing.assert_array_equal(resumed[k], reference[k], err_msg="/".join(k))
+
+
+def test_the_backbone_initialises_a_dsn_run_with_heads_fresh_and_other_models_are_refused(pretrained):
+  config = tiny_config(widths=(8, 16, 16, 32, 32), stages=(1, 1, 1, 1, 1), hidden=64, init_checkpoint=pretrained)
   model = train.create_model(config, 3)
   rng = jax.random.PRNGKey(5)
   got = traverse_util.flatten_dict(train.init_variables(config, model, (SIZE, SIZE, 1), rng))
   config.init_checkpoint = ""
   fresh = traverse_util.flatten_dict(train.init_variables(config, model, (SIZE, SIZE, 1), rng))
-  pretrained = backbone_arrays(four_steps)
-  assert not any(k[1].startswith(("side", "fc")) for k in pretrained)  # backbone only
+  trunk = backbone_arrays(pretrained)
+  assert not any(k[1].startswith(("side", "fc")) for k in trunk)  # backbone only
   for k, v in got.items():
-    np.testing.assert_array_equal(v, pretrained[k] if k in pretrained else fresh[k], err_msg="/".join(k))
+    np.testing.assert_array_equal(v, trunk[k] if k in trunk else fresh[k], err_msg="/".join(k))
   assert any(k[1].startswith("side") for k in got) and ("params", "fc8", "kernel") in got
 
-  rgb = tiny_config(widths=(8, 16, 16, 32, 32), stages=(1, 1, 1, 1, 1), hidden=64, init_checkpoint=four_steps,
+  rgb = tiny_config(widths=(8, 16, 16, 32, 32), stages=(1, 1, 1, 1, 1), hidden=64, init_checkpoint=pretrained,
                     channels=3)
   with pytest.raises(ValueError, match=r"in_channels: checkpoint 1 vs config 3"):
     train.init_variables(rgb, train.create_model(rgb, 3), (SIZE, SIZE, 3), rng)
   with pytest.raises(ValueError, match=r"backbone: checkpoint 'vgg16_bn' vs config 'resnet50'"):
-    convert.load_pretrained(four_steps, backbone="resnet50", in_channels=1)
+    convert.load_pretrained(pretrained, backbone="resnet50", in_channels=1)
   with pytest.raises(ValueError, match=r"widths: checkpoint \[8, 16, 16, 32, 32\] vs config \[8, 8, 8, 8, 8\]"):
-    convert.load_pretrained(four_steps, backbone="vgg16_bn", in_channels=1,
+    convert.load_pretrained(pretrained, backbone="vgg16_bn", in_channels=1,
                             shape={"widths": (8, 8, 8, 8, 8), "stages": (1, 1, 1, 1, 1), "hidden": 64})
 
 
-@pytest.mark.parametrize("backbone", sorted(models.list_models()))
+@pytest.mark.parametrize("backbone", sorted(set(models.list_models()) - {"resnet50", "resnext50_32x4d", "densenet169",
+                                                                       "mobilenet_v2"}))
 def test_every_backbone_exports_its_trunk_only(backbone):
-  encoder = models.get_model(backbone, num_classes=2, dsn=False)
-  dsn = models.get_model(backbone, num_classes=3, dsn=True)
+  """Every family (its full-size members are the same classes, wider; tracing them costs ~12 s)."""
+  small = {"widths": (8, 8, 8, 8, 8), "hidden": 16} if backbone == "vgg16_bn" else {}
+  encoder = models.get_model(backbone, num_classes=2, dsn=False, **small)
+  dsn = models.get_model(backbone, num_classes=3, dsn=True, **small)
   x = jnp.zeros((1, max(encoder.min_size, 32), max(encoder.min_size, 32), 1))
   enc = jax.eval_shape(lambda: encoder.init(jax.random.PRNGKey(0), x))
   full = traverse_util.flatten_dict(jax.eval_shape(lambda: dsn.init(jax.random.PRNGKey(0), x)))
@@ -236,13 +248,14 @@ def test_every_backbone_exports_its_trunk_only(backbone):
   assert all(kept[k].shape == full[k].shape for k in kept)
 
 
-def test_a_short_pretrain_gives_a_better_linear_probe_than_random_init(tmp_path, phantoms):
-  """20 SimCLR steps on 256 phantom slices; logistic regression on frozen pooled features, 256 held-out slices.
+def test_a_short_pretrain_gives_a_better_linear_probe_than_random_init(phantoms, pretrained):
+  """16 SimCLR steps on 256 phantom slices; logistic regression on frozen pooled features, 256 held-out slices.
 
-  Measured (AMD EPYC, 2 cores): random init 0.57, pretrained 0.77 held-out accuracy; the test asks for +0.08.
+  Measured: random init 0.57, pretrained 0.69 (12 steps) to 0.77 (20 steps) held-out accuracy; the test asks
+  for a gain above 0.08, and checks the weights moved from their initialisation.
   """
   from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
-  path = run(tmp_path / "probe", phantoms, num_train_steps=20)
+  path = pretrained
   config = ssl_config()
   encoder = pretrain.create_encoder(config, axis_name=None)
   fresh = train.init_variables(config, encoder, (SIZE, SIZE, 1), jax.random.PRNGKey(0))
@@ -256,6 +269,8 @@ def test_a_short_pretrain_gives_a_better_linear_probe_than_random_init(tmp_path,
     probe = LogisticRegression(max_iter=2000).fit((a - mean) / std, phantoms[1])
     scores[name] = probe.score((b - mean) / std, test_y)
   assert scores["pretrained"] > scores["random"] + 0.08, scores
+  moved = backbone_arrays(path)[("params", "conv1_1", "kernel")]
+  assert not np.allclose(moved, fresh["params"]["conv1_1"]["kernel"])
 
 
 # ----------------------------------------------------------------------------- bad input
