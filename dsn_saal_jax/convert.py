@@ -234,7 +234,7 @@ def load_pretrained(path: str | os.PathLike, backbone: str | None = None, in_cha
     diffs = [f"{k}: checkpoint {meta.get(k)!r} vs config {v!r}" for k, v in expected.items()
              if v is not None and k in meta and meta[k] != v]
     if diffs:
-      raise ValueError(f"Error: {path} holds a backbone pretrained for another model ({'; '.join(diffs)}). "
+      raise ValueError(f"{path} holds a backbone pretrained for another model ({'; '.join(diffs)}). "
                        "Pretrain one for this config (launch/pretrain.py with the same backbone, channels and "
                        "widths), or set the config to match the checkpoint.")
   with ocp.StandardCheckpointer() as ckptr:
