@@ -8,7 +8,7 @@ import pytest
 
 import launch_batch
 
-from dsn_saal_jax import config_lib
+from dsn_saal_jax import config_lib, pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,8 +22,18 @@ def load(name, arg=None):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))))
 def test_every_config_file_is_valid(path):
-  config = load(os.path.basename(path)[:-3])
-  config_lib.validate_config(config, num_devices=1)
+  name = os.path.basename(path)[:-3]
+  config = load(name)
+  if name.startswith("pretrain"):  # the trainer's checks on the shared fields, then the method's
+    pretrain.validate(config, num_devices=1)
+  else:
+    config_lib.validate_config(config, num_devices=1)
+
+
+def test_the_covid19_ct_pretraining_fits_the_cpu_budget_config():
+  ssl, cpu = load("pretrain_covid19_ct"), load("covid19_ct_cpu")
+  for key in ("dataset", "channels", "lung_mask", "image_size", "backbone", "widths", "stages", "width_scale"):
+    assert ssl[key] == cpu[key], key
 
 
 @pytest.mark.parametrize("name,dataset,channels", [
