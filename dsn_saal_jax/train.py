@@ -124,19 +124,21 @@ def make_meta_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTran
 def init_variables(config: ml_collections.ConfigDict, model: nn.Module, image_shape, rng: jax.Array) -> dict:
   """Network variables: random (torchvision init), then ImageNet weights from `config.init_checkpoint`.
 
-  The checkpoint is launch/convert_torchvision.py's output; leaves it lacks
-  (side branches, a new last Linear) keep their random init.
+  The checkpoint is launch/convert_torchvision.py's or launch/pretrain.py's output; leaves it lacks
+  (side branches, a new last Linear, a pretrained backbone's classifier) keep their random init.
   """
+  pretrained = None
+  if config.init_checkpoint:  # read (and checked against the config) before the init compiles
+    from dsn_saal_jax import convert  # pylint: disable=g-import-not-at-top
+    shape = {k: v for k, v in models.config_kwargs(config).items() if k != "dropout_rate"}
+    pretrained = convert.load_pretrained(config.init_checkpoint, backbone=config.backbone,
+                                         in_channels=int(image_shape[-1]), shape=shape)
   x = jnp.zeros((1, *image_shape), jnp.float32)
   lowered = jax.jit(functools.partial(model.init, train=False)).lower({"params": rng}, x)
   # XLA:CPU spends most of a small run optimizing the one-off init program (~45 s at -O3 vs ~8 s).
   options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
   variables = lowered.compile(compiler_options=options)({"params": rng}, x)
-  if config.init_checkpoint:
-    from dsn_saal_jax import convert  # pylint: disable=g-import-not-at-top
-    shape = {k: v for k, v in models.config_kwargs(config).items() if k != "dropout_rate"}
-    pretrained = convert.load_pretrained(config.init_checkpoint, backbone=config.backbone,
-                                         in_channels=int(image_shape[-1]), shape=shape)
+  if pretrained is not None:
     variables = convert.merge_pretrained(variables, pretrained, source=config.init_checkpoint)
   return jax.tree_util.tree_map(jnp.asarray, dict(variables))
 

@@ -99,7 +99,7 @@ def test_augmentation_is_a_function_of_seed_step_and_example_and_stays_in_its_ra
 
 
 def test_augment_off_compiles_to_the_step_without_augmentation():
-  config = tiny_config(loss="ce")
+  config = tiny_config(loss="ce", stages=(1, 1, 1, 1, 1), widths=(4, 4, 4, 4, 4), hidden=8)
   model = train.create_model(config, 3)
   loss_fn = train.make_loss_fn(config, np.array([5, 3, 2]))
   optimizer, schedule = train.make_optimizer(config, 4), train.make_lr_schedule(config, 4)
