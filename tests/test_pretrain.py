@@ -304,3 +304,30 @@ def test_a_folder_of_slices_in_any_nesting_is_read_and_unreadable_files_are_left
   assert folder.num_train == 3 and folder.image_shape == (SIZE, SIZE, 1)
   batch = next(folder.train_iter(0))
   assert set(batch) == {"image"} and batch["image"].shape == (1, 2, SIZE, SIZE, 1)
+
+
+def test_negatives_gathered_across_devices_give_the_one_device_loss_and_gradient():
+  """pretrain_step's loss on 2 devices (vmap stands in for pmap): each differentiates its own rows' loss, the
+  gradient reaching the other device's projections through all_gather; averaged, it is the 1-device gradient."""
+  rng = np.random.default_rng(2)
+  z1, z2 = rng.normal(size=(8, 5)).astype(np.float32), rng.normal(size=(8, 5)).astype(np.float32)
+
+  def device(a, b):
+    gather = lambda x: jax.lax.all_gather(x, pretrain.AXIS, tiled=True)
+    loss_of = lambda a, b: pretrain.contrastive_loss(a, b, gather(a), gather(b),
+                                                     jax.lax.axis_index(pretrain.AXIS) * a.shape[0], 0.2)[0]
+    return jax.value_and_grad(loss_of, argnums=(0, 1))(a, b)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def on(devices):
+    loss, grads = jax.vmap(device, axis_name=pretrain.AXIS)(z1.reshape(devices, -1, 5), z2.reshape(devices, -1, 5))
+    return jnp.mean(loss), [g.reshape(8, 5) / devices for g in grads]  # pmean of the devices' gradients
+
+  # The whole batch's loss without collectives (checked against NumPy above).
+  loss, grads = jax.jit(jax.value_and_grad(lambda a, b: pretrain.contrastive_loss(a, b, a, b, 0, 0.2)[0],
+                                           argnums=(0, 1)))(z1, z2)
+  for devices in (1, 2):
+    got_loss, got_grads = on(devices)
+    assert float(got_loss) == pytest.approx(float(loss), rel=1e-6)
+    for got, want in zip(got_grads, grads):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
