@@ -406,8 +406,8 @@ def _pretrain(config: ml_collections.ConfigDict, workdir: str, dataset, preempti
         mean = lambda k: float(np.mean([m[k] for m in epoch_metrics]))
         eta = (now - t_start) / max(done - start, 1) * (total - done)
         logging.info("pretrain epoch %g/%g (step %d/%d): loss %.4f, positive similarity %.3f, negative %.3f, "
-                     "lr %.2e; %.0f ex/s, ETA %s", round(done / steps_per_epoch, 2), round(total / steps_per_epoch, 2),
-                     done, total, mean("loss"), mean("positive_similarity"), mean("negative_similarity"),
+                     "lr %.2e; %.0f ex/s, ETA %s", round(done / steps_per_epoch, 2),
+                     round(total / steps_per_epoch, 2), done, total, mean("loss"), mean("positive_similarity"), mean("negative_similarity"),
                      float(epoch_metrics[-1]["learning_rate"]),
                      (done - epoch_from) * config.batch_size / max(now - t_epoch, 1e-9),
                      datetime.timedelta(seconds=round(eta)))

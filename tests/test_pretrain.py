@@ -84,7 +84,8 @@ def test_augmentation_is_a_function_of_seed_step_and_example_and_stays_in_its_ra
   for pol, p in zip((augment.SUPERVISED, augment.PRETRAINING), jax.tree_util.tree_map(np.asarray, draws)):
     area = p["crop_w"] * p["crop_h"]
     assert pol.crop_scale[0] * 0.95 <= area.min() and area.max() <= 1.0 and area.min() < pol.crop_scale[0] + 0.05
-    assert np.all(np.abs(p["crop_cx"]) <= 1 - p["crop_w"] + 1e-6) and np.all(np.abs(p["crop_cy"]) <= 1 - p["crop_h"] + 1e-6)
+    assert np.all(np.abs(p["crop_cx"]) <= 1 - p["crop_w"] + 1e-6)  # the crop lies inside the slice
+    assert np.all(np.abs(p["crop_cy"]) <= 1 - p["crop_h"] + 1e-6)
     assert np.abs(p["angle"]).max() <= 10 and np.abs(p["angle"]).max() > 9
     assert np.abs(p["brightness"]).max() <= 0.2 and np.abs(p["contrast"] - 1).max() <= 0.2
     assert 0.4 < p["flip"].mean() < 0.6
