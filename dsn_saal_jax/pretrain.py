@@ -58,7 +58,10 @@ class PretrainInputError(ValueError):
 
 
 def pretrain_config() -> ml_collections.ConfigDict:
-  """The trainer's fields (data, model, optimizer, loop) plus `pretrain`, the method's own."""
+  """The trainer's fields (data, model, optimizer, loop) plus `pretrain`, the method's own.
+
+  Pretraining always augments (augment.PRETRAINING); `config.augment` is the supervised trainer's switch.
+  """
   c = config_lib.base_config()
   c.learning_rate = 0.05     # cosine-decayed to 0 over the run (MoCo v2's schedule)
   c.weight_decay = 1e-4
