@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.synthetic_scale = 0.1    # synthetic_ct size as a fraction of COVID19-Diag's counts.
   c.synthetic_image_size = 64
   c.synthetic_seed = 0
+  # Training-time augmentation on device (dsn_saal_jax/augment.py: crop 0.5-1, flip, +/-10 deg, intensity and
+  # contrast jitter), drawn per (seed, step, example). Off: the paper reports none.
+  c.augment = False
 
   # Model.
   c.backbone = "vgg16_bn"    # vgg16_bn | resnet50 | resnext50_32x4d | densenet169 | mobilenet_v2 (models.list_models())

@@ -9,6 +9,7 @@ SAAL scalars, when present, `saal.alpha` / `saal.beta`.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Iterator, Mapping
 
@@ -209,11 +210,33 @@ def save_pretrained(path: str | os.PathLike, variables: Mapping[str, Any]) -> No
     ckptr.save(os.path.abspath(path), dict(variables))
 
 
-def load_pretrained(path: str | os.PathLike) -> dict[str, Any]:
+# Written next to the arrays by launch/pretrain.py: what model the self-supervised backbone was trained as.
+PRETRAIN_META = "dsn_saal_pretrain.json"
+
+
+def load_pretrained(path: str | os.PathLike, backbone: str | None = None, in_channels: int | None = None,
+                    shape: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Variables of a converted (launch/convert_torchvision.py) or pretrained (launch/pretrain.py) checkpoint.
+
+  A pretrained one records its backbone, input channels and shape (`shape`: the backbone's config fields);
+  given the config's, any difference is refused naming both values.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path} is not a converted checkpoint directory; make one with "
-                            "launch/convert_torchvision.py.")
+                            "launch/convert_torchvision.py or launch/pretrain.py.")
+  meta_path = os.path.join(path, PRETRAIN_META)
+  if os.path.exists(meta_path):
+    with open(meta_path) as f:
+      meta = json.load(f)
+    expected = {"backbone": backbone, "in_channels": in_channels,
+                **{k: list(v) if isinstance(v, tuple) else v for k, v in (shape or {}).items()}}
+    diffs = [f"{k}: checkpoint {meta.get(k)!r} vs config {v!r}" for k, v in expected.items()
+             if v is not None and k in meta and meta[k] != v]
+    if diffs:
+      raise ValueError(f"{path} holds a backbone pretrained for another model ({'; '.join(diffs)}). "
+                       "Pretrain one for this config (launch/pretrain.py with the same backbone, channels and "
+                       "widths), or set the config to match the checkpoint.")
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(os.path.abspath(path))
 

@@ -33,6 +33,7 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
+from dsn_saal_jax import augment
 from dsn_saal_jax import checkpointing
 from dsn_saal_jax import config_lib
 from dsn_saal_jax import losses
@@ -123,18 +124,22 @@ def make_meta_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTran
 def init_variables(config: ml_collections.ConfigDict, model: nn.Module, image_shape, rng: jax.Array) -> dict:
   """Network variables: random (torchvision init), then ImageNet weights from `config.init_checkpoint`.
 
-  The checkpoint is launch/convert_torchvision.py's output; leaves it lacks
-  (side branches, a new last Linear) keep their random init.
+  The checkpoint is launch/convert_torchvision.py's or launch/pretrain.py's output; leaves it lacks
+  (side branches, a new last Linear, a pretrained backbone's classifier) keep their random init.
   """
+  pretrained = None
+  if config.init_checkpoint:  # read (and checked against the config) before the init compiles
+    from dsn_saal_jax import convert  # pylint: disable=g-import-not-at-top
+    shape = {k: v for k, v in models.config_kwargs(config).items() if k != "dropout_rate"}
+    pretrained = convert.load_pretrained(config.init_checkpoint, backbone=config.backbone,
+                                         in_channels=int(image_shape[-1]), shape=shape)
   x = jnp.zeros((1, *image_shape), jnp.float32)
   lowered = jax.jit(functools.partial(model.init, train=False)).lower({"params": rng}, x)
   # XLA:CPU spends most of a small run optimizing the one-off init program (~45 s at -O3 vs ~8 s).
   options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
   variables = lowered.compile(compiler_options=options)({"params": rng}, x)
-  if config.init_checkpoint:
-    from dsn_saal_jax import convert  # pylint: disable=g-import-not-at-top
-    variables = convert.merge_pretrained(variables, convert.load_pretrained(config.init_checkpoint),
-                                         source=config.init_checkpoint)
+  if pretrained is not None:
+    variables = convert.merge_pretrained(variables, pretrained, source=config.init_checkpoint)
   return jax.tree_util.tree_map(jnp.asarray, dict(variables))
 
 
@@ -163,15 +168,23 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, imag
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], dropout_rng: jax.Array, *,
                model: nn.Module, loss_fn: losses.LossFn, optimizer: optax.GradientTransformation,
-               learning_rate_fn: optax.Schedule,
-               alpha_param: str = "sigmoid") -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step on this device's slice of the global batch; run under pmap(axis_name='batch')."""
+               learning_rate_fn: optax.Schedule, alpha_param: str = "sigmoid",
+               augment_policy: augment.Policy | None = None,
+               seed: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step on this device's slice of the global batch; run under pmap(axis_name='batch').
+
+  With `augment_policy` (config.augment) the images are augmented here, on device, by (seed, step, example).
+  """
   # A fresh dropout key per step and per device (axis_index is global across processes).
   rng = jax.random.fold_in(jax.random.fold_in(dropout_rng, state.step), jax.lax.axis_index(AXIS))
+  images = batch["image"]
+  if augment_policy is not None:
+    images = augment.augment_batch(images, seed, state.step, jax.lax.axis_index(AXIS) * images.shape[0],
+                                   augment_policy)
 
   def loss_of(params):
     heads, updates = model.apply(
-        {"params": network_params(params), "batch_stats": state.batch_stats}, batch["image"], train=True,
+        {"params": network_params(params), "batch_stats": state.batch_stats}, images, train=True,
         mutable=["batch_stats"], rngs={"dropout": rng})
     total, per_head = loss_fn(heads, batch["label"], loss_params(params))
     return total, (per_head, heads[-1], updates["batch_stats"])
@@ -285,8 +298,11 @@ def make_train_step(config: ml_collections.ConfigDict, info, model: nn.Module, l
     if meta_counts is not None:
       raise ValueError("The dataset holds out a meta set, but config.saal.update_rule='joint' would not use it: "
                        "set update_rule='meta', or build the dataset without one (meta_fraction=0).")
+    augmentation = {"augment_policy": augment.SUPERVISED, "seed": config.seed} if config.get("augment") else {}
     return functools.partial(train_step, model=model, loss_fn=loss_fn, optimizer=optimizer,
-                             learning_rate_fn=learning_rate_fn, alpha_param=config.saal.alpha_param)
+                             learning_rate_fn=learning_rate_fn, alpha_param=config.saal.alpha_param, **augmentation)
+  if config.get("augment"):
+    raise ValueError("config.augment=True is implemented for config.saal.update_rule='joint' only; turn one off.")
   if meta_counts is None:
     raise ValueError("config.saal.update_rule='meta' learns on a meta set, but the dataset holds none; build it "
                      "with ArrayDataset(..., meta_fraction=config.saal.meta_fraction).")

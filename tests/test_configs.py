@@ -8,7 +8,7 @@ import pytest
 
 import launch_batch
 
-from dsn_saal_jax import config_lib
+from dsn_saal_jax import config_lib, pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,8 +22,18 @@ def load(name, arg=None):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))))
 def test_every_config_file_is_valid(path):
-  config = load(os.path.basename(path)[:-3])
-  config_lib.validate_config(config, num_devices=1)
+  name = os.path.basename(path)[:-3]
+  config = load(name)
+  if name.startswith("pretrain"):  # the trainer's checks on the shared fields, then the method's
+    pretrain.validate(config, num_devices=1)
+  else:
+    config_lib.validate_config(config, num_devices=1)
+
+
+def test_the_covid19_ct_pretraining_fits_the_cpu_budget_config():
+  ssl, cpu = load("pretrain_covid19_ct"), load("covid19_ct_cpu")
+  for key in ("dataset", "channels", "lung_mask", "image_size", "backbone", "widths", "stages", "width_scale"):
+    assert ssl[key] == cpu[key], key
 
 
 @pytest.mark.parametrize("name,dataset,channels", [
@@ -81,8 +91,14 @@ def test_launcher_rejects_unknown_override_and_bad_dataset(tmp_path):
   workdir = tmp_path / "work"
   workdir.mkdir()
   cmd = ["train.py", "--config=" + os.path.join(ROOT, "configs", "default.py"), f"--workdir={workdir}"]
-  unknown, bad = launch_batch.run([cmd + ["--config.learing_rate=0.1"], cmd + ["--config.dataset=covid_ct"]],
-                                  tmp_path)  # one process: each alone would pay the imports
+  ssl = ["pretrain.py", "--config=" + os.path.join(ROOT, "configs", "pretrain.py"), f"--workdir={workdir}"]
+  (tmp_path / "no_slices").mkdir()
+  unknown, bad, few, empty = launch_batch.run(
+      [cmd + ["--config.learing_rate=0.1"], cmd + ["--config.dataset=covid_ct"], ssl + ["--config.batch_size=2"],
+       ssl + [f"--config.pretrain.folder={tmp_path / 'no_slices'}"]], tmp_path)  # one process: each alone would pay the imports
   assert unknown.returncode != 0 and "learing_rate" in unknown.stderr
   assert bad.returncode != 0 and "config.dataset='covid_ct' is not one of" in bad.stderr
+  assert few.returncode == 1 and "Error: config.batch_size=2 gives SimCLR only 2 negatives" in few.stderr
+  assert empty.returncode == 1 and "Error: config.pretrain.folder=" in empty.stderr
+  assert "no_slices' has no readable slices" in empty.stderr
   assert not os.listdir(workdir)  # nothing written for a config that cannot run

@@ -1,0 +1,53 @@
+"""What config.augment costs: the covid19_ct_cpu train step (64 px, batch 16) with and without it, interleaved.
+
+  python benchmarks/augment_cost.py
+
+Augmentation runs on device inside the step (dsn_saal_jax/augment.py), so the host pipeline pays nothing;
+this times what the step pays. Medians of 10 interleaved calls each.
+"""
+
+import importlib.util
+import os
+import time
+
+import jax
+import numpy as np
+
+from dsn_saal_jax import array_dataset, train
+
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "covid19_ct_cpu.py")
+COUNTS = np.array([234, 191])  # COVID19-CT's training split
+
+
+def main() -> None:
+  spec = importlib.util.spec_from_file_location("covid19_ct_cpu", CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  info = array_dataset.ArrayInfo(("non_covid", "covid"), COUNTS, 425, {}, (64, 64, 3), 26, {})
+  model = train.create_model(c, 2)
+  opt, sched = train.make_optimizer(c, 26), train.make_lr_schedule(c, 26)
+  loss_fn = train.make_loss_fn(c, COUNTS)
+  state = train.replicate(train.create_train_state(c, model, (64, 64, 3), opt, jax.random.PRNGKey(0),
+                                                   class_counts=COUNTS))
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(1, 16, 64, 64, 3)).astype(np.float32),
+           "label": rng.integers(0, 2, (1, 16)).astype(np.int32)}
+  key, steps = jax.random.PRNGKey(1), {}
+  for aug in (False, True):
+    c.augment = aug
+    steps[aug] = jax.pmap(train.make_train_step(c, info, model, loss_fn, opt, sched), axis_name=train.AXIS,
+                          in_axes=(0, 0, None))
+    jax.block_until_ready(steps[aug](state, batch, key))  # compile
+  times = {False: [], True: []}
+  for _ in range(10):
+    for aug in (False, True):
+      t = time.perf_counter()
+      jax.block_until_ready(steps[aug](state, batch, key))
+      times[aug].append(time.perf_counter() - t)
+  a, b = np.median(times[False]), np.median(times[True])
+  print(f"step without augment {a * 1e3:.1f} ms, with {b * 1e3:.1f} ms, ratio {b / a:.3f}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,25 @@
+"""SimCLR pretraining (Self-Trans, Table 3) on the generated `synthetic_ct` training split, CPU-sized.
+
+The backbone of configs/default.py (narrow VGG16-BN, 64x64 gray slices); labels are never read.
+Variants pick the backbone or set fields, e.g. `--config=configs/pretrain.py:resnet50,width_scale=0.25`;
+`--config.pretrain.folder=DIR` pretrains on a folder of unlabeled slices instead.
+"""
+
+from dsn_saal_jax import config_lib, pretrain
+
+
+def get_config(arg=None):
+  config = pretrain.pretrain_config()
+  config.dataset = "synthetic_ct"
+  config.synthetic_scale = 0.1
+  config.synthetic_image_size = 64
+  config.image_size = 64
+  config.channels = 1
+  config.lung_mask = True
+  config.widths = (8, 16, 32, 32, 32)
+  config.hidden = 128
+  config.batch_size = 64
+  config.num_epochs = 30
+  config.log_every_steps = 10
+  config.keep_checkpoints = 1
+  return config_lib.apply_variant(config, arg)
