@@ -53,8 +53,8 @@ SLICE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 BACKBONE_DIR = "backbone"
 
 
-class PretrainInputError(ValueError):
-  """Bad input a user can fix (a folder without slices, a config the method cannot run); the launcher prints it."""
+class PretrainInputError(config_lib.ConfigError):
+  """Bad input a user can fix (a folder without slices, a config the method cannot run); a usage error (exit 2)."""
 
 
 def pretrain_config() -> ml_collections.ConfigDict:

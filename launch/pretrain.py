@@ -3,6 +3,8 @@
 Writes `<workdir>/backbone`, which `launch/train.py --config.init_checkpoint=<workdir>/backbone` starts from.
 Data: config.dataset's training split, or `--config.pretrain.folder=DIR` of unlabeled PNG/JPEG/DICOM slices.
 Rerunning the same command resumes (after SIGTERM too); multi-host flags as launch/train.py's.
+Exit status as launch/train.py's: 0 done, 1 a damaged checkpoint or a crash, 2 usage error (one `Error:`
+line), 143 preempted.
 """
 
 import sys
@@ -16,7 +18,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dsn_saal_jax import checkpointing, pretrain, train
+from dsn_saal_jax import checkpointing, config_lib, pretrain, train
+from dsn_saal_jax.data.builders import DatasetError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/pretrain*.py[:variant]).", lock_config=True)
@@ -29,6 +32,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 PREEMPTED_EXIT_CODE = 143
 FAILED_EXIT_CODE = 1
+USAGE_EXIT_CODE = 2  # as launch/train.py's: a config value or data folder the run cannot use
 
 
 def main(argv):
@@ -41,9 +45,12 @@ def main(argv):
   except train.Preempted as e:
     logging.warning("%s", e)
     sys.exit(PREEMPTED_EXIT_CODE)
-  except (pretrain.PretrainInputError, checkpointing.CheckpointDamagedError) as e:
+  except checkpointing.CheckpointDamagedError as e:
     print(f"Error: {e}", file=sys.stderr)
     sys.exit(FAILED_EXIT_CODE)
+  except (config_lib.ConfigError, DatasetError) as e:  # PretrainInputError is a ConfigError
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(USAGE_EXIT_CODE)
 
 
 if __name__ == "__main__":
