@@ -26,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import itertools
+import json
 import os
 import secrets
 import types
@@ -442,6 +444,52 @@ def check_output(output: str, inputs: Sequence[str]) -> None:
         "away. (`--output a.dcm b.dcm` takes a.dcm as the output: write --output=FILE.csv.)")
 
 
+CAM_MANIFEST = ".dsn_saal_cams.json"  # {overlay path relative to the folder: sha256} of the overlays written
+
+
+def _sha256(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def cam_paths(cam_dir: str, files: Sequence[str]) -> dict[str, str]:
+  """{file: cam_dir/<its path below the files' common folder>.png}, the overlay each predicted file gets."""
+  root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files]) if files else ""
+  return {f: os.path.join(cam_dir, os.path.relpath(os.path.abspath(f), root) + ".png") for f in files}
+
+
+def _cam_manifest(cam_dir: str) -> dict[str, str]:
+  try:
+    with open(os.path.join(cam_dir, CAM_MANIFEST)) as f:
+      return dict(json.load(f))
+  except (OSError, ValueError, TypeError):
+    return {}
+
+
+def check_cam_dir(cam_dir: str, files: Sequence[str], inputs: Sequence[str]) -> None:
+  """Raises OutputError unless every overlay `write_predictions` would write to `cam_dir` is new or its own.
+
+  Refused: a file or link as `cam_dir`; a folder that is, holds or lies inside
+  an input folder (overlays would join the slices); an existing file where an
+  overlay goes, unless an earlier run wrote it unchanged (CAM_MANIFEST).
+  """
+  if os.path.islink(cam_dir) or (os.path.exists(cam_dir) and not os.path.isdir(cam_dir)):
+    raise OutputError(f"--cam={cam_dir} is an existing file or link; --cam names a folder for the overlays.")
+  real = os.path.realpath(cam_dir)
+  for i in inputs:
+    if os.path.isdir(i):
+      folder = os.path.realpath(i)
+      if os.path.commonpath([real, folder]) in (real, folder):
+        raise OutputError(f"--cam={cam_dir} is, holds or lies inside the input folder {i}; the overlays would "
+                          "be written among the slices. Name a folder outside the inputs.")
+  ours = _cam_manifest(cam_dir)
+  for path in cam_paths(cam_dir, files).values():
+    rel = os.path.relpath(path, cam_dir)
+    if os.path.lexists(path) and (os.path.islink(path) or ours.get(rel) != _sha256(path)):
+      raise OutputError(f"--cam={cam_dir}: {path} exists and is not an overlay this tool wrote; it was left as "
+                        "it is. Name a new --cam folder, or move that file away.")
+
+
 def write_predictions(predictor: Predictor, files: Sequence[str], output: str, cam_dir: str | None = None,
                       problems: Sequence[Prediction] = ()) -> tuple[int, int]:
   """Predicts `files` into the CSV `output` (a row per file, then `problems`); returns (predicted, failed).
@@ -450,10 +498,13 @@ def write_predictions(predictor: Predictor, files: Sequence[str], output: str, c
   rows go to a new file beside it, renamed to `output` when every file is
   done: a CSV under that name is always complete. With `cam_dir`, each
   predicted file's Grad-CAM overlay goes to cam_dir/<path relative to the
-  inputs' common folder>.png.
+  inputs' common folder>.png, only where `check_cam_dir` allows (else
+  OutputError before anything is written), and is listed in its CAM_MANIFEST.
   """
   check_output(output, files)
-  root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files]) if files else ""
+  if cam_dir is not None:
+    check_cam_dir(cam_dir, files, files)
+    targets, written = cam_paths(cam_dir, files), _cam_manifest(cam_dir)
   counts = {"predicted": 0, "failed": 0}
   folder, name = os.path.split(os.path.abspath(output))
   os.makedirs(folder, exist_ok=True)
@@ -472,14 +523,19 @@ def write_predictions(predictor: Predictor, files: Sequence[str], output: str, c
         counts["predicted"] += 1
         if cam_dir is not None:
           from dsn_saal_jax import reporting  # pylint: disable=g-import-not-at-top  (matplotlib only when needed)
-          path = os.path.join(cam_dir, os.path.relpath(os.path.abspath(p.path), root) + ".png")
+          path = targets[p.path]
           os.makedirs(os.path.dirname(path), exist_ok=True)
           title = f"{os.path.basename(p.path)}: {p.label} {float(np.max(p.probs)):.2f}"
           reporting.plot_gradcam_overlay(p.image, p.cam, title, path)
+          written[os.path.relpath(path, cam_dir)] = _sha256(path)
     check_output(output, files)  # again, just before replacing: it may have changed meanwhile
     os.replace(tmp, output)
   except BaseException:
     with contextlib.suppress(OSError):
       os.remove(tmp)
     raise
+  finally:  # even after an error, so that a rerun may replace the overlays written so far
+    if cam_dir is not None and os.path.isdir(cam_dir):
+      with open(os.path.join(cam_dir, CAM_MANIFEST), "w") as f:
+        json.dump(written, f, indent=1, sort_keys=True)
   return counts["predicted"], counts["failed"]

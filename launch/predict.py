@@ -41,7 +41,7 @@ flags.DEFINE_string("checkpoint", "best", "With --workdir: best | latest. Withou
 config_flags.DEFINE_config_file("config", None, "Training config; only for checkpoints without an inference "
                                 "spec (saved before it existed).", lock_config=True)
 flags.DEFINE_string("output", "predictions.csv", "CSV: path, prediction, prob_<class>..., error.")
-flags.DEFINE_string("cam", None, "Folder for one Grad-CAM overlay PNG per file.")
+flags.DEFINE_string("cam", None, "Folder for one Grad-CAM overlay PNG per file (never over a file it did not write).")
 flags.DEFINE_integer("batch_size", 32, "Images per forward pass (the last batch is padded).")
 flags.DEFINE_enum("eval_head", None, ["final", "mean"], "Head to predict with; default: the run's.")
 
@@ -72,6 +72,8 @@ def main(argv):
     usage_error("No PNG, JPEG or DICOM files in the inputs:\n" + "\n".join(p.error for p in problems))
   try:
     predict.check_output(FLAGS.output, [*inputs, *files])  # before anything is loaded; checked again when writing
+    if FLAGS.cam is not None:
+      predict.check_cam_dir(FLAGS.cam, files, inputs)
   except predict.OutputError as e:
     usage_error(str(e))
   options = dict(config=FLAGS.config, batch_size=FLAGS.batch_size, eval_head=FLAGS.eval_head)

@@ -1,5 +1,7 @@
 """Outputs that would overwrite what the tools did not write: refused, nothing touched (issue 27, items 1-2).
 
+The rows cover evaluate's --out, predict's --output and its --cam overlay folder.
+
 Every row below gets its own copy of the reference run's workdir (made able
 to read slices, so that a tool that did not refuse would go on and write) and
 its own small folder of slices; all rows launch in one process
@@ -89,6 +91,11 @@ ROWS = {
     "output_is_a_users_csv": (("predict.py", "--output={mine}/results.csv", "{data}"), NOT_A_CSV),
     "output_is_a_folder": (("predict.py", "--output={mine}", "{data}"), "is a folder; --output names the CSV file"),
     "output_is_a_link": (("predict.py", "--output={root}/link.csv", "{data}"), "is a symbolic link"),
+    # predict.py --cam=...: an overlay would replace a user's file, or join the slices
+    "cam_holds_a_users_file": (("predict.py", "--output={root}/p.csv", "--cam={mine}", "{data}"),
+                               "exists and is not an overlay this tool wrote"),
+    "cam_inside_the_inputs": (("predict.py", "--output={root}/p.csv", "--cam={data}/cams", "{data}"),
+                              "is, holds or lies inside the input folder"),
 }
 PREPARE = {  # changes a row's folder before the launch, as a user would have
     "out_is_a_report_with_a_users_file": lambda r: (r / "work" / "report" / "test" / "notes.txt").write_text("mine"),
@@ -96,6 +103,8 @@ PREPARE = {  # changes a row's folder before the launch, as a user would have
     "config_report_holds_a_users_file": lambda r: ((r / "work" / "report" / "test_best").mkdir(exist_ok=True),
                                                    (r / "work" / "report" / "test_best" / "mine.txt").write_text("x")),
     "output_is_a_link": lambda r: (r / "link.csv").symlink_to(r / "mine" / "results.csv"),
+    "cam_holds_a_users_file": lambda r: ((r / "mine" / "normal").mkdir(),
+                                         (r / "mine" / "normal" / "s0.png.png").write_bytes(b"a user's figure")),
 }
 
 

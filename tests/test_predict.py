@@ -313,9 +313,10 @@ def launch_predictions(workdir, files, tmp):
   csv_dir.mkdir()
   invocations["csv"] = csv_dir, [f"--workdir={workdir}", "--checkpoint=latest", f"--output={csv_dir / 'preds.csv'}",
                                  f"--cam={csv_dir / 'cams'}", "--batch_size=4", *files]
-  # A rerun replaces the CSV it wrote (only that: test_bad_outputs.py has what it refuses).
+  # A rerun replaces the CSV and overlays it wrote (only those: test_bad_outputs.py has what it refuses).
   invocations["csv_again"] = csv_dir, [f"--workdir={workdir}", "--checkpoint=latest",
-                                       f"--output={csv_dir / 'preds.csv'}", "--batch_size=4", *files]
+                                       f"--output={csv_dir / 'preds.csv'}", f"--cam={csv_dir / 'cams'}",
+                                       "--batch_size=4", *files]
   invocations["bad_inputs"] = tmp / "bad_inputs", bad_inputs_args(workdir, tmp / "bad_inputs")
   usage = tmp / "usage"
   (usage / "empty").mkdir(parents=True)
