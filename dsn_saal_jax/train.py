@@ -378,6 +378,7 @@ def _warn_if_gpu_scale_on_cpu(config: ml_collections.ConfigDict, run: _Run, stat
 
 
 def _any_process(flag: bool) -> bool:
+  """`flag` of any process: a cross-process allgather (a host round trip) with several processes."""
   if jax.process_count() == 1:
     return flag
   return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
@@ -390,7 +391,15 @@ class _Preemption:
   raises `Preempted` where the program is: nothing is half-written there, and a
   dataset build left unfinished is rebuilt on the next run. Inside it (the
   training loop and the final report) the loop saves a checkpoint at the next
-  step boundary and then raises.
+  step boundary (`stop_after`) and then raises.
+
+  With several processes the one that got the signal must not stop alone, so
+  the flag is agreed by all (an allgather), but only at the steps where the
+  loop waits for the device anyway (`stop_after`'s `boundary`: log and
+  checkpoint steps); steps in between dispatch without any host round trip.
+  JAX's own `multihost_utils.reached_preemption_sync_point` is not used: it
+  takes SIGTERM through the coordination service's C handler, which the Python
+  handler here (needed to stop before training and during the report) replaces.
   """
 
   def __init__(self):
@@ -413,6 +422,15 @@ class _Preemption:
       raise Preempted("Preempted (SIGTERM) before training started; nothing new to save. Rerun the same "
                       "command to resume.")
     logging.warning("SIGTERM received: saving a checkpoint at the next step boundary, then stopping.")
+
+  def stop_after(self, done: int, total: int, boundary: bool) -> bool:
+    """Whether training stops (saving) after step `done`: this process's flag with one process, else
+    the flag of any process, exchanged at `boundary` steps only. Never after the last step (the report runs)."""
+    if done >= total:
+      return False
+    if jax.process_count() == 1:
+      return self.requested
+    return boundary and _any_process(self.requested)
 
   @contextlib.contextmanager
   def deferred(self) -> Iterator[None]:
@@ -828,7 +846,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset
         t_epoch, epoch_from, val_value = now, done, None
       if itstime(done, ckpt_every, run.total_steps):
         save(done, rstate)
-      if done < run.total_steps and _any_process(preemption.requested):
+      boundary = itstime(done, config.log_every_steps, run.total_steps) or itstime(done, ckpt_every, run.total_steps)
+      if preemption.stop_after(done, run.total_steps, boundary):
         save(done, rstate)  # a no-op when this step was just saved above
         stop(f"Preempted (SIGTERM) at step {done}/{run.total_steps}; checkpoint saved in "
              f"{workdir}/checkpoints. Rerun the same command to resume.")
