@@ -68,7 +68,7 @@ flags.DEFINE_integer("batch", 64, "Per-device batch.")
 flags.DEFINE_integer("steps", 20, "Timed steps per run (after one untimed warm-up step).")
 flags.DEFINE_integer("runs", 3, "Timed runs of --steps back-to-back steps (the median is reported).")
 flags.DEFINE_integer("e2e_steps", 60, "End-to-end training steps (0: skip the end-to-end part).")
-flags.DEFINE_integer("e2e_slices", 256, "Distinct synthetic 512-px slices (repeated to fill the epoch).")
+flags.DEFINE_integer("e2e_slices", 64, "Distinct synthetic 512-px slices (repeated to fill the epoch).")
 flags.DEFINE_integer("source_size", 512, "Side of the synthetic source slices.")
 flags.DEFINE_bool("tiny", None, "A tiny size for a CPU check (default: on when JAX has only CPUs).")
 flags.DEFINE_bool("isolate", None, "Each step configuration in its own process (default: unless tiny).")
@@ -153,7 +153,8 @@ def step_result(backbone: str, dtype: str) -> dict:
           "compile_s": first - step_s, "step_s": step_s, "images_per_sec": FLAGS.batch / step_s,
           "gflop_per_step": flops / 1e9, "tflops_per_sec": flops / step_s / 1e12, "peak_tflops": peak,
           "mfu": flops / step_s / (peak * 1e12) if peak and np.isfinite(flops) else None,
-          "peak_memory_bytes": peak_memory(device), "loss_finite": bool(np.isfinite(train.unreplicate(metrics)["loss"]))}
+          "peak_memory_bytes": peak_memory(device),
+          "loss_finite": bool(np.isfinite(train.unreplicate(metrics)["loss"]))}
 
 
 def isolated_step_result(backbone: str, dtype: str) -> dict:

@@ -100,10 +100,10 @@ def main(argv):
   config = tiny_config()
   trainer, bare = [], []
   for r in range(FLAGS.rounds):
-    trainer += trainer_windows(config)
-    bare += bare_windows(config)
-    print(f"round {r + 1}: trainer {statistics.median(trainer):.0f}, bare {statistics.median(bare):.0f} examples/s",
-          flush=True)
+    t, b = trainer_windows(config), bare_windows(config)
+    trainer, bare = trainer + t, bare + b
+    print(f"round {r + 1}: trainer {statistics.median(t):.0f}, bare {statistics.median(b):.0f} examples/s "
+          f"(ratio {statistics.median(t) / statistics.median(b):.3f})", flush=True)
   result = {"device": jax.devices()[0].device_kind, "cpu": cpu_model(), "steps": FLAGS.steps,
             "log_every_steps": FLAGS.log_every, "image_size": FLAGS.image_size, "batch_size": FLAGS.batch_size,
             "trainer_examples_per_sec": statistics.median(trainer), "bare_examples_per_sec": statistics.median(bare),

@@ -9,7 +9,8 @@ import sys
 from conftest import HERE
 
 SCRIPT = os.path.join(os.path.dirname(HERE), "benchmarks", "accelerator.py")
-NO_TENSORFLOW = "import sys\nfor name in ('tensorflow', 'tensorflow_datasets', 'array_record'):\n  sys.modules[name] = None\n"
+NO_TENSORFLOW = ("import sys\nfor name in ('tensorflow', 'tensorflow_datasets', 'array_record'):\n"
+                 "  sys.modules[name] = None\n")
 
 
 def test_accelerator_check_runs_on_cpu_without_tensorflow(tmp_path):
