@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import gc
 import json
 import os
 import signal
@@ -805,7 +806,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset
     ckpt.close()
     raise Preempted(message)
 
-  with preemption.deferred():
+  # Tracing and compiling leave many long-lived objects; kept out of the collector's view during the loop, its
+  # collections stay short (on a tiny CPU model, disabling them sped the loop ~20%, in noisy measurements).
+  gc.freeze()
+  with preemption.deferred(), contextlib.ExitStack() as unfreeze:
+    unfreeze.callback(gc.unfreeze)
     for step in range(start_step, run.total_steps):
       rstate, metrics = run.step_fn(step)(rstate, next(train_iter), run.dropout_rng)
       buffer.add(step, metrics)
