@@ -275,9 +275,11 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   if FLAGS.tiny is None:
     FLAGS.tiny = jax.default_backend() == "cpu"
-  if FLAGS.tiny and not FLAGS["image_size"].present:
-    FLAGS.image_size, FLAGS.batch, FLAGS.steps, FLAGS.runs = 32, 4, 2, 1
-    FLAGS.e2e_steps, FLAGS.e2e_slices, FLAGS.source_size = 4, 8, 64
+  if FLAGS.tiny:  # tiny defaults; flags given on the command line stay
+    for name, value in (("image_size", 32), ("batch", 4), ("steps", 2), ("runs", 1), ("e2e_steps", 4),
+                        ("e2e_slices", 8), ("source_size", 64)):
+      if not FLAGS[name].present:
+        setattr(FLAGS, name, value)
   # Compiled programs cached on disk: the end-to-end run (and any rerun) reuses the step benchmarks' compiles.
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "dsn_saal_jax_xla_cache"))
