@@ -4,13 +4,16 @@
   python benchmarks/train_step.py --backbone=resnet50  # any registered backbone, with its side heads
   python benchmarks/train_step.py --sizes=64:8 --rounds=3 --widths=8x16x32x64x64 --hidden=128
   python benchmarks/train_step.py --meta               # the bilevel step's cost, as a ratio to the plain step
+  python benchmarks/train_step.py --torch=channels_last  # against one PyTorch variant only
 
 Both sides run the same network (DSN-<backbone>, six heads), the SAAL loss and an
 SGD step with momentum and weight decay (alpha, beta included) on the same
 batch. JAX uses the trainer's own pmapped `train_step`/`eval_step` (one
-device); PyTorch runs eagerly. After warm-up, each round times one JAX step
-then one PyTorch step, so both see the same machine load; the medians are
-reported with their ratio. GFLOP/s use XLA's FLOP count of the step for both
+device); PyTorch runs eagerly in NCHW, then in channels_last (oneDNN's
+preferred layout), then channels_last under `torch.compile` (`--torch`).
+After warm-up, each round times one JAX step then one PyTorch step, so both
+see the same machine load; the medians are reported with their ratio, one
+line per PyTorch variant. GFLOP/s use XLA's FLOP count of the step for both
 sides, against a measured float32 matmul peak.
 
 `--meta` times JAX only: the trainer's `meta_train_step` (config.saal.update_rule=
@@ -47,6 +50,9 @@ flags.DEFINE_integer("hidden", 4096, "VGG classifier width.")
 flags.DEFINE_integer("channels", 3, "Input channels.")
 flags.DEFINE_bool("meta", False, "Time the bilevel meta step against the plain step (JAX only).")
 flags.DEFINE_bool("breakdown", False, "Split the train step into forward, backward and update on both sides.")
+flags.DEFINE_list("torch", ["eager", "channels_last", "compile"],
+                  "PyTorch variants to time against: eager (NCHW), channels_last, compile (channels_last + "
+                  "torch.compile).")
 
 CLASS_COUNTS = np.array([234, 191])  # COVID19-CT's official training split
 
@@ -174,9 +180,15 @@ def _config_and_batch(size: int, batch_size: int):
 
 
 class TorchSide:
-  """The same network, loss and optimizer in eager PyTorch."""
+  """The same network, loss and optimizer in PyTorch: eager NCHW, or PyTorch at its best on a CPU.
 
-  def __init__(self, config, batch: dict[str, np.ndarray]):
+  `channels_last` puts the model and input in oneDNN's preferred layout;
+  `compile` also runs the model through `torch.compile` (inductor; the
+  optimizer step stays eager).
+  """
+
+  def __init__(self, config, batch: dict[str, np.ndarray], channels_last: bool = False,
+               compile: bool = False):  # pylint: disable=redefined-builtin
     # The torch references are torchvision's widths: width_scale (1.0 here) has no counterpart there.
     shape = {k: v for k, v in models.config_kwargs(config).items() if k not in ("dropout_rate", "width_scale")}
     self.model = TORCH_MODELS[config.backbone](len(CLASS_COUNTS), in_channels=config.channels, **shape)
@@ -185,14 +197,18 @@ class TorchSide:
     self.opt = torch.optim.SGD(list(self.model.parameters()) + [self.alpha, self.beta], lr=config.learning_rate,
                                momentum=config.momentum, weight_decay=config.weight_decay)
     self.x = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
+    if channels_last:
+      self.model = self.model.to(memory_format=torch.channels_last)
+      self.x = self.x.to(memory_format=torch.channels_last)
     self.y = torch.from_numpy(batch["label"].astype(np.int64))
     self.counts = torch.tensor(CLASS_COUNTS, dtype=torch.float32)
+    self.net = torch.compile(self.model) if compile else self.model
 
   def backward(self) -> None:
     """Forward and backward in train mode, gradients left in .grad (no update)."""
     self.model.train()
     self.opt.zero_grad(set_to_none=True)
-    saal_loss_torch(self.model(self.x), self.y, self.alpha, self.beta, self.counts).backward()
+    saal_loss_torch(self.net(self.x), self.y, self.alpha, self.beta, self.counts).backward()
 
   def train_step(self) -> None:
     self.backward()
@@ -201,38 +217,54 @@ class TorchSide:
   def eval_step(self) -> None:
     self.model.eval()
     with torch.no_grad():
-      torch.softmax(self.model(self.x)[-1], -1)
+      torch.softmax(self.net(self.x)[-1], -1)
+
+
+TORCH_VARIANTS = {"eager": {}, "channels_last": {"channels_last": True},
+                  "compile": {"channels_last": True, "compile": True}}
 
 
 def bench(size: int, batch_size: int, peak: float) -> None:
+  """JAX against each PyTorch variant in turn (`--torch`), interleaved with JAX's steps round by round.
+
+  One PyTorch side at a time next to JAX keeps memory at two models; each
+  variant's ratio comes from rounds that alternate with JAX's, as before.
+  """
   config, batch = _config_and_batch(size, batch_size)
   jx = JaxSide(config, batch)
   compile_s = _timed(jx.train_step) + _timed(jx.eval_step)
   rss_after_jax = _rss_gib()
-  tx = TorchSide(config, batch)
-  torch_first_s = _timed(tx.train_step) + _timed(tx.eval_step)
-  for _ in range(FLAGS.warmup):
-    jx.train_step(), tx.train_step(), jx.eval_step(), tx.eval_step()
-  times = {k: [] for k in ("jax_train", "torch_train", "jax_eval", "torch_eval")}
-  for _ in range(FLAGS.rounds):
-    times["jax_train"].append(_timed(jx.train_step))
-    times["torch_train"].append(_timed(tx.train_step))
-    times["jax_eval"].append(_timed(jx.eval_step))
-    times["torch_eval"].append(_timed(tx.eval_step))
-  med = {k: statistics.median(v) for k, v in times.items()}
   print(f"\n== {FLAGS.backbone} (DSN), {size}x{size}, batch {batch_size}, float32, {FLAGS.rounds} interleaved "
-        "rounds (medians) ==")
-  for phase in ("train", "eval"):
-    j, t = med[f"jax_{phase}"], med[f"torch_{phase}"]
-    line = (f"{phase:5s}: JAX {batch_size / j:7.2f} img/s ({j:.2f} s)  PyTorch {batch_size / t:7.2f} img/s ({t:.2f} s)  "
-            f"JAX/PyTorch {t / j:.2f}")
-    if phase == "train":
-      line += (f"  | {jx.flops / 1e9:.1f} GFLOP/step: JAX {jx.flops / j / 1e9:.0f}, PyTorch "
-               f"{jx.flops / t / 1e9:.0f} GFLOP/s ({jx.flops / j / 1e9 / peak:.0%} / {jx.flops / t / 1e9 / peak:.0%} "
-               "of the matmul peak)")
-    print(line)
-  print(f"first train+eval step: JAX {compile_s:.1f} s (compiles), PyTorch {torch_first_s:.1f} s; "
-        f"peak RSS {rss_after_jax:.2f} GiB after JAX, {_rss_gib():.2f} GiB after both")
+        f"rounds (medians); JAX's first train+eval step {compile_s:.1f} s (compiles), peak RSS {rss_after_jax:.2f} GiB ==")
+  for variant in FLAGS.torch:
+    try:
+      tx = TorchSide(config, batch, **TORCH_VARIANTS[variant])
+      torch_first_s = _timed(tx.train_step) + _timed(tx.eval_step)
+    except Exception as e:  # pylint: disable=broad-except  (torch.compile's failures vary by CPU and compiler)
+      print(f"PyTorch {variant}: failed to run ({type(e).__name__}: {str(e)[:300]}); no ratio")
+      continue
+    for _ in range(FLAGS.warmup):
+      jx.train_step(), tx.train_step(), jx.eval_step(), tx.eval_step()
+    times = {k: [] for k in ("jax_train", "torch_train", "jax_eval", "torch_eval")}
+    for _ in range(FLAGS.rounds):
+      times["jax_train"].append(_timed(jx.train_step))
+      times["torch_train"].append(_timed(tx.train_step))
+      times["jax_eval"].append(_timed(jx.eval_step))
+      times["torch_eval"].append(_timed(tx.eval_step))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"-- PyTorch {variant} (first train+eval step {torch_first_s:.1f} s"
+          f"{', compiles' if variant == 'compile' else ''}):")
+    for phase in ("train", "eval"):
+      j, t = med[f"jax_{phase}"], med[f"torch_{phase}"]
+      line = (f"{phase:5s}: JAX {batch_size / j:7.2f} img/s ({j:.2f} s)  PyTorch {variant} {batch_size / t:7.2f} img/s "
+              f"({t:.2f} s)  JAX/PyTorch {t / j:.2f}")
+      if phase == "train":
+        line += (f"  | {jx.flops / 1e9:.1f} GFLOP/step: JAX {jx.flops / j / 1e9:.0f}, PyTorch "
+                 f"{jx.flops / t / 1e9:.0f} GFLOP/s ({jx.flops / j / 1e9 / peak:.0%} / "
+                 f"{jx.flops / t / 1e9 / peak:.0%} of the matmul peak)")
+      print(line, flush=True)
+    del tx
+  print(f"peak RSS {_rss_gib():.2f} GiB")
 
 
 class Phases:

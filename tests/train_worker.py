@@ -7,7 +7,7 @@ Modes:
   meta       for update_rule='meta': equiv's check of meta_train_step, then train_and_evaluate uninterrupted
              and interrupted (SIGTERM) then resumed, in this one process (one compile, warm caches).
   train      train_and_evaluate on a tiny in-memory problem; exits 143 when preempted.
-  multihost  as `train`, after jax.distributed.initialize on localhost.
+  multihost  as `train`, after jax.distributed.initialize on localhost (`--record_syncs` prints its syncs).
   evaluate   train.evaluate of a trained workdir (restores a checkpoint, writes the report).
   launch     runs a launch/ script (the arguments after `--`) as `python SCRIPT ...` would.
 Every mode takes `--fault=PHASE:AT:SIGNAL`: this process sends itself SIGNAL
@@ -22,11 +22,13 @@ import os
 import runpy
 import signal
 import sys
+import threading
 import time
 
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from dsn_saal_jax import config_lib, train
 from dsn_saal_jax.array_dataset import ArrayDataset
@@ -226,7 +228,32 @@ def meta_run(out: str) -> None:
   np.savez(out, **{f"{name}:{k}": v for name, state in finals.items() for k, v in flat(state).items()})
 
 
+def record_syncs() -> list[list]:
+  """Records, in order, each step the loop dispatches (["step", s]) and each cross-process sync the main thread
+  makes (["sync", name]: JAX's allgather or barrier, or the trainer's agreement on the preemption flag)."""
+  events = []
+  step_fn = train._Run.step_fn
+
+  def recording_step_fn(self, step):
+    events.append(["step", step])
+    return step_fn(self, step)
+
+  def recording(name, fn):
+    def call(*args, **kwargs):
+      if threading.current_thread() is threading.main_thread():
+        events.append(["sync", name])
+      return fn(*args, **kwargs)
+    return call
+
+  train._Run.step_fn = recording_step_fn
+  for name in ("process_allgather", "sync_global_devices", "broadcast_one_to_all"):
+    setattr(multihost_utils, name, recording(name, getattr(multihost_utils, name)))
+  train._any_process = recording("preemption_flag", train._any_process)
+  return events
+
+
 def run_train(args) -> None:
+  events = record_syncs() if args.record_syncs else None
   overrides = json.loads(args.overrides)
   c = tiny_config(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
   ds = tiny_dataset(c)
@@ -240,6 +267,8 @@ def run_train(args) -> None:
     sys.exit(PREEMPTED_EXIT_CODE)
   if args.out:  # Every process writes its copy, so tests can check that all processes agree.
     np.savez(args.out if jax.process_count() == 1 else f"{args.out}.{jax.process_index()}.npz", **flat(state))
+  if events is not None:
+    print("SYNCS", json.dumps(events), flush=True)
   print("FINISHED", int(state.step), flush=True)
 
 
@@ -255,6 +284,7 @@ def main() -> None:
   parser.add_argument("--kill_at", type=int, default=-1)
   parser.add_argument("--signal", default="SIGTERM")
   parser.add_argument("--wait_for", default="")
+  parser.add_argument("--record_syncs", action="store_true")
   parser.add_argument("--coordinator", default="")
   parser.add_argument("--num_processes", type=int, default=1)
   parser.add_argument("--process_id", type=int, default=0)
