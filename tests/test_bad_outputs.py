@@ -80,6 +80,8 @@ ROWS = {
     # evaluate.py --config: its report folder, WORKDIR/report/test_best, holds a user's file
     "config_report_holds_a_users_file": (("evaluate.py", f"--config={REPO}/configs/default.py", "--split=test"),
                                          NOT_OURS),
+    # train.py: its final report folder, WORKDIR/report/test, holds a user's file: refused before any step
+    "train_report_holds_a_users_file": (("train.py", f"--config={REPO}/configs/default.py"), NOT_OURS),
     # predict.py --output=...
     "output_is_the_input": (("predict.py", "--output={data}/normal/s0.png", "{data}/normal/s0.png"),
                             "is one of the inputs"),
@@ -96,6 +98,7 @@ PREPARE = {  # changes a row's folder before the launch, as a user would have
     "config_report_holds_a_users_file": lambda r: ((r / "work" / "report" / "test_best").mkdir(exist_ok=True),
                                                    (r / "work" / "report" / "test_best" / "mine.txt").write_text("x")),
     "output_is_a_link": lambda r: (r / "link.csv").symlink_to(r / "mine" / "results.csv"),
+    "train_report_holds_a_users_file": lambda r: (r / "work" / "report" / "test" / "notes.txt").write_text("mine"),
 }
 
 
