@@ -769,6 +769,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset=
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset,
                         preemption: _Preemption) -> TrainState:
+  from dsn_saal_jax import reporting  # pylint: disable=g-import-not-at-top  (matplotlib only when reporting)
+  reporting.check_report_dir(os.path.join(workdir, "report", "test"))  # now, not after all the training
   log_backend()
   run = _Run(config, workdir, dataset)
   info, ckpt = run.dataset.info, run.checkpoints

@@ -6,8 +6,8 @@ Multi-host: add `--distributed` (auto-detects Cloud TPU pods and SLURM) or give
 The console shows one line per epoch; `--verbosity=1` adds every logged step
 and the libraries' INFO lines (see dsn_saal_jax/console.py).
 Exit status: 0 trained, 1 failed (a damaged checkpoint; a crash), 2 usage error
-(a config value or data folder the run cannot use: one `Error:` line with the
-fix), 143 preempted (SIGTERM; rerun to resume).
+(a config value or data folder the run cannot use, a report folder holding a
+user's files: one `Error:` line with the fix), 143 preempted (SIGTERM; rerun to resume).
 """
 
 import sys
@@ -21,7 +21,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dsn_saal_jax import checkpointing, config_lib, train
+from dsn_saal_jax import checkpointing, config_lib, reporting, train
 from dsn_saal_jax.data.builders import DatasetError
 
 FLAGS = flags.FLAGS
@@ -51,7 +51,7 @@ def main(argv):
   except checkpointing.CheckpointDamagedError as e:
     print(f"Error: {e}", file=sys.stderr)
     sys.exit(FAILED_EXIT_CODE)
-  except (config_lib.ConfigError, DatasetError) as e:
+  except (config_lib.ConfigError, DatasetError, reporting.ReportDirError) as e:
     print(f"Error: {e}", file=sys.stderr)
     sys.exit(USAGE_EXIT_CODE)
 

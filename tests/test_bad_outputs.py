@@ -82,6 +82,8 @@ ROWS = {
     # evaluate.py --config: its report folder, WORKDIR/report/test_best, holds a user's file
     "config_report_holds_a_users_file": (("evaluate.py", f"--config={REPO}/configs/default.py", "--split=test"),
                                          NOT_OURS),
+    # train.py: its final report folder, WORKDIR/report/test, holds a user's file: refused before any step
+    "train_report_holds_a_users_file": (("train.py", f"--config={REPO}/configs/default.py"), NOT_OURS),
     # predict.py --output=...
     "output_is_the_input": (("predict.py", "--output={data}/normal/s0.png", "{data}/normal/s0.png"),
                             "is one of the inputs"),
@@ -105,6 +107,7 @@ PREPARE = {  # changes a row's folder before the launch, as a user would have
     "output_is_a_link": lambda r: (r / "link.csv").symlink_to(r / "mine" / "results.csv"),
     "cam_holds_a_users_file": lambda r: ((r / "mine" / "normal").mkdir(),
                                          (r / "mine" / "normal" / "s0.png.png").write_bytes(b"a user's figure")),
+    "train_report_holds_a_users_file": lambda r: (r / "work" / "report" / "test" / "notes.txt").write_text("mine"),
 }
 
 
