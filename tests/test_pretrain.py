@@ -3,6 +3,8 @@
 import functools
 import os
 import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ from pydicom.data import get_testdata_file
 
 from dsn_saal_jax import array_dataset, augment, convert, models, pretrain, train
 from dsn_saal_jax.data import ct, phantom
+import conftest
 from train_worker import tiny_config
 
 SIZE = 32
@@ -332,3 +335,35 @@ def test_negatives_gathered_across_devices_give_the_one_device_loss_and_gradient
     assert float(got_loss) == pytest.approx(float(loss), rel=1e-6)
     for got, want in zip(got_grads, grads):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+_ON_DEVICES = """
+import pathlib, sys
+import numpy as np
+sys.path[:0] = [{tests!r}]
+import test_pretrain as t
+backbone = t.run(pathlib.Path({workdir!r}), t.phantom_slices(64, 0), num_train_steps=2, checkpoint_every_steps=2)
+np.savez({out!r}, **{{"/".join(k): np.asarray(v) for k, v in t.backbone_arrays(backbone).items()}})
+"""
+
+
+def test_two_devices_pretrain_the_one_device_backbone(tmp_path):
+  """The whole pmapped SimCLR step (global-batch negatives, BatchNorm synced over the axis, per-example
+  augmentation) on 2 devices equals 1 device after 2 steps, up to float32 reduction order."""
+  tests = os.path.dirname(os.path.abspath(__file__))
+
+  def on(devices):
+    out = tmp_path / f"backbone{devices}.npz"
+    code = _ON_DEVICES.format(tests=tests, workdir=str(tmp_path / f"run{devices}"), out=str(out))
+    env = conftest.multiprocess_env(devices)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return dict(np.load(out))
+
+  one, two = conftest.concurrently(lambda: on(1), lambda: on(2))
+  assert sorted(one) == sorted(two) and any(k.startswith("params/") for k in one)
+  moved = 0
+  for key in one:
+    np.testing.assert_allclose(two[key], one[key], rtol=2e-3, atol=2e-5, err_msg=key)
+    moved += not np.allclose(one[key], 0)
+  assert moved > len(one) // 2  # the comparison is between trained weights, not zeros
