@@ -6,24 +6,20 @@ Augmentation runs on device inside the step (dsn_saal_jax/augment.py), so the ho
 this times what the step pays. Medians of 10 interleaved calls each.
 """
 
-import importlib.util
 import os
 import time
 
 import jax
 import numpy as np
 
-from dsn_saal_jax import array_dataset, train
+from dsn_saal_jax import array_dataset, config_lib, train
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "covid19_ct_cpu.py")
 COUNTS = np.array([234, 191])  # COVID19-CT's training split
 
 
 def main() -> None:
-  spec = importlib.util.spec_from_file_location("covid19_ct_cpu", CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = config_lib.from_file(CONFIG)
   info = array_dataset.ArrayInfo(("non_covid", "covid"), COUNTS, 425, {}, (64, 64, 3), 26, {})
   model = train.create_model(c, 2)
   opt, sched = train.make_optimizer(c, 26), train.make_lr_schedule(c, 26)

@@ -5,19 +5,13 @@ Variants pick the backbone or set fields, e.g. `--config=configs/pretrain.py:res
 `--config.pretrain.folder=DIR` pretrains on a folder of unlabeled slices instead.
 """
 
+import os
+
 from dsn_saal_jax import config_lib, pretrain
 
 
 def get_config(arg=None):
-  config = pretrain.pretrain_config()
-  config.dataset = "synthetic_ct"
-  config.synthetic_scale = 0.1
-  config.synthetic_image_size = 64
-  config.image_size = 64
-  config.channels = 1
-  config.lung_mask = True
-  config.widths = (8, 16, 32, 32, 32)
-  config.hidden = 128
+  config = pretrain.pretrain_config(config_lib.from_file(os.path.join(os.path.dirname(__file__), "default.py")))
   config.batch_size = 64
   config.num_epochs = 30
   config.log_every_steps = 10

@@ -5,19 +5,15 @@ Same input and backbone as that config (64x64 RGB-replicated slices, VGG16-BN wi
 Variants as for the other configs, e.g. `--config=configs/pretrain_covid19_ct.py:seed=1`.
 """
 
+import os
+
 from dsn_saal_jax import config_lib, pretrain
 
 
 def get_config(arg=None):
-  config = pretrain.pretrain_config()
-  config.dataset = "covid19_ct"
-  config.channels = 3
-  config.lung_mask = False
-  config.image_size = 64
-  config.widths = (8, 16, 32, 64, 64)
-  config.hidden = 128
+  base = config_lib.from_file(os.path.join(os.path.dirname(__file__), "covid19_ct_cpu.py"))
+  config = pretrain.pretrain_config(base)
   config.batch_size = 64
   config.num_epochs = 100
   config.log_every_steps = 6
-  config.keep_checkpoints = 1
   return config_lib.apply_variant(config, arg)

@@ -9,6 +9,8 @@ message that names the key or value and how to fix it.
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import os
 from typing import Any, Iterable
 
 import ml_collections
@@ -118,6 +120,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_checkpoint = "best"     # Checkpoint the final test report uses: best | latest.
   c.gradcam_per_class = 4
   return c
+
+
+def from_file(path: str | os.PathLike, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of the config file at `path`: a config built on another (configs/ is no package)."""
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def paper_config(dataset: str, channels: int, lung_mask: bool, arg: str | None) -> ml_collections.ConfigDict:

@@ -20,6 +20,7 @@ input channels and shape, so a run of another model is refused.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import functools
 import json
@@ -57,21 +58,24 @@ class PretrainInputError(config_lib.ConfigError):
   """Bad input a user can fix (a folder without slices, a config the method cannot run); a usage error (exit 2)."""
 
 
-def pretrain_config() -> ml_collections.ConfigDict:
-  """The trainer's fields (data, model, optimizer, loop) plus `pretrain`, the method's own.
+def pretrain_config(base: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+  """`base` (the training config the backbone is for; default the trainer's schema) plus `pretrain`.
 
-  Pretraining always augments (augment.PRETRAINING); `config.augment` is the supervised trainer's switch.
+  Data and model fields stay `base`'s, so the backbone fits the run it initialises; the optimizer's become
+  the method's. Pretraining always augments (augment.PRETRAINING); `config.augment` is the supervised
+  trainer's switch.
   """
-  c = config_lib.base_config()
+  c = config_lib.base_config() if base is None else copy.deepcopy(base)
   c.learning_rate = 0.05     # cosine-decayed to 0 over the run (MoCo v2's schedule)
   c.weight_decay = 1e-4
-  c.pretrain = ml_collections.ConfigDict(dict(
-      method="simclr",
-      folder="",             # unlabeled slices (PNG/JPEG/DICOM, any nesting); "" = config.dataset's training split
-      temperature=0.2,       # Self-Trans's (MoCo v2's) temperature
-      projection_hidden=0,   # hidden width of the MLP head; 0 = the backbone's feature width
-      projection_dim=128,
-  ))
+  with c.unlocked():
+    c.pretrain = ml_collections.ConfigDict(dict(
+        method="simclr",
+        folder="",             # unlabeled slices (PNG/JPEG/DICOM, any nesting); "" = the dataset's training split
+        temperature=0.2,       # Self-Trans's (MoCo v2's) temperature
+        projection_hidden=0,   # hidden width of the MLP head; 0 = the backbone's feature width
+        projection_dim=128,
+    ))
   return c
 
 
