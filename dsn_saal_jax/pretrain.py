@@ -50,7 +50,6 @@ METHODS = ("simclr",)
 # SimCLR's negatives for one view are the other 2B - 2 views of the global batch B; below 8 examples
 # (14 negatives) telling the positive apart is too easy to learn features from.
 MIN_BATCH = 8
-SLICE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 BACKBONE_DIR = "backbone"
 
 
@@ -247,9 +246,10 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> tuple
 class SliceFolder:
   """Unlabeled slices of a folder tree, in memory as model inputs, with the input pipeline's train contract.
 
-  PNG/JPEG are read as 8-bit gray, DICOM windowed from HU (dsn_saal_jax.data.ct);
-  both lung-masked when config.lung_mask, resized (bilinear, antialiased) and
-  normalized as the trainer's pipeline does. Step s is batch s % steps_per_epoch of
+  Files are listed, read and preprocessed as the image_folder builder and the
+  prepared variants do them (folders.walk_files, common.read_slice,
+  input_pipeline.to_pixels, prepared.normalize), so the backbone sees the inputs
+  its fine-tuning will. Step s is batch s % steps_per_epoch of
   a permutation seeded by (seed, epoch); each process gets its slice of the batch.
   """
 
@@ -257,27 +257,32 @@ class SliceFolder:
     root = config.pretrain.folder
     if not os.path.isdir(root):
       raise PretrainInputError(f"config.pretrain.folder={root!r} is not a directory.")
-    files = sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names
-                   if f.lower().endswith(SLICE_SUFFIXES))
-    from dsn_saal_jax.data import ct  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top  (TensorFlow only for folders)
+    from etils import epath
+    from dsn_saal_jax import prepared
+    from dsn_saal_jax.data import folders, input_pipeline
+    from dsn_saal_jax.data.builders import common
+    # pylint: enable=g-import-not-at-top
+    listed, passed = folders.walk_files(root)  # the builders' rule: links into the tree not followed
+    listed, duplicates = folders.count_once(listed, root)
+    folders.warn_passed_over(passed + duplicates, root)
+    files = [p for p in listed if common.is_slice(p)]
     images, failed = [], []
     for path in files:
-      try:
-        images.append(self._read(path, config, ct))
+      try:  # read as the builders read (DICOM windowed and lung-masked), resized and rounded as prepared
+        pixels = common.read_slice(epath.Path(path), bool(config.lung_mask))
+        images.append(input_pipeline.to_pixels(pixels, int(config.image_size)).numpy())
       except Exception as e:  # pylint: disable=broad-except  (PIL and pydicom raise many types)
         failed.append(f"{path} ({(str(e).strip().splitlines() or [type(e).__name__])[0][:120]})")
     if not images:
       found = (f"none of its {len(files)} candidate files could be read: {'; '.join(failed[:3])}" if files else
-               f"it holds no file ending in {', '.join(SLICE_SUFFIXES)} (searched recursively)")
+               "it holds no file that is an image or DICOM (searched recursively)")
       raise PretrainInputError(f"config.pretrain.folder={root!r} has no readable slices: {found}. Point it at a "
                                "folder of PNG, JPEG or DICOM slices.")
     if failed:
       logging.warning("%d of %d files in %s could not be read and are left out, e.g. %s", len(failed), len(files),
                       root, "; ".join(failed[:3]))
-    from dsn_saal_jax.data.input_pipeline import normalization_for  # pylint: disable=g-import-not-at-top
-    norm = normalization_for(config)
-    x = np.repeat(np.stack(images)[..., None], norm["channels"], -1) / norm["scale"]
-    self.images = ((x - np.asarray(norm["mean"])) / np.asarray(norm["std"])).astype(np.float32)
+    self.images = prepared.normalize(np.stack(images), prepared.lookup_table(input_pipeline.normalization_for(config)))
     self.seed, self.batch_size = int(config.seed), int(config.batch_size)
     if len(self.images) < self.batch_size:
       raise PretrainInputError(f"config.pretrain.folder={root!r} has {len(self.images)} readable slices, fewer "
@@ -286,19 +291,6 @@ class SliceFolder:
     self.image_shape = tuple(self.images.shape[1:])
     self.steps_per_epoch = self.num_train // self.batch_size
     logging.info("%s: %d unlabeled slices.", root, self.num_train)
-
-  @staticmethod
-  def _read(path: str, config: ml_collections.ConfigDict, ct) -> np.ndarray:
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    if path.lower().endswith((".dcm", ".dicom")):
-      pixels = ct.preprocess_dicom(path, mask=config.lung_mask)
-    else:
-      with Image.open(path) as im:
-        pixels = np.asarray(im.convert("L"))
-      if config.lung_mask:
-        pixels = ct.apply_lung_mask(pixels)
-    size = int(config.image_size)
-    return np.asarray(Image.fromarray(pixels.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR))
 
   def train_iter(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     per_process = self.batch_size // jax.process_count()
