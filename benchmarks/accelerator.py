@@ -100,9 +100,9 @@ def make_config(backbone: str, dtype: str, batch: int, image_size: int):
   c.batch_size = c.eval_batch_size = batch * jax.local_device_count()
   if FLAGS.tiny:  # the same programs, narrow: seconds to compile on a CPU
     if backbone.startswith("vgg"):
-      c.stages, c.widths, c.hidden = (1, 1, 1, 1, 1), (8, 16, 16, 32, 32), 64
+      c.model.stages, c.model.widths, c.model.hidden = (1, 1, 1, 1, 1), (8, 16, 16, 32, 32), 64
     else:
-      c.width_scale = 0.125
+      c.model.width_scale = 0.125
   return c
 
 

@@ -40,7 +40,7 @@ flags.DEFINE_integer("batch_size", 16, "Global batch.")
 
 def tiny_config():
   c = config_lib.base_config()
-  c.widths, c.hidden, c.image_size, c.channels = (8, 16, 16, 32, 32), 64, FLAGS.image_size, 1
+  c.model.widths, c.model.hidden, c.image_size, c.channels = (8, 16, 16, 32, 32), 64, FLAGS.image_size, 1
   c.batch_size = c.eval_batch_size = FLAGS.batch_size
   c.num_train_steps, c.log_every_steps = FLAGS.steps, FLAGS.log_every
   c.checkpoint_every_steps = FLAGS.steps  # one save, at the end (after the last window is logged)

@@ -56,7 +56,7 @@ def abstract_state(config, model, image_shape, optimizer) -> train.TrainState:
   params = dict(variables["params"])
   if config.loss == "saal":
     params["saal"] = jax.eval_shape(lambda k: losses.init_saal_params(
-        k, model.num_heads, config.saal.init_stddev, alpha_param=config.saal.alpha_param,
+        k, model.num_heads, config.loss_kwargs.saal.init_stddev, alpha_param=config.loss_kwargs.saal.alpha_param,
         class_counts=CLASS_COUNTS), key)
   return train.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                           batch_stats=variables["batch_stats"], opt_state=jax.eval_shape(optimizer.init, params))

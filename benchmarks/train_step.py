@@ -16,7 +16,7 @@ see the same machine load; the medians are reported with their ratio, one
 line per PyTorch variant. GFLOP/s use XLA's FLOP count of the step for both
 sides, against a measured float32 matmul peak.
 
-`--meta` times JAX only: the trainer's `meta_train_step` (config.saal.update_rule=
+`--meta` times JAX only: the trainer's `meta_train_step` (config.meta.update_rule=
 'meta', log10 alpha, the batch itself as meta batch) against its plain
 `train_step` on the same model and batch, for meta_every_steps 1 and 5. Each
 round runs 5 consecutive steps of each, so meta_every_steps=5 is timed over
@@ -120,8 +120,8 @@ class MetaSide:
 
   def __init__(self, config, batch: dict[str, np.ndarray], meta_every_steps: int):
     config = self.config = config.copy_and_resolve_references()
-    config.saal.update_rule, config.saal.alpha_param = "meta", "log10"
-    config.saal.meta_every_steps = meta_every_steps
+    config.meta.update_rule, config.loss_kwargs.saal.alpha_param = "meta", "log10"
+    config.meta.every_steps = meta_every_steps
     model = train.create_model(config, len(CLASS_COUNTS))
     optimizer = train.make_optimizer(config, 100)
     state = train.create_train_state(config, model, batch["image"].shape[1:], optimizer, jax.random.PRNGKey(0),
@@ -171,7 +171,7 @@ def _config_and_batch(size: int, batch_size: int):
   config = config_lib.base_config()
   config.backbone = FLAGS.backbone
   config.image_size, config.batch_size, config.channels = size, batch_size, FLAGS.channels
-  config.widths, config.hidden = tuple(int(w) for w in FLAGS.widths.split("x")), FLAGS.hidden
+  config.model.widths, config.model.hidden = tuple(int(w) for w in FLAGS.widths.split("x")), FLAGS.hidden
   config.learning_rate = 0.01
   rng = np.random.default_rng(0)
   batch = {"image": rng.standard_normal((batch_size, size, size, FLAGS.channels)).astype(np.float32),

@@ -5,7 +5,7 @@ the same contract as `dsn_saal_jax.data.input_pipeline`: step s is batch
 s % steps_per_epoch of a seeded per-epoch permutation (so `train_iter(s)`
 resumes exactly), every process gets its contiguous slice of each global
 batch, and eval passes pad with mask 0 so every example counts once. With a
-meta set (`meta_fraction` > 0, for `config.saal.update_rule='meta'`) each training
+meta set (`meta_fraction` > 0, for `config.meta.update_rule='meta'`) each training
 batch also carries that step's `meta_image` and `meta_label`.
 """
 

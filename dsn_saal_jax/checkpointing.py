@@ -53,9 +53,11 @@ def inference_spec(config: Any, info: Any) -> dict[str, Any]:
       "normalization": dict(info.normalization),
       "lung_mask": {"dicom": config.dataset in _HU_DATASETS or masked_images, "images": masked_images},
       "eval_head": config.eval_head,
-      "model": {"backbone": config.backbone, "model": config.model,
+      # The flat keys of the config schema before issue 28, so that specs of either time read alike
+      # (predict upgrades them with config_lib.upgrade).
+      "model": {"backbone": config.backbone, "model": "dsn" if config.model.dsn else "baseline",
                 **{k: list(v) if isinstance(v, tuple) else v for k, v in models.config_kwargs(config).items()},
-                "fuse_channels": int(config.fuse_channels), "loss": config.loss,
+                "fuse_channels": int(config.model.fuse_channels), "loss": config.loss,
                 "compute_dtype": config.compute_dtype},
   }
 

@@ -185,10 +185,10 @@ def class_balanced_weights(class_counts: np.ndarray, beta_cb: float = 0.9999) ->
   return (len(counts) * w / w.sum()).astype(np.float32)
 
 
-def cb_loss(heads, labels, saal_params=None, class_counts=None, mask=None, *, beta_cb: float = 0.9999):
+def cb_loss(heads, labels, saal_params=None, class_counts=None, mask=None, *, beta: float = 0.9999):
   """Class-balanced cross-entropy with fixed effective-number weights."""
   del saal_params
-  w = jnp.asarray(class_balanced_weights(np.asarray(class_counts), beta_cb))
+  w = jnp.asarray(class_balanced_weights(np.asarray(class_counts), beta))
   _check_shapes(heads, labels, w.shape[0])
   onehot = jax.nn.one_hot(labels, w.shape[0], dtype=jnp.float32)
   return _sum_heads(lambda i, z, y: -w[y] * jnp.sum(onehot * jax.nn.log_softmax(z), -1), heads, labels, mask)
@@ -247,7 +247,7 @@ def mwn_loss(heads, labels, mwn_params, class_counts=None, mask=None):
 
   As in MW-Net.py (`vnet(cost_v.data)`), the MLP reads the CE as a constant:
   the network's gradient is that of the weighted CE, and only the meta step
-  (`config.saal.update_rule='meta'`) trains the MLP, through the lookahead. The
+  (`config.meta.update_rule='meta'`) trains the MLP, through the lookahead. The
   weights are not renormalized per batch (their class-imbalance script does).
   """
   num_classes = heads[0].shape[-1] if class_counts is None else class_counts.shape[0]

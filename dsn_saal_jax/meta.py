@@ -24,7 +24,7 @@ _META_SHUFFLE_STREAM = 4
 
 def check_meta_fraction(fraction: float) -> None:
   if not 0.0 < fraction <= 0.5:
-    raise ValueError(f"config.saal.meta_fraction={fraction!r} must be in (0, 0.5]: the share of each class's "
+    raise ValueError(f"config.meta.fraction={fraction!r} must be in (0, 0.5]: the share of each class's "
                      "training examples held out as the meta set.")
 
 
@@ -45,18 +45,18 @@ def meta_split(labels: np.ndarray, fraction: float, balanced: bool, seed: int,
     meta_counts = np.full(len(counts), round(fraction * len(labels) / len(counts)))
   else:
     meta_counts = np.array([round(fraction * k) for k in counts])
-  how = (f"meta_balanced: round({fraction} * {len(labels)} / {len(counts)}) = {meta_counts[0]} of every class"
-         if balanced else "round(meta_fraction * k_n) of each class")
+  how = (f"balanced: round({fraction} * {len(labels)} / {len(counts)}) = {meta_counts[0]} of every class"
+         if balanced else "round(fraction * k_n) of each class")
   no_meta = [f"{name} ({k} training examples)" for name, k, m in zip(class_names, counts, meta_counts) if m < 1]
   if no_meta:
-    raise ValueError(f"config.saal.meta_fraction={fraction} ({how}) leaves no meta example of class "
-                     f"{', '.join(no_meta)}; raise meta_fraction or keep more examples of that class.")
+    raise ValueError(f"config.meta.fraction={fraction} ({how}) leaves no meta example of class "
+                     f"{', '.join(no_meta)}; raise it or keep more examples of that class.")
   no_train = [f"{name} ({k} examples, {m} for meta)" for name, k, m in zip(class_names, counts, meta_counts)
               if m >= k]
   if no_train:
-    hint = " or set meta_balanced=False." if balanced else "."
-    raise ValueError(f"config.saal.meta_fraction={fraction} ({how}) leaves no training example of class "
-                     f"{', '.join(no_train)}; lower meta_fraction{hint}")
+    hint = " or set config.meta.balanced=False." if balanced else "."
+    raise ValueError(f"config.meta.fraction={fraction} ({how}) leaves no training example of class "
+                     f"{', '.join(no_train)}; lower it{hint}")
   rng = np.random.default_rng([seed, _META_SPLIT_STREAM])
   meta = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == n), size=m, replace=False)
                                  for n, m in enumerate(meta_counts)]))
@@ -123,7 +123,7 @@ def balanced_ce(meta_counts: Sequence[int]) -> Callable[[jax.Array, jax.Array], 
 
   Its expectation over the meta set is the mean over classes of each class's
   CE, so the minority counts as much as the majority whatever the meta set's
-  imbalance (plain CE when meta_balanced gives equal counts).
+  imbalance (plain CE when config.meta.balanced gives equal counts).
   """
   inverse = 1.0 / np.asarray(meta_counts, np.float64)
   weights = jnp.asarray(len(inverse) * inverse / inverse.sum(), jnp.float32)

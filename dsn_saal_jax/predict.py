@@ -265,8 +265,9 @@ def _load(step_dir: str, config: ml_collections.ConfigDict | None) -> tuple[dict
 
 
 def _model(spec: Mapping[str, Any]):
-  # Specs written before mixed precision or other backbones existed: float32 VGG16-BN.
-  fields = {"compute_dtype": "float32", "backbone": models.DEFAULT_BACKBONE, **spec["model"]}
+  # Specs written before mixed precision or other backbones existed: float32 VGG16-BN. A spec's model entry
+  # keeps the flat keys of the config schema before issue 28 (model: dsn|baseline, widths, ...): upgrade them.
+  fields = config_lib.upgrade({"compute_dtype": "float32", "backbone": models.DEFAULT_BACKBONE, **spec["model"]})
   return train.create_model(ml_collections.ConfigDict(fields), len(spec["class_names"]), axis_name=None)
 
 

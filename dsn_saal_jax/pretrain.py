@@ -152,7 +152,7 @@ class ProjectionHead(nn.Module):
 
 def create_encoder(config: ml_collections.ConfigDict, axis_name: str | None = AXIS) -> nn.Module:
   """The configured backbone without side heads (its classifier is built but never used)."""
-  return models.get_model(config.backbone, num_classes=2, dsn=False, fuse_channels=config.fuse_channels,
+  return models.get_model(config.backbone, num_classes=2, dsn=False, fuse_channels=config.model.fuse_channels,
                           axis_name=axis_name, dtype=jnp.dtype(config.compute_dtype), **models.config_kwargs(config))
 
 

@@ -55,7 +55,8 @@ class Run:
 
   def config(self, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c = copy.deepcopy(base)
-    c.model, c.loss, c.covid_fraction, c.seed, c.fold = self.model, self.loss, self.covid_fraction, self.seed, self.fold
+    c.loss, c.covid_fraction, c.seed, c.fold = self.loss, self.covid_fraction, self.seed, self.fold
+    c.model.dsn = self.model == "dsn"
     if self.backbone:
       c.backbone = self.backbone
     return c

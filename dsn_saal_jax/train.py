@@ -7,7 +7,7 @@ BatchNorm statistics are averaged over all devices of all processes, so an
 N-device step equals a 1-device step on the same global batch. The loss's own
 parameters (SAAL's raw alpha and beta, `params['saal']`; Meta-Weight-Net's
 MLPs, `params['mwn']`) are trained either with the network by its optimizer
-(`config.saal.update_rule='joint'`, the paper's) or by `meta_train_step`'s bilevel
+(`config.meta.update_rule='joint'`, the paper's) or by `meta_train_step`'s bilevel
 step on a held-out meta set (`'meta'`).
 """
 
@@ -75,20 +75,16 @@ class MetaTrainState(TrainState):
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int, axis_name: str | None = AXIS) -> nn.Module:
-  """The configured backbone (`config.backbone`), with side heads when `config.model == 'dsn'`."""
+  """The configured backbone (`config.backbone`), with side heads when `config.model.dsn`."""
   return models.get_model(
-      config.get("backbone", models.DEFAULT_BACKBONE), num_classes=num_classes, dsn=config.model == "dsn",
-      fuse_channels=config.fuse_channels, axis_name=axis_name, dtype=jnp.dtype(config.compute_dtype),
+      config.get("backbone", models.DEFAULT_BACKBONE), num_classes=num_classes, dsn=config.model.dsn,
+      fuse_channels=config.model.fuse_channels, axis_name=axis_name, dtype=jnp.dtype(config.compute_dtype),
       **models.config_kwargs(config))
 
 
 def make_loss_fn(config: ml_collections.ConfigDict, class_counts: np.ndarray, class_names=None) -> losses.LossFn:
-  options = {
-      "saal": dict(log_zero=config.saal.log_zero, normalize_weights=config.saal.normalize_weights,
-                   learn_alpha_beta=config.saal.learn_alpha_beta, alpha_param=config.saal.alpha_param),
-      "ce": {}, "focal": dict(gamma=config.focal_gamma), "cb": dict(beta_cb=config.cb_beta),
-      "sce": dict(alpha=config.sce_alpha, beta=config.sce_beta), "la": dict(tau=config.la_tau), "mwn": {},
-  }[config.loss]
+  options = dict(config.loss_kwargs.get(config.loss, {}))  # ce and mwn take none
+  options.pop("init_stddev", None)  # SAAL's initialization (create_train_state), not a loss option
   return losses.make_loss(config.loss, class_counts, class_names, **options)
 
 
@@ -96,10 +92,11 @@ def model_fingerprint(config: ml_collections.ConfigDict, num_classes: int) -> di
   """What a checkpoint must agree on to be restored into this config's state."""
   shape = {k: (list(v) if isinstance(v, tuple) else v) for k, v in models.config_kwargs(config).items()
            if k != "dropout_rate"}
-  return {"backbone": config.backbone, "model": config.model, "num_classes": int(num_classes),
-          "channels": int(config.channels), **shape, "fuse_channels": int(config.fuse_channels),
+  return {"backbone": config.backbone, "model": "dsn" if config.model.dsn else "baseline",
+          "num_classes": int(num_classes), "channels": int(config.channels), **shape,
+          "fuse_channels": int(config.model.fuse_channels),
           "loss_params": "mwn" if config.loss == "mwn" else config.loss == "saal",
-          "saal_alpha_param": config.saal.alpha_param, "saal_update_rule": config.saal.update_rule}
+          "saal_alpha_param": config.loss_kwargs.saal.alpha_param, "saal_update_rule": config.meta.update_rule}
 
 
 def network_params(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -112,14 +109,14 @@ def loss_params(params: Mapping[str, Any]) -> Any:
 
 
 def make_meta_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam(config.saal.meta_lr) for the meta-learned loss parameters.
+  """Adam(config.meta.lr) for the meta-learned loss parameters.
 
   Adam, as Meta-Weight-Net's MW-Net.py (lr 1e-3), because the meta-gradient
   scales with the lookahead's learning rate (1e-3 here, 0.1 there) and Adam's
   step does not. Without their weight decay (1e-4): at our ~100x smaller
   meta-gradients it would dominate Adam's normalized step.
   """
-  return optax.adam(config.saal.meta_lr)
+  return optax.adam(config.meta.lr)
 
 
 def init_variables(config: ml_collections.ConfigDict, model: nn.Module, image_shape, rng: jax.Array) -> dict:
@@ -147,16 +144,17 @@ def init_variables(config: ml_collections.ConfigDict, model: nn.Module, image_sh
 def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, image_shape,
                        optimizer: optax.GradientTransformation, rng: jax.Array,
                        class_counts: np.ndarray | None = None) -> TrainState:
-  """The initial state; `class_counts` (k_n) are needed by `config.saal.alpha_param='log10'`'s alpha."""
+  """The initial state; `class_counts` (k_n) are needed by `config.loss_kwargs.saal.alpha_param='log10'`'s alpha."""
   model_rng, saal_rng = jax.random.split(rng)
   variables = init_variables(config, model, image_shape, model_rng)
   params = dict(variables["params"])
   if config.loss == "saal":
-    params["saal"] = losses.init_saal_params(saal_rng, model.num_heads, config.saal.init_stddev,
-                                             alpha_param=config.saal.alpha_param, class_counts=class_counts)
+    saal = config.loss_kwargs.saal
+    params["saal"] = losses.init_saal_params(saal_rng, model.num_heads, saal.init_stddev,
+                                             alpha_param=saal.alpha_param, class_counts=class_counts)
   elif config.loss == "mwn":
     params["mwn"] = losses.init_mwn_params(saal_rng, model.num_heads)
-  if config.saal.update_rule == "meta":
+  if config.meta.update_rule == "meta":
     return MetaTrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
                           opt_state=optimizer.init(network_params(params)),
                           meta_opt_state=make_meta_optimizer(config).init(loss_params(params)))
@@ -210,7 +208,7 @@ def meta_train_step(state: MetaTrainState, batch: Mapping[str, jax.Array], dropo
                     optimizer: optax.GradientTransformation, meta_optimizer: optax.GradientTransformation,
                     learning_rate_fn: optax.Schedule, update_loss_params: bool = True, frozen: Sequence[str] = (),
                     alpha_param: str = "sigmoid") -> tuple[MetaTrainState, dict[str, jax.Array]]:
-  """The bilevel step (config.saal.update_rule='meta'); run under pmap(axis_name='batch') as `train_step`.
+  """The bilevel step (config.meta.update_rule='meta'); run under pmap(axis_name='batch') as `train_step`.
 
   With `update_loss_params`, first the loss's parameters phi (SAAL's raw
   alpha, beta; MW-Net's MLPs) take one `meta_optimizer` step on the gradient
@@ -221,7 +219,7 @@ def meta_train_step(state: MetaTrainState, batch: Mapping[str, jax.Array], dropo
   of phi named in `frozen` keep their values. Meta-gradients are averaged
   over devices; the BatchNorm statistics of the lookahead's pass are
   dropped, those of the training batch kept. Steps between meta steps
-  (config.saal.meta_every_steps) are this function without
+  (config.meta.every_steps) are this function without
   `update_loss_params`, a program of its own: under `lax.cond` XLA:CPU ran
   the meta step ~3x slower (its branch copies the forward pass's residuals).
   """
@@ -286,33 +284,34 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Mo
 
 def is_meta_step(config: ml_collections.ConfigDict, step: int) -> bool:
   """Whether step `step` (0-based) updates the loss's parameters by the bilevel step."""
-  return config.saal.update_rule == "meta" and step % config.saal.meta_every_steps == 0
+  return config.meta.update_rule == "meta" and step % config.meta.every_steps == 0
 
 
 def make_train_step(config: ml_collections.ConfigDict, info, model: nn.Module, loss_fn: losses.LossFn,
                     optimizer: optax.GradientTransformation, learning_rate_fn: optax.Schedule,
                     meta_step: bool = True) -> Callable:
-  """`train_step`, or for config.saal.update_rule='meta' `meta_train_step` on the dataset's meta set (`info`),
+  """`train_step`, or for config.meta.update_rule='meta' `meta_train_step` on the dataset's meta set (`info`),
   updating the loss's parameters if `meta_step` (see `is_meta_step`)."""
   meta_counts = getattr(info, "meta_counts", None)
-  if config.saal.update_rule == "joint":
+  if config.meta.update_rule == "joint":
     if meta_counts is not None:
-      raise ValueError("The dataset holds out a meta set, but config.saal.update_rule='joint' would not use it: "
+      raise ValueError("The dataset holds out a meta set, but config.meta.update_rule='joint' would not use it: "
                        "set update_rule='meta', or build the dataset without one (meta_fraction=0).")
     augmentation = {"augment_policy": augment.SUPERVISED, "seed": config.seed} if config.get("augment") else {}
     return functools.partial(train_step, model=model, loss_fn=loss_fn, optimizer=optimizer,
-                             learning_rate_fn=learning_rate_fn, alpha_param=config.saal.alpha_param, **augmentation)
+                             learning_rate_fn=learning_rate_fn, alpha_param=config.loss_kwargs.saal.alpha_param,
+                             **augmentation)
   if config.get("augment"):
-    raise ValueError("config.augment=True is implemented for config.saal.update_rule='joint' only; turn one off.")
+    raise ValueError("config.augment=True is implemented for config.meta.update_rule='joint' only; turn one off.")
   if meta_counts is None:
-    raise ValueError("config.saal.update_rule='meta' learns on a meta set, but the dataset holds none; build it "
-                     "with ArrayDataset(..., meta_fraction=config.saal.meta_fraction).")
-  frozen = {"alpha_beta": (), "alpha": ("beta",), "beta": ("alpha",)}[config.saal.meta_learn]
+    raise ValueError("config.meta.update_rule='meta' learns on a meta set, but the dataset holds none; build it "
+                     "with ArrayDataset(..., meta_fraction=config.meta.fraction).")
+  frozen = {"alpha_beta": (), "alpha": ("beta",), "beta": ("alpha",)}[config.meta.learn]
   return functools.partial(
       meta_train_step, model=model, loss_fn=loss_fn, meta_loss_fn=meta.balanced_ce(meta_counts),
       optimizer=optimizer, meta_optimizer=make_meta_optimizer(config), learning_rate_fn=learning_rate_fn,
       update_loss_params=meta_step, frozen=frozen if config.loss == "saal" else (),
-      alpha_param=config.saal.alpha_param)
+      alpha_param=config.loss_kwargs.saal.alpha_param)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -495,7 +494,7 @@ class _MetricBuffer:
         raise FloatingPointError(
             f"The training loss became {m['loss']} at step {step}; training stopped. The last good checkpoint "
             f"(step {last_good}) in {self.workdir}/checkpoints is kept. Lower config.learning_rate, check the "
-            "input data for NaN/inf, or (SAAL) try --config.saal.normalize_weights=true.")
+            "input data for NaN/inf, or (SAAL) try --config.loss_kwargs.saal.normalize_weights=true.")
     self._window += fetched
     self._epoch += fetched
 
@@ -559,7 +558,7 @@ def _validation_text(metric: str, value: float | None, best: float | None, best_
 def _saal_weight_summaries(config: ml_collections.ConfigDict, info, alpha_logit: np.ndarray) -> dict[str, float]:
   """The class weights w_n the SAAL loss applies at this alpha (what alpha -> 1 does is plain here)."""
   w = losses.saal_class_weights(jnp.float32(alpha_logit), jnp.asarray(info.class_counts, jnp.float32),
-                                config.saal.normalize_weights)
+                                config.loss_kwargs.saal.normalize_weights)
   return {f"train/saal_weight_{name}": float(v) for name, v in zip(info.class_names, np.asarray(w))}
 
 
@@ -688,7 +687,8 @@ def write_report(config: ml_collections.ConfigDict, state: TrainState, dataset, 
   pred = predict_split(p_eval_step, rstate, dataset, split)
   result = metrics_lib.compute_metrics(pred["labels"], pred["probs"], info.class_names)
   # num_examples (from compute_metrics) counts what was evaluated; this, what config.dedup left out.
-  result.update({"split": split, "loss": pred["loss"], "backbone": config.backbone, "model": config.model,
+  result.update({"split": split, "loss": pred["loss"], "backbone": config.backbone,
+                 "model": "dsn" if config.model.dsn else "baseline",
                  "duplicates_removed": info.duplicates_removed.get(split, 0),
                  "num_params": models.count_params(network_params(state.params)), **_meta_set_record(info),
                  **(extra or {})})
@@ -736,7 +736,7 @@ class _Run:
         axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
     self.p_train_step = p_step(True)
     # update_rule='meta' steps between meta steps: their own program (compiled on first use).
-    self.p_plain_step = p_step(False) if config.saal.update_rule == "meta" else self.p_train_step
+    self.p_plain_step = p_step(False) if config.meta.update_rule == "meta" else self.p_train_step
     self.p_eval_step = jax.pmap(
         functools.partial(eval_step, model=self.model, loss_fn=self.loss_fn, eval_head=config.eval_head),
         axis_name=AXIS)
@@ -792,8 +792,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset
                info.num_train, run.steps_per_epoch, run.total_steps,
                sum(np.size(x) for x in jax.tree_util.tree_leaves(state.params)))
   if _meta_set_record(info):
-    logging.info("Meta set (config.saal.meta_fraction=%g%s), held out of the training split: %s.",
-                 config.saal.meta_fraction, ", meta_balanced" if config.saal.meta_balanced else "",
+    logging.info("Meta set (config.meta.fraction=%g%s), held out of the training split: %s.",
+                 config.meta.fraction, ", balanced" if config.meta.balanced else "",
                  _meta_set_record(info)["meta_counts"])
   _warn_if_gpu_scale_on_cpu(config, run, state)
   logging.info("Every %d steps the training scalars go to %s%s.", config.log_every_steps,

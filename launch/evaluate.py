@@ -35,7 +35,7 @@ console.setup(sys.argv)  # first: TensorFlow reads its log level once, when it l
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dsn_saal_jax import checkpointing, folder_eval, metrics, predict, reporting, train
+from dsn_saal_jax import checkpointing, config_lib, folder_eval, metrics, predict, reporting, train
 
 FILE_ERROR, USAGE_ERROR = 1, 2
 
@@ -127,4 +127,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  config_lib.exit_on_moved_flags(sys.argv)  # an old --config.<key> names its new path
   app.run(main, flags_parser=parse_flags)

@@ -54,4 +54,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  config_lib.exit_on_moved_flags(sys.argv)  # an old --config.<key> names its new path
   app.run(main)

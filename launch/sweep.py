@@ -20,7 +20,7 @@ console.setup(sys.argv)  # first: TensorFlow reads its log level once, when it l
 from absl import app, flags
 from ml_collections import config_flags
 
-from dsn_saal_jax import sweep, train
+from dsn_saal_jax import config_lib, sweep, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Base config file (configs/*.py[:variant]).", lock_config=True)
@@ -55,4 +55,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  config_lib.exit_on_moved_flags(sys.argv)  # an old --config.<key> names its new path
   app.run(main)

@@ -57,4 +57,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  config_lib.exit_on_moved_flags(sys.argv)  # an old --config.<key> names its new path
   app.run(main)

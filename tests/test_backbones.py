@@ -123,7 +123,7 @@ def test_weights_of_another_architecture_are_refused_naming_the_right_one():
   sd = {k: v.numpy() for k, v in TORCH_MODELS["resnext50_32x4d"](1000, in_channels=3, dsn=False).state_dict().items()}
   assert convert.guess_architectures(sd) == ["resnext50_32x4d"]  # same keys as resnet50; the shapes decide
   with pytest.raises(ValueError, match=r"not torchvision's resnet50: they have the keys and shapes of "
-                                       r"resnext50_32x4d; pass --arch=resnext50_32x4d \(choices: .*vgg16_bn\)"):
+                                       r"resnext50_32x4d; pass --arch=resnext50_32x4d \(choices: .*vgg16_bn[,)]"):
     convert.torchvision_variables(sd, "resnet50", in_channels=1, num_classes=3)
   with pytest.raises(ValueError, match=r"not torchvision's vgg16_bn: .* of resnext50_32x4d"):
     convert.torchvision_variables(sd, "vgg16_bn")
@@ -134,16 +134,16 @@ def test_weights_of_another_architecture_are_refused_naming_the_right_one():
     ("resnet50", dict(width=16)), ("resnext50_32x4d", dict(width=16, groups=32, width_per_group=4)),
     ("densenet169", dict(growth_rate=8, num_init_features=16)), ("mobilenet_v2", dict(width_mult=0.25))])
 def test_width_scale_narrows_the_backbone_and_is_part_of_the_fingerprint(backbone, narrowed):
-  """config.width_scale (for CPU-budget studies) reaches the builder; a checkpoint of another width is refused."""
+  """config.model.width_scale (for CPU-budget studies) reaches the builder; a checkpoint of another width is refused."""
   from dsn_saal_jax import checkpointing, config_lib  # pylint: disable=g-import-not-at-top
   c = config_lib.base_config()
-  c.backbone, c.width_scale = backbone, 0.25
+  c.backbone, c.model.width_scale = backbone, 0.25
   config_lib.validate_config(c, 1)
   model = train.create_model(c, 3)
   assert {k: getattr(model, k) for k in narrowed} == narrowed
   full_config, narrow_config = config_lib.base_config(), config_lib.base_config()
   full_config.backbone = narrow_config.backbone = backbone
-  narrow_config.width_scale = 0.25
+  narrow_config.model.width_scale = 0.25
   full, narrow = train.model_fingerprint(full_config, 3), train.model_fingerprint(narrow_config, 3)
   assert checkpointing.fingerprint_differences(full, narrow) == ["width_scale: checkpoint 1.0 vs config 0.25"]
   legacy = {k: v for k, v in full.items() if k != "width_scale"}  # written before width_scale existed
@@ -153,9 +153,9 @@ def test_width_scale_narrows_the_backbone_and_is_part_of_the_fingerprint(backbon
 def test_width_scale_on_vgg_points_to_widths():
   from dsn_saal_jax import config_lib  # pylint: disable=g-import-not-at-top
   c = config_lib.base_config()
-  c.width_scale = 0.5
-  with pytest.raises(ValueError, match=r"config.width_scale=0.5 does not apply to vgg16_bn; narrow it with "
-                                       r"config.widths instead"):
+  c.model.width_scale = 0.5
+  with pytest.raises(ValueError, match=r"config.model.width_scale=0.5 does not apply to vgg16_bn; narrow it with "
+                                       r"config.model.widths instead"):
     config_lib.validate_config(c, 1)
 
 

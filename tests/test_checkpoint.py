@@ -59,7 +59,7 @@ def test_evaluate_restores_the_best_checkpoint_and_reproduces_the_report(referen
 def test_workdir_of_a_different_model_is_refused(reference):
   _, workdir = reference
   before = latest_steps(workdir)
-  c = tiny_config(model="baseline", num_train_steps=16)
+  c = tiny_config(**{"model.dsn": False}, num_train_steps=16)
   with pytest.raises(ValueError, match="holds a latest checkpoint of a different model") as refused:
     train_lib.train_and_evaluate(c, str(workdir), dataset=tiny_dataset(c))
   assert "model: checkpoint 'dsn' vs config 'baseline'" in str(refused.value)

@@ -340,7 +340,7 @@ def test_trains_and_reports_on_a_folder(tmp_path):
   manual = make_flat(tmp_path / "manual", {"covid": 12, "normal": 16}, ext=".jpg")
   c = tiny_config(dataset="image_folder", manual_dir=str(manual), data_dir=str(tmp_path / "tfds"),
                   lung_mask=False, batch_size=8, eval_batch_size=8, num_train_steps=2,
-                  checkpoint_every_steps=2, gradcam_per_class=1, model="baseline")
+                  checkpoint_every_steps=2, gradcam_per_class=1, **{"model.dsn": False})
   train.train_and_evaluate(c, str(tmp_path / "work"))
   metrics = json.loads((tmp_path / "work" / "report" / "test" / "metrics.json").read_text())
   assert metrics["num_examples"] == 6   # round(0.2 * 12) + round(0.2 * 16) test slices

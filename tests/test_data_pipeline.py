@@ -183,9 +183,9 @@ def test_imbalance_protocol(data_dir, fraction):
 
 def test_meta_set_is_held_out_of_the_kept_training_examples(data_dir):
   """update_rule=meta: a stratified slice of what covid_fraction kept, gone from training, fed per step; k_n follow."""
-  saal = dict(update_rule="meta", meta_fraction=0.25, meta_balanced=False)
+  meta_config = dict(update_rule="meta", fraction=0.25, balanced=False)
   plain = create(data_dir, covid_fraction=0.5, batch_size=4)
-  ds = create(data_dir, covid_fraction=0.5, batch_size=4, saal=saal)
+  ds = create(data_dir, covid_fraction=0.5, batch_size=4, meta=meta_config)
   kept = plain.info.class_counts
   assert ds.info.meta_counts.tolist() == [round(0.25 * k) for k in kept]
   np.testing.assert_array_equal(ds.info.class_counts + ds.info.meta_counts, kept)

@@ -21,7 +21,7 @@ def test_alpha_param_and_update_rule_are_in_the_fingerprint_and_older_checkpoint
   """A raw alpha means another alpha under the other parametrization, and update_rule='meta' states hold the
   meta optimizer's: resuming across either is refused; checkpoints from before both fields are sigmoid, joint."""
   sigmoid, log10 = config_lib.base_config(), config_lib.base_config()
-  log10.saal.alpha_param, log10.saal.update_rule = "log10", "meta"
+  log10.loss_kwargs.saal.alpha_param, log10.meta.update_rule = "log10", "meta"
   old, new = train.model_fingerprint(sigmoid, 3), train.model_fingerprint(log10, 3)
   assert checkpointing.fingerprint_differences(old, new) == [
       "saal_alpha_param: checkpoint 'sigmoid' vs config 'log10'",
@@ -31,8 +31,8 @@ def test_alpha_param_and_update_rule_are_in_the_fingerprint_and_older_checkpoint
   sigmoid.loss = "mwn"
   assert checkpointing.fingerprint_differences(old, train.model_fingerprint(sigmoid, 3)) == [
       "loss_params: checkpoint True vs config 'mwn'"]
-  log10.saal.alpha_param = "log"
-  with pytest.raises(ValueError, match=r"config.saal.alpha_param='log' is not one of sigmoid, log10"):
+  log10.loss_kwargs.saal.alpha_param = "log"
+  with pytest.raises(ValueError, match=r"config.loss_kwargs.saal.alpha_param='log' is not one of sigmoid, log10"):
     config_lib.validate_config(log10, 1)
 
 
@@ -54,11 +54,11 @@ def test_meta_set_is_a_seeded_stratified_slice_held_out_of_training():
 
 
 @pytest.mark.parametrize("fraction, balanced, message", [
-    (0.0, False, r"meta_fraction=0.0 must be in \(0, 0.5\]"),
-    (0.6, False, r"meta_fraction=0.6 must be in \(0, 0.5\]"),
+    (0.0, False, r"config.meta.fraction=0.0 must be in \(0, 0.5\]"),
+    (0.6, False, r"config.meta.fraction=0.6 must be in \(0, 0.5\]"),
     (0.05, False, r"leaves no meta example of class covid \(9 training examples\)"),
-    (0.2, True, r"meta_balanced: round\(0.2 \* 239 / 3\) = 16 of every class\) leaves no training example "
-                r"of class covid \(9 examples, 16 for meta\); lower meta_fraction or set meta_balanced=False"),
+    (0.2, True, r"balanced: round\(0.2 \* 239 / 3\) = 16 of every class\) leaves no training example "
+                r"of class covid \(9 examples, 16 for meta\); lower it or set config.meta.balanced=False"),
 ])
 def test_meta_set_that_would_empty_a_class_is_refused_naming_it(fraction, balanced, message):
   with pytest.raises(ValueError, match=message):
@@ -281,23 +281,28 @@ def test_meta_run_resumed_equals_uninterrupted_and_logs_the_learned_parameters(m
   assert sum(report["train_counts"].values()) == 64 - 6
 
 
-@pytest.mark.parametrize("loss, saal, message", [
-    ("ce", dict(update_rule="meta"), r"update_rule='meta' meta-learns the loss's own parameters, but config.loss='ce' "
-                                     r"has none; use loss=saal or mwn"),
-    ("saal", dict(update_rule="meta", learn_alpha_beta=False), r"learn_alpha_beta=False: alpha and beta are fixed"),
-    ("mwn", dict(update_rule="joint"), r"config.loss='mwn' \(Meta-Weight-Net\) learns its weights on the meta set "
-                                       r"only; set config.saal.update_rule='meta'"),
-    ("saal", dict(update_rule="bilevel"), r"config.saal.update_rule='bilevel' is not one of joint, meta"),
-    ("saal", dict(meta_learn="gamma"), r"config.saal.meta_learn='gamma' is not one of alpha_beta, alpha, beta"),
-    ("saal", dict(meta_every_steps=0), r"meta_every_steps must be a positive integer, got 0"),
-    ("saal", dict(meta_lr=0.0), r"config.saal.meta_lr must be positive, got 0.0"),
-    ("saal", dict(meta_fraction=0.75), r"config.saal.meta_fraction=0.75 must be in \(0, 0.5\]"),
+@pytest.mark.parametrize("loss, fields, message", [
+    ("ce", {"meta.update_rule": "meta"}, r"update_rule='meta' meta-learns the loss's own parameters, but "
+                                         r"config.loss='ce' has none; use loss=saal or mwn"),
+    ("saal", {"meta.update_rule": "meta", "loss_kwargs.saal.learn_alpha_beta": False},
+     r"learn_alpha_beta=False: alpha and beta are fixed"),
+    ("mwn", {"meta.update_rule": "joint"}, r"config.loss='mwn' \(Meta-Weight-Net\) learns its weights on the meta "
+                                           r"set only; set config.meta.update_rule='meta'"),
+    ("saal", {"meta.update_rule": "bilevel"}, r"config.meta.update_rule='bilevel' is not one of joint, meta"),
+    ("saal", {"meta.learn": "gamma"}, r"config.meta.learn='gamma' is not one of alpha_beta, alpha, beta"),
+    ("saal", {"meta.every_steps": 0}, r"config.meta.every_steps must be a positive integer, got 0"),
+    ("saal", {"meta.lr": 0.0}, r"config.meta.lr must be positive, got 0.0"),
+    ("saal", {"meta.fraction": 0.75}, r"config.meta.fraction=0.75 must be in \(0, 0.5\]"),
 ])
-def test_meta_config_that_cannot_learn_is_refused_naming_the_value(loss, saal, message):
+def test_meta_config_that_cannot_learn_is_refused_naming_the_value(loss, fields, message):
   c = config_lib.base_config()
   c.loss = loss
-  for k, v in saal.items():
-    c.saal[k] = v
+  for path, v in fields.items():
+    *parents, leaf = path.split(".")
+    node = c
+    for name in parents:
+      node = node[name]
+    node[leaf] = v
   with pytest.raises(ValueError, match=message):
     config_lib.validate_config(c, 1)
 
@@ -307,9 +312,9 @@ def test_meta_rule_and_dataset_must_agree_on_a_meta_set():
   images, labels = np.zeros((len(LABELS), 4, 4, 1), np.float32), LABELS
   with_meta = ArrayDataset((images, labels), {}, NAMES, 16, 16, meta_fraction=0.1).info
   without = ArrayDataset((images, labels), {}, NAMES, 16, 16).info
-  with pytest.raises(ValueError, match=r"holds out a meta set, but config.saal.update_rule='joint' would not use it"):
+  with pytest.raises(ValueError, match=r"holds out a meta set, but config.meta.update_rule='joint' would not use it"):
     train.make_train_step(c, with_meta, None, None, None, None)
-  c.saal.update_rule = "meta"
+  c.meta.update_rule = "meta"
   with pytest.raises(ValueError, match=r"update_rule='meta' learns on a meta set, but the dataset holds none"):
     train.make_train_step(c, without, None, None, None, None)
 

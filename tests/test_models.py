@@ -8,7 +8,6 @@ import pytest
 from conftest import init_variables
 from dsn_saal_jax import models
 
-TINY = dict(widths=(4, 8, 8, 16, 16), hidden=32)
 
 
 def expected_param_count(in_ch, num_classes, dsn, widths=models.VGG16_WIDTHS, hidden=4096, fuse=1):
@@ -37,12 +36,21 @@ def test_full_size_parameter_count(dsn, in_ch):
     assert round(n / 1e6, 2) == 134.28
 
 
+def test_tiny_variant_is_vgg16_bn_narrowed_and_takes_only_dropout_from_the_config():
+  """vgg16_bn_tiny (the tests' model): every layer and head of VGG16-BN at VGG16_TINY_WIDTHS, a 64-unit classifier."""
+  model = models.get_model("vgg16_bn_tiny", num_classes=3)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 1))))
+  assert models.count_params(shapes["params"]) == expected_param_count(1, 3, True, models.VGG16_TINY_WIDTHS,
+                                                                       models.VGG16_TINY_HIDDEN)
+  assert models.config_fields("vgg16_bn_tiny") == ("dropout_rate",)  # config.model's VGG shape keys do not apply
+
+
 # Built once for the module's tests: initialising (compiling one random draw per leaf) is what costs,
 # and it does not depend on the input size (every head pools to 7x7 first).
 @pytest.fixture(scope="module")
 def tiny():
-  """TINY DSN-VGG16-BN, its variables (1-channel input) and its jitted apply, shared by the tests below."""
-  model = models.DSNVGG16BN(num_classes=3, **TINY)
+  """The tiny DSN-VGG16-BN (vgg16_bn_tiny), its variables (1-channel input) and its jitted apply, shared below."""
+  model = models.get_model("vgg16_bn_tiny", num_classes=3)
   variables = init_variables(model, (1, 32, 32, 1))
   return model, variables, jax.jit(model.apply)
 
@@ -118,7 +126,7 @@ def test_predict_probs():
 
 @pytest.mark.parametrize("shape", [(1, 32, 40, 1), (1, 16, 16, 1), (1, 64, 64, 2), (64, 64, 1)])
 def test_bad_input_shape_is_reported(shape):
-  model = models.DSNVGG16BN(num_classes=3, **TINY)
+  model = models.get_model("vgg16_bn_tiny", num_classes=3)
   with pytest.raises(ValueError, match=r"H == W >= 32 and 1 or 3 channels"):
     model.init(jax.random.PRNGKey(0), jnp.zeros(shape))
 

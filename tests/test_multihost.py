@@ -12,7 +12,7 @@ from conftest import HERE, concurrently, free_port, multiprocess_env, run_worker
 # Two epochs of 4 steps; logs, checkpoints and validation every 4: steps 1-3 and 5-7 are no boundary of any kind.
 STEPS, EVERY = 8, 4
 OVERRIDES = json.dumps({"num_train_steps": STEPS, "checkpoint_every_steps": EVERY, "log_every_steps": EVERY,
-                        "dropout_rate": 0.0})
+                        "model.dropout_rate": 0.0})
 
 
 def syncs_after_each_step(out: str) -> dict[int, list[str]]:

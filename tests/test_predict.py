@@ -31,8 +31,9 @@ RTPLAN = get_testdata_file("rtplan.dcm")  # DICOM without pixel data.
 pytestmark = pytest.mark.skipif(CT_SMALL is None or RTPLAN is None, reason="pydicom's test files are not installed")
 
 # The run: covid19_diag's paper config shrunk to CPU size, trained until its outputs differ by slice.
-OVERRIDES = {"image_size": 32, "widths": (8, 8, 16, 16, 16), "hidden": 32, "batch_size": 8, "eval_batch_size": 8,
-             "num_train_steps": 24, "log_every_steps": 4, "learning_rate": 0.05, "saal.normalize_weights": True,
+OVERRIDES = {"image_size": 32, "model.widths": (8, 8, 16, 16, 16), "model.hidden": 32, "batch_size": 8,
+             "eval_batch_size": 8, "num_train_steps": 24, "log_every_steps": 4, "learning_rate": 0.05,
+             "loss_kwargs.saal.normalize_weights": True,
              "gradcam_per_class": 1, "eval_head": "mean"}
 CLASS_FOLDERS = ("Normal", "Bacterial", "COVID-19")
 SIZE = 48
@@ -81,9 +82,11 @@ def flag(value) -> str:
 # In-process and independent of the run: they come first, and run while it trains.
 
 
-def tiny_config(**overrides):
+def tiny_config(widths=(8, 8, 8, 8, 8), **overrides):
+  """A VGG16-BN 8 channels wide (`widths`: another shape, for a checkpoint of another model)."""
   c = config_lib.base_config()
-  c.image_size, c.widths, c.hidden, c.batch_size, c.eval_batch_size = 32, (8, 8, 8, 8, 8), 16, 8, 8
+  c.image_size, c.batch_size, c.eval_batch_size = 32, 8, 8
+  c.model.widths, c.model.hidden = widths, 16
   for k, v in overrides.items():
     c[k] = v
   return c

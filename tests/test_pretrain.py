@@ -103,7 +103,8 @@ def test_augmentation_is_a_function_of_seed_step_and_example_and_stays_in_its_ra
 
 
 def test_augment_off_compiles_to_the_step_without_augmentation():
-  config = tiny_config(loss="ce", stages=(1, 1, 1, 1, 1), widths=(4, 4, 4, 4, 4), hidden=8)
+  config = tiny_config(loss="ce", backbone="vgg16_bn",
+                       **{"model.stages": (1, 1, 1, 1, 1), "model.widths": (4, 4, 4, 4, 4), "model.hidden": 8})
   model = train.create_model(config, 3)
   loss_fn = train.make_loss_fn(config, np.array([5, 3, 2]))
   optimizer, schedule = train.make_optimizer(config, 4), train.make_lr_schedule(config, 4)
@@ -121,7 +122,7 @@ def test_augment_off_compiles_to_the_step_without_augmentation():
         expand(state), batch, jax.ShapeDtypeStruct((2,), jnp.uint32)).as_text()
 
   plain = functools.partial(train.train_step, model=model, loss_fn=loss_fn, optimizer=optimizer,
-                            learning_rate_fn=schedule, alpha_param=config.saal.alpha_param)
+                            learning_rate_fn=schedule, alpha_param=config.loss_kwargs.saal.alpha_param)
   default = hlo(train.make_train_step(config, info, model, loss_fn, optimizer, schedule))
   assert default == hlo(plain)
   config.augment = True
@@ -142,7 +143,8 @@ def phantom_slices(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def ssl_config(folder: str = "", **overrides):
   c = pretrain.pretrain_config()
   c.pretrain.folder = folder
-  c.widths, c.stages, c.hidden, c.image_size, c.channels = (8, 16, 16, 32, 32), (1, 1, 1, 1, 1), 64, SIZE, 1
+  c.model.widths, c.model.stages, c.model.hidden = (8, 16, 16, 32, 32), (1, 1, 1, 1, 1), 64
+  c.image_size, c.channels = SIZE, 1
   c.batch_size, c.learning_rate, c.log_every_steps, c.tensorboard = 32, 0.1, 4, False
   for k, v in overrides.items():
     c[k] = v
@@ -213,7 +215,9 @@ def test_labels_are_never_read_and_a_preempted_run_resumes_exactly(tmp_path, pha
 
 
 def test_the_backbone_initialises_a_dsn_run_with_heads_fresh_and_other_models_are_refused(pretrained):
-  config = tiny_config(widths=(8, 16, 16, 32, 32), stages=(1, 1, 1, 1, 1), hidden=64, init_checkpoint=pretrained)
+  one_conv = {"backbone": "vgg16_bn", "model.widths": (8, 16, 16, 32, 32), "model.stages": (1, 1, 1, 1, 1),
+              "model.hidden": 64}  # ssl_config's backbone
+  config = tiny_config(**one_conv, init_checkpoint=pretrained)
   model = train.create_model(config, 3)
   rng = jax.random.PRNGKey(5)
   got = traverse_util.flatten_dict(train.init_variables(config, model, (SIZE, SIZE, 1), rng))
@@ -225,8 +229,7 @@ def test_the_backbone_initialises_a_dsn_run_with_heads_fresh_and_other_models_ar
     np.testing.assert_array_equal(v, trunk[k] if k in trunk else fresh[k], err_msg="/".join(k))
   assert any(k[1].startswith("side") for k in got) and ("params", "fc8", "kernel") in got
 
-  rgb = tiny_config(widths=(8, 16, 16, 32, 32), stages=(1, 1, 1, 1, 1), hidden=64, init_checkpoint=pretrained,
-                    channels=3)
+  rgb = tiny_config(**one_conv, init_checkpoint=pretrained, channels=3)
   with pytest.raises(ValueError, match=r"in_channels: checkpoint 1 vs config 3"):
     train.init_variables(rgb, train.create_model(rgb, 3), (SIZE, SIZE, 3), rng)
   with pytest.raises(ValueError, match=r"backbone: checkpoint 'vgg16_bn' vs config 'resnet50'"):
@@ -236,13 +239,12 @@ def test_the_backbone_initialises_a_dsn_run_with_heads_fresh_and_other_models_ar
                             shape={"widths": (8, 8, 8, 8, 8), "stages": (1, 1, 1, 1, 1), "hidden": 64})
 
 
-@pytest.mark.parametrize("backbone", sorted(set(models.list_models()) - {"resnet50", "resnext50_32x4d", "densenet169",
-                                                                       "mobilenet_v2"}))
+@pytest.mark.parametrize("backbone", sorted(set(models.list_models()) - {"vgg16_bn", "resnet50", "resnext50_32x4d",
+                                                                       "densenet169", "mobilenet_v2"}))
 def test_every_backbone_exports_its_trunk_only(backbone):
   """Every family (its full-size members are the same classes, wider; tracing them costs ~12 s)."""
-  small = {"widths": (8, 8, 8, 8, 8), "hidden": 16} if backbone == "vgg16_bn" else {}
-  encoder = models.get_model(backbone, num_classes=2, dsn=False, **small)
-  dsn = models.get_model(backbone, num_classes=3, dsn=True, **small)
+  encoder = models.get_model(backbone, num_classes=2, dsn=False)
+  dsn = models.get_model(backbone, num_classes=3, dsn=True)
   x = jnp.zeros((1, max(encoder.min_size, 32), max(encoder.min_size, 32), 1))
   enc = jax.eval_shape(lambda: encoder.init(jax.random.PRNGKey(0), x))
   full = traverse_util.flatten_dict(jax.eval_shape(lambda: dsn.init(jax.random.PRNGKey(0), x)))

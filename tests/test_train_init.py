@@ -9,8 +9,7 @@ import pytest
 from flax import traverse_util
 
 from conftest import init_variables, run_worker
-from dsn_saal_jax import config_lib, convert, train
-from dsn_saal_jax.models import DSNVGG16BN
+from dsn_saal_jax import config_lib, convert, models, train
 from train_worker import tiny_config
 
 
@@ -32,7 +31,7 @@ def test_train_state_starts_from_the_converted_backbone(eight_devices_started, t
   del eight_devices_started  # requested only to start the 8-device worker: it runs alongside these tests
   c = tiny_config()
   # A "pretrained" backbone + classifier: the baseline's variables without the last Linear.
-  donor = DSNVGG16BN(1000, dsn=False, widths=c.widths, hidden=c.hidden)
+  donor = models.get_model(c.backbone, num_classes=1000, dsn=False)
   donor_vars = init_variables(donor, (1, 32, 32, 1), seed=7)
   pretrained = jax.tree_util.tree_map(np.asarray, donor_vars)
   pretrained["params"].pop("fc8")
@@ -48,10 +47,10 @@ def test_train_state_starts_from_the_converted_backbone(eight_devices_started, t
   for key, value in want.items():
     np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg="/".join(key))
   # Side branches, the new 3-class fc8 and the SAAL scalars are the trainer's own.
-  assert got[("params", "fc8", "kernel")].shape == (c.hidden, 3)
+  assert got[("params", "fc8", "kernel")].shape == (models.VGG16_TINY_HIDDEN, 3)
   assert ("params", "side1", "fc", "kernel") in got and ("params", "saal", "alpha") in got
 
-  c.widths = (8, 16, 16, 32, 64)
+  c.backbone, c.model.widths, c.model.hidden = "vgg16_bn", (8, 16, 16, 32, 64), models.VGG16_TINY_HIDDEN
   with pytest.raises(ValueError, match=r"imagenet does not fit the model: .*conv5_1/kernel has shape"):
     train.create_train_state(c, train.create_model(c, 3), (32, 32, 1), opt, jax.random.PRNGKey(0))
 

@@ -15,8 +15,8 @@ def test_sweep_trains_each_run_once_and_writes_the_table(tmp_path):
   calls = []
 
   def fake_train(config, workdir):
-    calls.append((config.model, config.loss, config.covid_fraction, config.seed, workdir))
-    acc = 0.9 if config.model == "dsn" else 0.8
+    calls.append((config.model.dsn, config.loss, config.covid_fraction, config.seed, workdir))
+    acc = 0.9 if config.model.dsn else 0.8
     acc -= 0.1 * (config.covid_fraction < 1) + 0.01 * config.seed
     os.makedirs(os.path.join(workdir, "report", "test"))
     with open(os.path.join(workdir, "report", "test", "metrics.json"), "w") as f:
@@ -25,7 +25,7 @@ def test_sweep_trains_each_run_once_and_writes_the_table(tmp_path):
 
   md, js = sweep.run_sweep(base, str(tmp_path), runs, "table6", fake_train)
   assert len(calls) == 8 and len({c[-1] for c in calls}) == 8
-  assert base.model == "dsn" and base.seed == 0  # the base config is not mutated
+  assert base.model.dsn and base.seed == 0  # the base config is not mutated
   table = json.load(open(js))
   cell = table["rows"]["0.1"]["DSN-SAAL"]["ACC"]
   assert abs(cell["mean"] - 0.795) < 1e-9 and cell["n"] == 2
@@ -50,17 +50,17 @@ def test_table4_trains_each_backbone_with_and_without_side_heads(tmp_path):
   seen = []
 
   def fake_train(config, workdir):
-    seen.append((config.backbone, config.model, config.loss))
+    seen.append((config.backbone, config.model.dsn, config.loss))
     acc = {"vgg16_bn": 0.8, "resnet50": 0.7, "densenet169": 0.6, "resnext50_32x4d": 0.5}[config.backbone]
-    acc += 0.05 * (config.model == "dsn") + 0.01 * config.seed
+    acc += 0.05 * config.model.dsn + 0.01 * config.seed
     os.makedirs(os.path.join(workdir, "report", "test"))
     with open(os.path.join(workdir, "report", "test", "metrics.json"), "w") as f:
       json.dump({"accuracy": acc, "macro_f1": acc, "g_mean": acc,
-                 "num_params": 23_590_000 if config.model == "dsn" else 23_510_000}, f)
+                 "num_params": 23_590_000 if config.model.dsn else 23_510_000}, f)
 
   md, js = sweep.run_sweep(base, str(tmp_path), runs, "table4", fake_train)
   assert sorted(set(seen)) == sorted((b, m, "ce") for b in ("vgg16_bn", "resnet50", "densenet169", "resnext50_32x4d")
-                                     for m in ("baseline", "dsn"))
+                                     for m in (False, True))
   assert base.backbone == "vgg16_bn"  # the base config is not mutated
   assert os.path.isdir(tmp_path / "resnet50" / "dsn_ce" / "covid1_seed1_fold0")
   table = json.load(open(js))

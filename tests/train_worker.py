@@ -38,26 +38,33 @@ PREEMPTED_EXIT_CODE = 143  # as launch/train.py
 
 
 def tiny_config(**overrides) -> config_lib.ml_collections.ConfigDict:
-  """The tiny test config; an override key 'saal.update_rule' sets config.saal's field."""
+  """The tiny test config (models' vgg16_bn_tiny); a dotted override key 'meta.update_rule' sets a nested field.
+
+  A VGG shape of its own (model.widths, model.stages, model.hidden) needs backbone='vgg16_bn': the tiny
+  variant takes none.
+  """
   c = config_lib.base_config()
-  c.widths, c.hidden, c.image_size = (8, 16, 16, 32, 32), 64, 32
+  c.backbone, c.image_size = "vgg16_bn_tiny", 32
   c.batch_size = c.eval_batch_size = 16
   c.learning_rate, c.num_train_steps, c.log_every_steps = 0.02, 12, 4
   c.checkpoint_every_steps, c.gradcam_per_class = 4, 2
   c.tensorboard = False  # in-memory data: TensorFlow is not loaded otherwise (+4 s a process); test_console checks it
   for k, v in overrides.items():
-    if k.startswith("saal."):
-      c.saal[k.split(".", 1)[1]] = v
-    else:
-      c[k] = v
+    *parents, leaf = k.split(".")
+    node = c
+    for name in parents:
+      node = node[name]
+    node[leaf] = v
+  shape = {"model.widths", "model.stages", "model.hidden"} & set(overrides)
+  assert not shape or c.backbone != "vgg16_bn_tiny", f"{shape} need backbone='vgg16_bn'"
   return c
 
 
 # update_rule='meta' on a tinier VGG (one conv per stage): log10 alpha, a meta step every other step (both
 # branches of its cond run), no dropout (its masks depend on the device count), equiv's learning rate.
-META = {"saal.update_rule": "meta", "saal.alpha_param": "log10", "saal.meta_every_steps": 2, "saal.meta_lr": 0.05,
-        "stages": (1, 1, 1, 1, 1), "widths": (4, 8, 8, 8, 8), "hidden": 16, "dropout_rate": 0.0,
-        "learning_rate": 0.05}
+META = {"meta.update_rule": "meta", "loss_kwargs.saal.alpha_param": "log10", "meta.every_steps": 2, "meta.lr": 0.05,
+        "backbone": "vgg16_bn", "model.stages": (1, 1, 1, 1, 1), "model.widths": (4, 8, 8, 8, 8), "model.hidden": 16,
+        "model.dropout_rate": 0.0, "learning_rate": 0.05}
 
 
 def blobs(n: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -71,10 +78,10 @@ def blobs(n: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
 
 
 def tiny_dataset(config) -> ArrayDataset:
-  meta = config.saal.update_rule == "meta"
+  meta = config.meta.update_rule == "meta"
   return ArrayDataset(blobs(64, 0), {"validation": blobs(24, 1), "test": blobs(29, 2)}, CLASSES,
                       config.batch_size, config.eval_batch_size, seed=config.seed,
-                      meta_fraction=config.saal.meta_fraction if meta else 0.0, meta_balanced=config.saal.meta_balanced)
+                      meta_fraction=config.meta.fraction if meta else 0.0, meta_balanced=config.meta.balanced)
 
 
 def flat(tree) -> dict[str, np.ndarray]:
@@ -83,7 +90,7 @@ def flat(tree) -> dict[str, np.ndarray]:
 
 
 def equiv(out: str, **overrides) -> None:
-  c = tiny_config(**{"dropout_rate": 0.0, "learning_rate": 0.05, **overrides})
+  c = tiny_config(**{"model.dropout_rate": 0.0, "learning_rate": 0.05, **overrides})
   ds = tiny_dataset(c)
   model = train.create_model(c, 3)
   opt = train.make_optimizer(c, ds.info.steps_per_epoch)
@@ -102,7 +109,7 @@ def equiv(out: str, **overrides) -> None:
     for step in range(3):
       batch = next(it)  # (local_devices, per_device, ...) -> regroup for `devices`.
       batch = {k: v.reshape(len(devices), -1, *v.shape[2:]) for k, v in batch.items()}
-      rstate, metrics = p_steps[train.is_meta_step(c, step) or c.saal.update_rule == "joint"](
+      rstate, metrics = p_steps[train.is_meta_step(c, step) or c.meta.update_rule == "joint"](
           rstate, batch, jax.random.PRNGKey(1))
     results[name] = flat(train.unreplicate(rstate))
   np.savez(out, **{f"{n}:{k}": v for n, r in results.items() for k, v in r.items()},

@@ -7,7 +7,7 @@ runs only then. Every epoch then reads those bytes by index: the global order of
 an epoch is a plain numpy permutation of (seed, epoch), so a resumed run, or a
 run on a different number of processes, sees exactly the same global batches,
 and a batch is one gather plus a lookup-table normalization in worker threads. For
-`config.saal.update_rule='meta'` a seeded slice of the kept training examples is
+`config.meta.update_rule='meta'` a seeded slice of the kept training examples is
 held out as the meta set (`dsn_saal_jax.meta`), and every training batch
 carries that step's `meta_image` and `meta_label`.
 """
@@ -296,11 +296,11 @@ class Dataset:
         self._train.labels, class_names, per_class=int(config.get("train_per_class", 0)),
         fraction=float(config.get("covid_fraction", 1.0)), seed=self._seed,
         minority=minority_class(config.get("minority_class", ""), class_names, builder.COVID_CLASS))
-    saal = config.get("saal") or {}
+    meta_config = config.get("meta") or {}
     self._meta = None  # rows of the train split held out as the meta set
-    if saal.get("update_rule", "joint") == "meta":
-      train_pos, meta_pos = meta.meta_split(self._train.labels[self._kept], float(saal["meta_fraction"]),
-                                            bool(saal["meta_balanced"]), self._seed, class_names)
+    if meta_config.get("update_rule", "joint") == "meta":
+      train_pos, meta_pos = meta.meta_split(self._train.labels[self._kept], float(meta_config["fraction"]),
+                                            bool(meta_config["balanced"]), self._seed, class_names)
       self._kept, self._meta = self._kept[train_pos], self._kept[meta_pos]
     counts = np.bincount(self._train.labels[self._kept], minlength=len(class_names))
     steps = len(self._kept) // self._batch_size

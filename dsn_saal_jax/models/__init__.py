@@ -19,7 +19,8 @@ from dsn_saal_jax.models.heads import SideHead, predict_probs, side_head_torch_l
 from dsn_saal_jax.models.layers import (POOLED_SIZE, SIDE_CHANNELS, BatchNorm, adaptive_avg_pool,
                                         adaptive_pool_matrix, batch_norm_train, channel_sum, conv1x1_as_dot,
                                         count_params, flatten_nchw, max_pool_2x2, relu)
-from dsn_saal_jax.models.vgg import VGG16_STAGES, VGG16_WIDTHS, DSNVGG16BN
+from dsn_saal_jax.models.vgg import (VGG16_STAGES, VGG16_TINY_HIDDEN, VGG16_TINY_WIDTHS, VGG16_WIDTHS,
+                                    DSNVGG16BN, _vgg16_bn_tiny)
 from dsn_saal_jax.models.densenet import DenseNet, _densenet_tiny, densenet169
 from dsn_saal_jax.models.mobilenet_v2 import MobileNetV2, _mobilenet_v2_tiny, mobilenet_v2
 from dsn_saal_jax.models.resnet import ResNet, _resnet_tiny, resnet50, resnext50_32x4d
@@ -32,7 +33,7 @@ _CONFIG_FIELDS: dict[str, tuple[str, ...]] = {}
 def register(name: str, builder: Callable[..., nn.Module], config_fields: tuple[str, ...] = ()) -> None:
   """Makes `builder(num_classes=..., dsn=..., **kwargs)` available as `get_model(name, ...)`.
 
-  `config_fields`: training-config keys the builder takes as keyword
+  `config_fields`: `config.model` keys the builder takes as keyword
   arguments beyond the common ones (VGG's widths, stages, hidden, dropout).
   """
   if name in _REGISTRY:
@@ -42,14 +43,16 @@ def register(name: str, builder: Callable[..., nn.Module], config_fields: tuple[
 
 
 def config_fields(name: str) -> tuple[str, ...]:
-  """The config keys that shape backbone `name` (they go into checkpoints' model fingerprint)."""
+  """The config.model keys that shape backbone `name` (they go into checkpoints' model fingerprint)."""
   get_model_builder(name)
   return _CONFIG_FIELDS[name]
 
 
 def config_kwargs(config: Any) -> dict[str, Any]:
-  """The keyword arguments `config.backbone`'s builder takes from a training config (sequences as tuples)."""
-  return {k: tuple(config[k]) if isinstance(config[k], (tuple, list)) else config[k]
+  """The keyword arguments `config.backbone`'s builder takes from a training config's `config.model` block
+  (sequences as tuples); the common ones (dsn, fuse_channels) are the caller's."""
+  block = config.model
+  return {k: tuple(block[k]) if isinstance(block[k], (tuple, list)) else block[k]
           for k in config_fields(config.get("backbone", DEFAULT_BACKBONE))}
 
 
@@ -69,6 +72,7 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 register("vgg16_bn", DSNVGG16BN, config_fields=("widths", "stages", "hidden", "dropout_rate"))
+register("vgg16_bn_tiny", _vgg16_bn_tiny, config_fields=("dropout_rate",))  # used for testing only
 register("resnet50", resnet50, config_fields=("width_scale",))
 register("resnext50_32x4d", resnext50_32x4d, config_fields=("width_scale",))
 register("resnet_tiny", _resnet_tiny)  # used for testing only

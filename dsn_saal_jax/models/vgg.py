@@ -107,3 +107,15 @@ class DSNVGG16BN(nn.Module):
     heads.append(dense(self.num_classes, name="fc8")(x))
     # Logits leave the model in at least float32, where the loss is computed.
     return tuple(h.astype(jnp.promote_types(h.dtype, jnp.float32)) for h in heads)
+
+
+# Tests' VGG16-BN: every layer and head of the full model, 8-32 channels, a 64-unit classifier.
+VGG16_TINY_WIDTHS: tuple[int, ...] = (8, 16, 16, 32, 32)
+VGG16_TINY_HIDDEN = 64
+
+
+def _vgg16_bn_tiny(num_classes: int, dsn: bool = True, **kwargs: Any) -> DSNVGG16BN:
+  """Used for testing only: VGG16-BN's 13 convs and 5 side heads, VGG16_TINY_WIDTHS wide."""
+  kwargs.setdefault("widths", VGG16_TINY_WIDTHS)
+  kwargs.setdefault("hidden", VGG16_TINY_HIDDEN)
+  return DSNVGG16BN(num_classes=num_classes, dsn=dsn, **kwargs)

@@ -12,10 +12,12 @@ from dsn_saal_jax.torch_reference.losses import saal_loss_torch
 from dsn_saal_jax.torch_reference.resnet import ResNetTorch
 from dsn_saal_jax.torch_reference.vgg import DSNVGG16BNTorch
 from dsn_saal_jax.models.mobilenet_v2 import MOBILENET_V2_TINY_SETTING
+from dsn_saal_jax.models.vgg import VGG16_TINY_HIDDEN, VGG16_TINY_WIDTHS
 from dsn_saal_jax.torch_reference.densenet import DenseNetTorch
 from dsn_saal_jax.torch_reference.mobilenet_v2 import MobileNetV2Torch
 
 TORCH_MODELS = {"vgg16_bn": DSNVGG16BNTorch}
+TORCH_MODELS["vgg16_bn_tiny"] = functools.partial(DSNVGG16BNTorch, widths=VGG16_TINY_WIDTHS, hidden=VGG16_TINY_HIDDEN)
 TORCH_MODELS["resnet50"] = ResNetTorch
 TORCH_MODELS["resnext50_32x4d"] = functools.partial(ResNetTorch, groups=32, width_per_group=4)
 TORCH_MODELS["resnet_tiny"] = functools.partial(ResNetTorch, stage_sizes=(1, 1, 1, 1), width=8)
