@@ -4,6 +4,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 
 import pytest
 
@@ -173,3 +174,23 @@ def test_a_moved_key_on_the_command_line_names_its_new_path():
     c.la_tau = 2.0  # a config file written for the old schema
   with pytest.raises(ValueError, match=r"config.la_tau is now config.loss_kwargs.la.tau"):
     config_lib.validate_config(c, num_devices=1)
+
+
+def test_every_config_flag_in_the_docs_and_scripts_names_a_key_of_the_schema():
+  """README, docs/, results/ and launch/ commands: each `--config.a.b=` path exists (pretrain's block included)."""
+  schema = pretrain.pretrain_config()
+  files = [os.path.join(ROOT, "README.md"), *glob.glob(os.path.join(ROOT, "docs", "*.md")),
+           *glob.glob(os.path.join(ROOT, "results", "*", "*.md")), *glob.glob(os.path.join(ROOT, "results", "*", "*.sh")),
+           *glob.glob(os.path.join(ROOT, "launch", "*.sh")), *glob.glob(os.path.join(ROOT, "benchmarks", "*.md"))]
+  seen = set()
+  for path in files:
+    with open(path) as f:
+      for line in f:  # an old name only where the text says what it became
+        seen |= {(os.path.relpath(path, ROOT), key) for key in re.findall(r"--config\.([a-z0-9_.]*[a-z0-9_])", line)
+                 if not (key in config_lib.MOVED_KEYS and " is now " in line)}
+  assert len(seen) > 20
+  for where, key in sorted(seen):
+    node = schema
+    for name in key.split("."):
+      assert name in node, f"{where}: --config.{key}"
+      node = node[name]

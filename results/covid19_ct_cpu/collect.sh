@@ -22,13 +22,13 @@ python launch/sweep.py --aggregate_only --config=$CFG --workdir=$OUT/runs/main -
   --methods=baseline:ce,dsn:ce,baseline:saal,dsn:saal --seeds=0,1,2
 python launch/sweep.py --aggregate_only --config=$CFG --workdir=$OUT/runs/main --table=table6 \
   --methods=baseline:ce,dsn:saal --covid_fractions=1,0.25,0.1 --seeds=0,1,2
-python launch/sweep.py --aggregate_only --config=$CFG --config.saal.normalize_weights=false --workdir=$OUT/runs/unnormalized \
+python launch/sweep.py --aggregate_only --config=$CFG --config.loss_kwargs.saal.normalize_weights=false --workdir=$OUT/runs/unnormalized \
   --table=table8 --methods=dsn:saal --seeds=0,1,2
 # Table 4: baseline vs DSN (CE) per backbone. VGG16-BN's rows are the main study's runs; the others
 # are narrowed to a quarter of torchvision's width (run_study.sh). Table 8's columns for the same runs.
 T4="resnet50:baseline:ce,resnet50:dsn:ce,densenet169:baseline:ce,densenet169:dsn:ce"
 for table in table4 table8; do
-  python launch/sweep.py --aggregate_only --config=$CFG --config.width_scale=0.25 --config.learning_rate=0.003 \
+  python launch/sweep.py --aggregate_only --config=$CFG --config.model.width_scale=0.25 --config.learning_rate=0.003 \
     --workdir=$OUT/runs/table4 \
     --table=$table --methods=$T4 --seeds=0,1,2
 done

@@ -10,7 +10,7 @@ for seed in 0 1 2; do
   python launch/sweep.py --config=$CFG --workdir=$RUNS/main --table=table5 \
     --methods=baseline:ce,dsn:ce,baseline:saal,dsn:saal --seeds=$seed
   # SAAL exactly as Eq. 10 (unnormalized class weights).
-  python launch/sweep.py --config=$CFG --config.saal.normalize_weights=false --workdir=$RUNS/unnormalized \
+  python launch/sweep.py --config=$CFG --config.loss_kwargs.saal.normalize_weights=false --workdir=$RUNS/unnormalized \
     --table=table5 --methods=dsn:saal --seeds=$seed
 done
 for seed in 0 1 2; do
@@ -20,12 +20,12 @@ for seed in 0 1 2; do
 done
 for seed in 0 1 2; do
   # Table 4 on the other backbones: baseline vs DSN, CE. Narrowed to a quarter of torchvision's width
-  # (config.width_scale; VGG16-BN's rows are the main study's, narrowed by config.widths). lr 0.003:
+  # (config.model.width_scale; VGG16-BN's rows are the main study's, narrowed by config.model.widths). lr 0.003:
   # at the VGG rows' 0.01 the ResNet-50 DSN diverged (NaN at epoch 15, seed 0); torchvision's 0.1 at
   # batch 256 scales to 0.006 at 16, halved as DSN sums six heads' gradients into the stem.
   # ResNeXt-50 is left out: at quarter width its grouped 3x3 convs have 1-2 channels per group, which
   # XLA:CPU trains at 9 examples/s here (ResNet-50: ~100), about 25 min a run.
-  python launch/sweep.py --config=$CFG --config.width_scale=0.25 --config.learning_rate=0.003 \
+  python launch/sweep.py --config=$CFG --config.model.width_scale=0.25 --config.learning_rate=0.003 \
     --workdir=$RUNS/table4 --table=table4 \
     --methods=resnet50:baseline:ce,resnet50:dsn:ce,densenet169:baseline:ce,densenet169:dsn:ce \
     --seeds=$seed

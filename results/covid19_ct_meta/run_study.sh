@@ -16,21 +16,21 @@ arm() {  # workdir-name fraction seeds methods [config flags]
   python launch/sweep.py --config=$CFG "$@" --workdir=$RUNS/$name --table=table6 --covid_fractions=$frac \
     --seeds=$seeds $DATA --methods=$methods
 }
-META="--config.saal.update_rule=meta"
+META="--config.meta.update_rule=meta"
 for seed in 0 1 2; do
   # The bilevel (meta) update of alpha and beta with either parametrization (a sigmoid alpha has no
   # gradient at init, see docs/design.md), and Meta-Weight-Net.
-  arm meta_log10 0.1 $seed dsn:saal $META --config.saal.alpha_param=log10
-  arm meta_sigmoid 0.1 $seed dsn:saal $META --config.saal.alpha_param=sigmoid
+  arm meta_log10 0.1 $seed dsn:saal $META --config.loss_kwargs.saal.alpha_param=log10
+  arm meta_sigmoid 0.1 $seed dsn:saal $META --config.loss_kwargs.saal.alpha_param=sigmoid
   arm meta_mwn 0.1 $seed dsn:mwn $META
   # Fixed-weight comparators: CE, class-balanced CE (Cui et al.), logit-adjusted CE (Menon et al.).
   arm fixed 0.1 $seed dsn:ce,dsn:cb,dsn:la
   # DSN-SAAL trained as the paper trains it (joint), with alpha on the log10 scale.
-  arm joint_log10 0.1 $seed dsn:saal --config.saal.alpha_param=log10
+  arm joint_log10 0.1 $seed dsn:saal --config.loss_kwargs.saal.alpha_param=log10
 done
-arm meta_log10 1 0,1,2 dsn:saal $META --config.saal.alpha_param=log10
+arm meta_log10 1 0,1,2 dsn:saal $META --config.loss_kwargs.saal.alpha_param=log10
 arm fixed 1 0,1,2 dsn:la
 arm meta_mwn 1 0,1,2 dsn:mwn $META
-arm joint_log10 1 0,1,2 dsn:saal --config.saal.alpha_param=log10
+arm joint_log10 1 0,1,2 dsn:saal --config.loss_kwargs.saal.alpha_param=log10
 arm fixed 1 0,1,2 dsn:cb
-arm meta_sigmoid 1 0,1,2 dsn:saal $META --config.saal.alpha_param=sigmoid
+arm meta_sigmoid 1 0,1,2 dsn:saal $META --config.loss_kwargs.saal.alpha_param=sigmoid
