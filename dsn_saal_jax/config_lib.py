@@ -89,7 +89,8 @@ def base_config() -> ml_collections.ConfigDict:
   # 10^-r, r from log10 of the largest class count; see losses.alpha_logit).
   # la.tau: training logits + tau * log(class prior of the training split).
   c.loss_kwargs = ml_collections.ConfigDict(dict(
-      saal=dict(log_zero=-4.0, normalize_weights=True, learn_alpha_beta=True, init_stddev=1.0, alpha_param="sigmoid"),
+      saal=dict(log_zero=-4.0, normalize_weights=True, learn_alpha_beta=True, init_stddev=1.0,
+                alpha_param="sigmoid"),
       focal=dict(gamma=2.0), cb=dict(beta=0.9999), sce=dict(alpha=0.1, beta=1.0), la=dict(tau=1.0)))
   # How the loss's own parameters learn (SAAL's alpha, beta; Meta-Weight-Net's MLP). update_rule: joint (the
   # paper's): with the network, by SGD on the training loss, which can only shrink beta (every DRCE term is >= 0).

@@ -179,9 +179,9 @@ def test_a_moved_key_on_the_command_line_names_its_new_path():
 def test_every_config_flag_in_the_docs_and_scripts_names_a_key_of_the_schema():
   """README, docs/, results/ and launch/ commands: each `--config.a.b=` path exists (pretrain's block included)."""
   schema = pretrain.pretrain_config()
-  files = [os.path.join(ROOT, "README.md"), *glob.glob(os.path.join(ROOT, "docs", "*.md")),
-           *glob.glob(os.path.join(ROOT, "results", "*", "*.md")), *glob.glob(os.path.join(ROOT, "results", "*", "*.sh")),
-           *glob.glob(os.path.join(ROOT, "launch", "*.sh")), *glob.glob(os.path.join(ROOT, "benchmarks", "*.md"))]
+  files = [os.path.join(ROOT, "README.md")] + [
+      path for pattern in ("docs/*.md", "results/*/*.md", "results/*/*.sh", "launch/*.sh", "benchmarks/*.md")
+      for path in glob.glob(os.path.join(ROOT, pattern))]
   seen = set()
   for path in files:
     with open(path) as f:

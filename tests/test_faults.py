@@ -238,9 +238,9 @@ LAUNCH = os.path.join(os.path.dirname(HERE), "launch", "train.py")
 
 def launch(workdir, data_dir, fault=None):
   """launch/train.py on configs/default.py shrunk to seconds, through the real TFDS build and pipeline."""
-  overrides = dict(data_dir=data_dir, synthetic_scale=0.01, synthetic_image_size=32, image_size=32,
-                   **{"model.widths": "(4,8,8,8,8)", "model.hidden": 16}, num_train_steps=6, batch_size=16, eval_batch_size=16,
-                   log_every_steps=3, checkpoint_every_steps=3, gradcam_per_class=1)
+  overrides = {"data_dir": data_dir, "synthetic_scale": 0.01, "synthetic_image_size": 32, "image_size": 32,
+               "model.widths": "(4,8,8,8,8)", "model.hidden": 16, "num_train_steps": 6, "batch_size": 16,
+               "eval_batch_size": 16, "log_every_steps": 3, "checkpoint_every_steps": 3, "gradcam_per_class": 1}
   args = ["launch"] + ([f"--fault={fault}"] if fault else []) + [
       "--", LAUNCH, f"--config={os.path.dirname(HERE)}/configs/default.py", f"--workdir={workdir}"]
   return run_worker(args + [f"--config.{k}={v}" for k, v in overrides.items()], 1)

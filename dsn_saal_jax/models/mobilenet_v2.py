@@ -217,7 +217,7 @@ def mobilenet_v2(num_classes: int, dsn: bool = True, width_mult: float = 1.0, wi
     num_classes: outputs of every head.
     dsn: add the five side heads (see the module docstring).
     width_mult: channel multiplier, rounded with `make_divisible` as torchvision does.
-    width_scale: the training config's name for it (config.width_scale); the two multiply.
+    width_scale: the training config's name for it (config.model.width_scale); the two multiply.
     **kwargs: further MobileNetV2 fields (dropout_rate, round_nearest, fuse_channels, axis_name,
       dtype, param_dtype).
   """
