@@ -1,7 +1,7 @@
 """SimCLR pretraining (Self-Trans, Table 3) on the generated `synthetic_ct` training split, CPU-sized.
 
 The backbone of configs/default.py (narrow VGG16-BN, 64x64 gray slices); labels are never read.
-Variants pick the backbone or set fields, e.g. `--config=configs/pretrain.py:resnet50,width_scale=0.25`;
+Variants pick the backbone or set fields, e.g. `--config=configs/pretrain.py:resnet50,model.width_scale=0.25`;
 `--config.pretrain.folder=DIR` pretrains on a folder of unlabeled slices instead.
 """
 
