@@ -36,11 +36,22 @@ def error(message: str, status: int = USAGE) -> NoReturn:
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
-  """absl's parser for app.run, but a bad flag is a usage error (2) like any other, not absl's 1."""
+  """absl's parser for app.run, but a bad flag is a usage error (2) like any other, not absl's 1.
+
+  The place for messages about flags and `--config.KEY` overrides that every launcher shares.
+  """
   try:
     return FLAGS(argv)
   except flags.Error as e:
     error(f"{e}\nPass --helpshort for the flags.")
+  except (AttributeError, KeyError) as e:  # ml_collections' answer to an override of a field the config lacks
+    if not any(arg.startswith("--config.") for arg in argv):
+      raise
+    detail = e
+    while isinstance(detail, Exception) and detail.args:  # AttributeError(KeyError(message))
+      detail = detail.args[0]
+    detail = " ".join(str(detail).split())
+    error(f"A --config.KEY override names a field the config does not have: {detail}")
 
 
 def define_config_flag(help_text: str) -> None:
