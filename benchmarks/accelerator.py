@@ -57,8 +57,11 @@ except ImportError:
            "`pip install --no-index --no-deps wheels/*.whl` here.")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import dsn_saal_jax
 from dsn_saal_jax import config_lib, metrics as metrics_lib, train
 from dsn_saal_jax.array_dataset import ArrayDataset
+
+dsn_saal_jax.setup_host()  # the XLA:CPU flag and kernels the trainer runs with, before JAX starts
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("backbones", ["vgg16_bn", "resnet50"], "Backbones (each with its side heads).")

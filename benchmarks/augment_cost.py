@@ -12,7 +12,10 @@ import time
 import jax
 import numpy as np
 
+import dsn_saal_jax
 from dsn_saal_jax import array_dataset, config_lib, train
+
+dsn_saal_jax.setup_host()  # the XLA:CPU flag and kernels the trainer runs with, before JAX starts
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "covid19_ct_cpu.py")
 COUNTS = np.array([234, 191])  # COVID19-CT's training split

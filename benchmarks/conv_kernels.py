@@ -9,7 +9,7 @@ For each conv shape (batch x size x in x out channels, NHWC, SAME padding)
 it prints the forward and the forward + both gradients rate, and for the
 matching im2col dot, (N*H*W, 9*C) @ (9*C, K), its rate and the library the
 compiled program calls (ynn / onednn / eigen). This is the measurement
-behind the XLA_FLAGS value `import dsn_saal_jax` sets, for each CPU kind.
+behind the XLA_FLAGS value `dsn_saal_jax.setup_host()` sets, for each CPU kind.
 """
 
 from __future__ import annotations
@@ -120,7 +120,6 @@ def main(argv):
   if FLAGS.worker:
     _time_jax() if FLAGS.worker == "jax" else _time_torch()
     return
-  # Imported here, not at the top: the workers must not import dsn_saal_jax, which sets XLA_FLAGS.
   from dsn_saal_jax import cpu  # pylint: disable=g-import-not-at-top
   print(f"{cpu.describe()}; {os.cpu_count()} CPUs; medians of {FLAGS.rounds}")
   passed = [f"--shapes={','.join(FLAGS.shapes)}", f"--rounds={FLAGS.rounds}"]

@@ -21,8 +21,10 @@ import numpy as np
 from absl import app, flags
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # CPU kernels are what this compares; no accelerator probing
-import dsn_saal_jax  # noqa: E402,F401  (sets the XLA:CPU flags before JAX starts)
+import dsn_saal_jax  # noqa: E402
 from dsn_saal_jax import cpu, models  # noqa: E402
+
+dsn_saal_jax.setup_host()  # the XLA:CPU flag and kernels the trainer runs with, before JAX starts
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-order
 import jax.numpy as jnp  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-order

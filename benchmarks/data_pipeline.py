@@ -31,8 +31,11 @@ import pydicom
 import tensorflow_datasets as tfds
 from pydicom.data import get_testdata_file
 
+import dsn_saal_jax
 from dsn_saal_jax import config_lib, models, train
 from dsn_saal_jax.data import builders, input_pipeline, phantom
+
+dsn_saal_jax.setup_host()  # the XLA:CPU flag and kernels the trainer runs with, before JAX starts
 
 SOURCES = ("synthetic_512", "dicom_folder", "covid19_ct")
 BACKBONES = ("vgg16_bn", "resnet50", "resnext50_32x4d", "densenet169", "mobilenet_v2")  # torchvision's sizes

@@ -27,8 +27,11 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
+import dsn_saal_jax
 from dsn_saal_jax import config_lib, train
 from dsn_saal_jax.array_dataset import ArrayDataset
+
+dsn_saal_jax.setup_host()  # the XLA:CPU flag and kernels the trainer runs with, before JAX starts
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 200, "Training steps per run.")

@@ -27,7 +27,7 @@ import json
 import os
 import time
 
-os.environ.setdefault("DSN_SAAL_CPU_KERNELS", "off")  # the program GPUs and TPUs run; before the models load
+CPU_KERNELS = os.environ.get("DSN_SAAL_CPU_KERNELS", "off")  # the program GPUs and TPUs run
 
 # pylint: disable=wrong-import-position
 import jax
@@ -35,7 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
+import dsn_saal_jax
 from dsn_saal_jax import config_lib, losses, train
+
+dsn_saal_jax.setup_host(cpu_kernels=CPU_KERNELS)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("backbones", ["vgg16_bn", "resnet50"], "Backbones (each with its side heads).")
@@ -100,7 +103,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   gb = lambda x: f"{x / 1e9:.2f}"
   print(f"jax {jax.__version__}, XLA:CPU buffer assignment of the GPU program (DSN_SAAL_CPU_KERNELS="
-        f"{os.environ['DSN_SAAL_CPU_KERNELS']}), {FLAGS.image_size} px, GB = 1e9 bytes")
+        f"{CPU_KERNELS}), {FLAGS.image_size} px, GB = 1e9 bytes")
   print("| backbone | dtype | batch | arguments | outputs (aliased) | temporaries | code | peak |")
   print("|---|---|---|---|---|---|---|---|")
   results, summary = [], []

@@ -23,8 +23,11 @@ import pydicom
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+import dsn_saal_jax
 from dsn_saal_jax import config_lib, predict, train
 from dsn_saal_jax.data import ct, phantom
+
+dsn_saal_jax.setup_host()  # the XLA:CPU flag and kernels the trainer runs with, before JAX starts
 
 
 def parse_args() -> argparse.Namespace:

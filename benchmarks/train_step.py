@@ -37,8 +37,11 @@ import numpy as np
 import torch
 from absl import app, flags
 
+import dsn_saal_jax
 from dsn_saal_jax import config_lib, cpu, models, train
 from dsn_saal_jax.torch_reference import TORCH_MODELS, saal_loss_torch
+
+dsn_saal_jax.setup_host()  # the XLA:CPU flag and kernels the trainer runs with, before JAX starts
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", ["224:8", "112:32"], "image_size:batch pairs.")

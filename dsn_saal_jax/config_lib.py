@@ -13,7 +13,6 @@ import difflib
 import importlib.util
 import json
 import os
-import sys
 from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
@@ -252,7 +251,7 @@ def _update(config: ml_collections.ConfigDict, values: Mapping[str, Any], where:
 def moved_flag_error(argv: Sequence[str]) -> str | None:
   """The message for the first `--config.<key>` in `argv` that names a key the schema moved (MOVED_KEYS).
 
-  Launchers check before absl parses the flags: ml_collections would fail with a bare AttributeError.
+  cli.parse_flags checks it before absl parses the flags.
   """
   for arg in argv[1:]:
     if not arg.startswith("--config."):
@@ -264,14 +263,6 @@ def moved_flag_error(argv: Sequence[str]) -> str | None:
       return (f"config.{old} is now config.{new}{how}: pass --config.{new}=... instead of {arg.split('=', 1)[0]} "
               "(docs/design.md, Config schema).")
   return None
-
-
-def exit_on_moved_flags(argv: Sequence[str]) -> None:
-  """For launchers, before app.run: an `Error:` line and the usage exit status (2) for a moved --config key."""
-  message = moved_flag_error(argv)
-  if message:
-    print(f"Error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def _parse_like(current: Any, value: str, key: str) -> Any:

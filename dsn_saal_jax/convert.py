@@ -20,7 +20,7 @@ from flax import traverse_util
 
 import flax.linen as nn
 
-from dsn_saal_jax import models
+from dsn_saal_jax import config_lib, models
 
 # torch key suffix -> (flax collection, flax leaf name, how torch's array is laid out), per layer kind.
 _LEAVES = {
@@ -219,11 +219,12 @@ def load_pretrained(path: str | os.PathLike, backbone: str | None = None, in_cha
   """Variables of a converted (launch/convert_torchvision.py) or pretrained (launch/pretrain.py) checkpoint.
 
   A pretrained one records its backbone, input channels and shape (`shape`: the backbone's config fields);
-  given the config's, any difference is refused naming both values.
+  given the config's, any difference is refused naming both values (a ConfigError: config.init_checkpoint
+  names a checkpoint this config cannot start from).
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"{path} is not a converted checkpoint directory; make one with "
+    raise config_lib.ConfigError(f"{path} is not a converted checkpoint directory; make one with "
                             "launch/convert_torchvision.py or launch/pretrain.py.")
   meta_path = os.path.join(path, PRETRAIN_META)
   if os.path.exists(meta_path):
@@ -234,7 +235,7 @@ def load_pretrained(path: str | os.PathLike, backbone: str | None = None, in_cha
     diffs = [f"{k}: checkpoint {meta.get(k)!r} vs config {v!r}" for k, v in expected.items()
              if v is not None and k in meta and meta[k] != v]
     if diffs:
-      raise ValueError(f"{path} holds a backbone pretrained for another model ({'; '.join(diffs)}). "
+      raise config_lib.ConfigError(f"{path} holds a backbone pretrained for another model ({'; '.join(diffs)}). "
                        "Pretrain one for this config (launch/pretrain.py with the same backbone, channels and "
                        "widths), or set the config to match the checkpoint.")
   with ocp.StandardCheckpointer() as ckptr:
@@ -259,7 +260,7 @@ def merge_pretrained(variables: Mapping[str, Any], pretrained: Mapping[str, Any]
     else:
       flat[key] = jnp.asarray(value, flat[key].dtype)
   if problems:
-    raise ValueError(f"{source} does not fit the model: " + "; ".join(problems) +
+    raise config_lib.ConfigError(f"{source} does not fit the model: " + "; ".join(problems) +
                      ". ImageNet weights need the full-size backbone they were converted for (same --arch as "
                      "config.backbone, default widths) and the converter's --in_channels equal to the config's "
                      "channels.")

@@ -7,6 +7,13 @@ Then train with `--config.backbone=vgg16_bn --config.init_checkpoint=/tmp/vgg16_
 is read with torch.load(weights_only=True): a file that pickles code is refused.
 """
 
+import sys
+
+from dsn_saal_jax import cli
+
+cli.setup(sys.argv)
+
+# pylint: disable=wrong-import-position
 from absl import app, flags
 
 from dsn_saal_jax import convert, models
@@ -21,12 +28,13 @@ flags.DEFINE_integer("num_classes", 1000, "Classes of the model; != 1000 leaves 
 
 def main(argv):
   del argv
-  variables = convert.torchvision_variables(
-      convert.load_torch_state_dict(FLAGS.weights), FLAGS.arch, int(FLAGS.in_channels), FLAGS.num_classes)
-  convert.save_pretrained(FLAGS.output, variables)
+  with cli.usage_errors(ValueError, OSError):  # a refused or unreadable weights file, an existing --output
+    variables = convert.torchvision_variables(
+        convert.load_torch_state_dict(FLAGS.weights), FLAGS.arch, int(FLAGS.in_channels), FLAGS.num_classes)
+    convert.save_pretrained(FLAGS.output, variables)
   kept = "kept" if FLAGS.num_classes == 1000 else "left to the trainer (new classes)"
   print(f"Wrote {FLAGS.output}: {FLAGS.arch} for {FLAGS.in_channels}-channel input; last Linear {kept}.")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -27,51 +27,36 @@ Exit status with --data: 0 every slice evaluated, 1 some files unreadable
 import os
 import sys
 
-from dsn_saal_jax import console
+from dsn_saal_jax import cli
 
-console.setup(sys.argv)  # first: TensorFlow reads its log level once, when it loads
+cli.setup(sys.argv)  # first: TensorFlow reads its log level once, when it loads; XLA its flags when JAX starts
 
 # pylint: disable=wrong-import-position
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from dsn_saal_jax import checkpointing, config_lib, folder_eval, metrics, predict, reporting, train
-
-FILE_ERROR, USAGE_ERROR = 1, 2
+from dsn_saal_jax import checkpointing, folder_eval, metrics, predict, reporting, train
+from dsn_saal_jax.cli import error
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file used for training. With --data: only for "
-                                "checkpoints without an inference spec (saved before it existed).", lock_config=True)
+cli.define_config_flag("Config file used for training. With --data: only for checkpoints without an inference "
+                       "spec (saved before it existed).")
 flags.DEFINE_string("workdir", None, "Workdir of the trained run.")
 flags.DEFINE_string("split", None, "Split to evaluate: test (default) or validation; with --data, one split "
                     "folder (train, val, test) of FOLDER, default every slice.")
 flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "best = by the validation metric; latest = last saved.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (TPU pod / SLURM).")
 flags.DEFINE_string("data", None, "A labeled folder of CT slices to evaluate on instead of the run's dataset.")
 flags.DEFINE_string("class_map", None, "With --data: FOLDER:CLASS,... when folder names are not the run's classes.")
 flags.DEFINE_string("out", None, "With --data: report folder (default WORKDIR/report/data_<folder>_<checkpoint>).")
 flags.DEFINE_integer("batch_size", 32, "With --data: images per forward pass (the last batch is padded).")
 flags.DEFINE_integer("gradcam_per_class", 4, "With --data: slices of each class in the Grad-CAM grid.")
+cli.define_multihost_flags()
 flags.mark_flags_as_required(["workdir"])
-
-
-def error(message: str, status: int = USAGE_ERROR) -> None:
-  print(f"Error: {message}", file=sys.stderr)
-  sys.exit(status)
-
-
-def parse_flags(argv):
-  """absl's parser, but a bad flag exits 2 (usage), not 1, which here means a file or checkpoint failed."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    error(f"{e}\nPass --helpshort for the flags.")
 
 
 def evaluate_data() -> None:
   """--data: the checkpoint's inference spec and the folder, nothing of the training setup."""
-  if FLAGS.distributed:
-    error("--data evaluates in one process; drop --distributed.")
+  if FLAGS.distributed or FLAGS.coordinator_address:
+    error("--data evaluates in one process; drop --distributed and --coordinator_address.")
   if FLAGS.split is not None and FLAGS.split not in folder_eval.SPLITS:
     error(f"--split={FLAGS.split}: with --data pick one of {', '.join(folder_eval.SPLITS)}, or drop it to "
           "evaluate every slice.")
@@ -93,13 +78,13 @@ def evaluate_data() -> None:
         gradcam_per_class=FLAGS.gradcam_per_class,
         extra={"checkpoint": FLAGS.checkpoint, "checkpoint_step": int(os.path.basename(predictor.source))})
   except predict.DamagedCheckpointError as e:
-    error(str(e), FILE_ERROR)
+    error(str(e), cli.FAILED)
   except (predict.CheckpointError, folder_eval.DatasetError, reporting.ReportDirError) as e:
     error(str(e))
   print(metrics.dumps({k: result[k] for k in metrics.SUMMARY_KEYS}, indent=2))
   print(f"{result['num_examples']} evaluated, {result['num_unreadable']} unreadable, {result['num_skipped']} "
         f"skipped (not images); report and predictions.csv: {out}")
-  sys.exit(FILE_ERROR if result["num_unreadable"] else 0)
+  sys.exit(cli.FAILED if result["num_unreadable"] else 0)
 
 
 def main(argv):
@@ -113,19 +98,16 @@ def main(argv):
   for name in ("class_map", "out", "batch_size", "gradcam_per_class"):
     if FLAGS[name].present:
       error(f"--{name} goes with --data=FOLDER.")
-  if FLAGS.distributed:
-    train.initialize_distributed()
+  cli.initialize_multihost()
   split = FLAGS.split or "test"
   try:
-    reporting.check_report_dir(os.path.join(FLAGS.workdir, "report", f"{split}_{FLAGS.checkpoint}"))
-    result = train.evaluate(FLAGS.config, FLAGS.workdir, split, FLAGS.checkpoint)
+    with cli.usage_errors(reporting.ReportDirError):
+      reporting.check_report_dir(os.path.join(FLAGS.workdir, "report", f"{split}_{FLAGS.checkpoint}"))
+      result = train.evaluate(FLAGS.config, FLAGS.workdir, split, FLAGS.checkpoint)
   except checkpointing.CheckpointDamagedError as e:
-    error(str(e), FILE_ERROR)
-  except reporting.ReportDirError as e:
-    error(str(e))
+    error(str(e), cli.FAILED)
   print(metrics.dumps({k: result[k] for k in metrics.SUMMARY_KEYS}, indent=2))
 
 
 if __name__ == "__main__":
-  config_lib.exit_on_moved_flags(sys.argv)  # an old --config.<key> names its new path
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -8,7 +8,13 @@ Each --group is LABEL=GLOB over run workdirs (their history.jsonl); one column p
 """
 
 import glob
+import sys
 
+from dsn_saal_jax import cli
+
+cli.setup(sys.argv)
+
+# pylint: disable=wrong-import-position
 from absl import app, flags
 
 from dsn_saal_jax import reporting, train
@@ -25,14 +31,14 @@ def main(argv):
   for spec in FLAGS.group:
     label, sep, pattern = spec.partition("=")
     if not sep:
-      raise app.UsageError(f"--group must be LABEL=GLOB, got {spec!r}.")
+      cli.error(f"--group must be LABEL=GLOB, got {spec!r}.")
     workdirs = sorted(glob.glob(pattern))
     if not workdirs:
-      raise app.UsageError(f"--group {label!r}: no run workdir matches {pattern!r}.")
+      cli.error(f"--group {label!r}: no run workdir matches {pattern!r}.")
     groups[label] = [train.read_history(w) for w in workdirs]
   reporting.plot_saal_history(groups, FLAGS.out)
   print(f"Wrote {FLAGS.out}: " + ", ".join(f"{k} ({len(v)} runs)" for k, v in groups.items()))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -22,41 +22,26 @@ that is refused; nothing was written).
 
 import sys
 
-from dsn_saal_jax import console
+from dsn_saal_jax import cli
 
-console.setup(sys.argv)  # first: TensorFlow reads its log level once, when it loads
+cli.setup(sys.argv)  # first: TensorFlow reads its log level once, when it loads; XLA its flags when JAX starts
 
 # pylint: disable=wrong-import-position
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from dsn_saal_jax import config_lib, predict
-
-FILE_ERROR, USAGE_ERROR = 1, 2
+from dsn_saal_jax import predict
+from dsn_saal_jax.cli import error as usage_error
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir of the trained run.")
 flags.DEFINE_string("checkpoint", "best", "With --workdir: best | latest. Without: a checkpoint directory "
                     "(WORKDIR/best/<step>, or WORKDIR/best for its newest step).")
-config_flags.DEFINE_config_file("config", None, "Training config; only for checkpoints without an inference "
-                                "spec (saved before it existed).", lock_config=True)
+cli.define_config_flag("Training config; only for checkpoints without an inference spec (saved before it "
+                       "existed).")
 flags.DEFINE_string("output", "predictions.csv", "CSV: path, prediction, prob_<class>..., error.")
 flags.DEFINE_string("cam", None, "Folder for one Grad-CAM overlay PNG per file (never over a file it did not write).")
 flags.DEFINE_integer("batch_size", 32, "Images per forward pass (the last batch is padded).")
 flags.DEFINE_enum("eval_head", None, ["final", "mean"], "Head to predict with; default: the run's.")
-
-
-def usage_error(message: str) -> None:
-  print(f"Error: {message}", file=sys.stderr)
-  sys.exit(USAGE_ERROR)
-
-
-def parse_flags(argv):
-  """absl's parser, but a bad flag exits 2 (usage), not 1, which here means a file failed."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    usage_error(f"{e}\nPass --helpshort for the flags.")
 
 
 def main(argv):
@@ -91,9 +76,8 @@ def main(argv):
     usage_error(str(e))
   print(f"{predicted} predicted, {failed} failed; CSV: {FLAGS.output}"
         + (f"; Grad-CAM overlays: {FLAGS.cam}" if FLAGS.cam else ""))
-  sys.exit(FILE_ERROR if failed else 0)
+  sys.exit(cli.FAILED if failed else 0)
 
 
 if __name__ == "__main__":
-  config_lib.exit_on_moved_flags(sys.argv)  # an old --config.<key> names its new path
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

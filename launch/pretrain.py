@@ -9,50 +9,29 @@ line), 143 preempted.
 
 import sys
 
-from dsn_saal_jax import console
+from dsn_saal_jax import cli
 
-console.setup(sys.argv)  # first: TensorFlow reads its log level once, when it loads
+cli.setup(sys.argv)  # first: TensorFlow reads its log level once, when it loads; XLA its flags when JAX starts
 
 # pylint: disable=wrong-import-position
 import jax
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from dsn_saal_jax import checkpointing, config_lib, pretrain, train
-from dsn_saal_jax.data.builders import DatasetError
+from dsn_saal_jax import pretrain
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (configs/pretrain*.py[:variant]).", lock_config=True)
+cli.define_config_flag("Config file (configs/pretrain*.py[:variant]).")
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs and the backbone go here; rerun to resume.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (TPU pod / SLURM auto-detection).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for explicit multi-process runs.")
-flags.DEFINE_integer("num_processes", None, "Number of processes, for explicit multi-process runs.")
-flags.DEFINE_integer("process_id", None, "This process's index, for explicit multi-process runs.")
+cli.define_multihost_flags()
 flags.mark_flags_as_required(["config", "workdir"])
-
-PREEMPTED_EXIT_CODE = 143
-FAILED_EXIT_CODE = 1
-USAGE_EXIT_CODE = 2  # as launch/train.py's: a config value or data folder the run cannot use
 
 
 def main(argv):
   del argv
-  if FLAGS.distributed or FLAGS.coordinator_address:
-    train.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  cli.initialize_multihost()
   logging.debug("Process %d of %d; config:\n%s", jax.process_index(), jax.process_count(), FLAGS.config)
-  try:
-    pretrain.pretrain_and_save(FLAGS.config, FLAGS.workdir)
-  except train.Preempted as e:
-    logging.warning("%s", e)
-    sys.exit(PREEMPTED_EXIT_CODE)
-  except checkpointing.CheckpointDamagedError as e:
-    print(f"Error: {e}", file=sys.stderr)
-    sys.exit(FAILED_EXIT_CODE)
-  except (config_lib.ConfigError, DatasetError) as e:  # PretrainInputError is a ConfigError
-    print(f"Error: {e}", file=sys.stderr)
-    sys.exit(USAGE_EXIT_CODE)
+  cli.run_job(lambda: pretrain.pretrain_and_save(FLAGS.config, FLAGS.workdir))  # PretrainInputError: a ConfigError
 
 
 if __name__ == "__main__":
-  config_lib.exit_on_moved_flags(sys.argv)  # an old --config.<key> names its new path
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

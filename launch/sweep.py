@@ -12,18 +12,17 @@ rebuilds the table from saved runs without training.
 
 import sys
 
-from dsn_saal_jax import console
+from dsn_saal_jax import cli
 
-console.setup(sys.argv)  # first: TensorFlow reads its log level once, when it loads
+cli.setup(sys.argv)  # first: TensorFlow reads its log level once, when it loads; XLA its flags when JAX starts
 
 # pylint: disable=wrong-import-position
 from absl import app, flags
-from ml_collections import config_flags
 
-from dsn_saal_jax import config_lib, sweep, train
+from dsn_saal_jax import sweep, train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Base config file (configs/*.py[:variant]).", lock_config=True)
+cli.define_config_flag("Base config file (configs/*.py[:variant]).")
 flags.DEFINE_string("workdir", None, "Root directory: one sub-workdir per run, tables at the top.")
 flags.DEFINE_enum("table", "table6", sorted(sweep.TABLE_DEFAULTS), "Paper table layout (and default grid).")
 flags.DEFINE_list("methods", None, "model:loss or backbone:model:loss, e.g. baseline:ce,resnet50:dsn:ce.")
@@ -41,7 +40,7 @@ def main(argv):
     grid["methods"] = [tuple(m.split(":")) for m in FLAGS.methods]
     for m in grid["methods"]:
       if len(m) not in (2, 3):
-        raise app.UsageError(f"--methods entries are model:loss or backbone:model:loss, got {':'.join(m)!r}.")
+        cli.error(f"--methods entries are model:loss or backbone:model:loss, got {':'.join(m)!r}.")
   if FLAGS.covid_fractions:
     grid["covid_fractions"] = [float(f) for f in FLAGS.covid_fractions]
   if FLAGS.seeds:
@@ -49,11 +48,11 @@ def main(argv):
   if FLAGS.folds:
     grid["folds"] = [int(k) for k in FLAGS.folds]
   runs = sweep.plan(**grid)
-  md, _ = sweep.run_sweep(FLAGS.config, FLAGS.workdir, runs, FLAGS.table,
-                          None if FLAGS.aggregate_only else train.train_and_evaluate)
+  with cli.usage_errors():
+    md, _ = sweep.run_sweep(FLAGS.config, FLAGS.workdir, runs, FLAGS.table,
+                            None if FLAGS.aggregate_only else train.train_and_evaluate)
   print(open(md).read())
 
 
 if __name__ == "__main__":
-  config_lib.exit_on_moved_flags(sys.argv)  # an old --config.<key> names its new path
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -18,10 +18,13 @@ def pytest_configure(config):
   """One persistent compilation cache for the session: this process and every process it launches.
 
   Tests compile the same programs many times over (tiny configs' init, steps, reports), in process and in
-  each launched run; XLA:CPU's compile is most of a small test's time. Set before JAX is imported.
+  each launched run; XLA:CPU's compile is most of a small test's time. Set before JAX is imported; so is
+  the host setup every process of the suite makes.
   """
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(config._tmp_path_factory.getbasetemp() / "jax_cache"))  # pylint: disable=protected-access
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  import dsn_saal_jax  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  dsn_saal_jax.setup_host()  # as the launchers do: the XLA:CPU flag, TF without GPUs, DSN_SAAL_CPU_KERNELS
 
 
 def run_worker(args, devices, timeout=900, env_extra=None):

@@ -47,7 +47,7 @@ def run(invocations, tmp_path, timeout=900) -> list[Result]:
 def _run_one(argv: list[str]) -> int:
   from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,unused-import
   app.define_help_flags()  # kept: absl defines them once per process
-  before = set(flags.FLAGS)
+  before, modules = set(flags.FLAGS), set(sys.modules)
   # app.run initializes once per process; each script gets the whole of it (it sets --verbosity's default).
   app._run_init.done = app._register_and_parse_flags_with_usage.done = False  # pylint: disable=protected-access
   sys.argv = list(argv)
@@ -62,9 +62,14 @@ def _run_one(argv: list[str]) -> int:
   except BaseException:  # pylint: disable=broad-except
     traceback.print_exc()
     return 1
-  finally:  # the next script defines its flags afresh
+  finally:
+    imported = set(sys.modules) - modules
+    # the next script defines its flags afresh (itself, through dsn_saal_jax.cli, --config.KEY's); a
+    # library first imported in this run keeps its own: it defines them once, at import, and stays imported
     for name in set(flags.FLAGS) - before:
-      delattr(flags.FLAGS, name)
+      module = flags.FLAGS.find_module_defining_flag(name, "__main__")  # a script's: its path
+      if module not in imported or module.startswith("dsn_saal_jax"):
+        delattr(flags.FLAGS, name)
     flags.FLAGS.unparse_flags()
 
 

@@ -9,6 +9,7 @@ included, as links).
 
 import csv
 import hashlib
+import json
 import os
 import shutil
 from concurrent import futures
@@ -23,7 +24,7 @@ from pydicom.data import get_testdata_file
 
 import launch_batch
 from conftest import init_variables
-from dsn_saal_jax import checkpointing, config_lib, predict, train
+from dsn_saal_jax import checkpointing, config_lib, convert, predict, train
 from dsn_saal_jax.data import ct, folders, input_pipeline
 from dsn_saal_jax.data.builders.common import DatasetError
 
@@ -143,7 +144,14 @@ def train_args(root, tmp, **overrides):
           "--config.channels=1", *[f"--config.{k}={flag(v)}" for k, v in fields.items()]]
 
 
-# name: (script, folder maker, train overrides)
+def foreign_backbone(path):
+  """What launch/pretrain.py writes for a ResNet-50 (its record; the arrays are never reached)."""
+  path.mkdir(parents=True)
+  (path / convert.PRETRAIN_META).write_text(json.dumps({"backbone": "resnet50", "in_channels": 1}))
+  return path
+
+
+# name: (script, folder maker, train overrides; a callable value is given the data folder)
 LAUNCHES = {
     "evaluate_fine": ("evaluate", make_fine, None), "predict_fine": ("predict", make_fine, None),
     "evaluate_refused": ("evaluate", make_refused, None), "predict_refused": ("predict", make_refused, None),
@@ -152,6 +160,8 @@ LAUNCHES = {
     "train_too_few_cases": ("train", lambda root: labeled(root, per_class=2), {}),
     "train_fractions": ("train", labeled, {"split_fractions": (0.5, 0.1, 0.1)}),
     "train_mr": ("train", make_mr, {}), "train_tiny": ("train", make_tiny, {}),
+    "train_foreign_init": ("train", labeled,
+                           {"batch_size": 2, "init_checkpoint": lambda root: foreign_backbone(root.parent / "ssl")}),
 }
 FINE = ["covid19/up: a link to the folder", "not followed, so no slice is counted twice",
         "wide.png: a 32x96 image is resized to a square input"]
@@ -182,6 +192,8 @@ ROWS = {
     "7_tiny_train": ("train_tiny", 2, ["Error: ", "thumb.png: a 8x8 image, smaller than 16 px on a side"], {}),
     "7_wide_evaluate": ("evaluate_fine", 0, [FINE[2]], {}),
     "7_wide_predict": ("predict_fine", 0, [FINE[2]], {}),
+    "init_foreign_backbone": ("train_foreign_init", 2, ["ssl holds a backbone pretrained for another model "
+                                                        "(backbone: checkpoint 'resnet50' vs config 'vgg16_bn')"], {}),
     "7_quiet_build": ("train_batch_too_large", 2, ["Using custom data configuration: image_folder/original_"], {}),
 }
 
@@ -197,6 +209,7 @@ def launch_all(workdir, tmp):
     elif script == "predict":
       args = ["predict.py", f"--workdir={workdir}", "--checkpoint=latest", f"--output={out}", root]
     else:
+      overrides = {k: v(root) if callable(v) else v for k, v in overrides.items()}
       args = ["train.py", *train_args(root, tmp / name, **overrides)]
     invocations.append(args)
     made[name] = root, out

@@ -116,7 +116,10 @@ def test_launcher_rejects_unknown_override_and_bad_dataset(tmp_path):
        ssl + [f"--config.pretrain.folder={tmp_path / 'no_slices'}"], cmd + ["--config.saal.update_rule=meta"]],
       tmp_path)  # one process: each alone would pay the imports
   assert moved.returncode == 2 and "Error: config.saal.update_rule is now config.meta.update_rule" in moved.stderr
-  assert unknown.returncode != 0 and "learing_rate" in unknown.stderr
+  assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+  assert unknown.stderr.strip().splitlines()[-1] == ("Error: A --config.KEY override names a field the config does "
+                                                     """not have: 'learing_rate' Did you mean "learning_rate" """
+                                                     """instead of "learing_rate"?""")
   assert bad.returncode != 0 and "config.dataset='covid_ct' is not one of" in bad.stderr
   assert few.returncode == 2 and "Error: config.batch_size=2 gives SimCLR only 2 negatives" in few.stderr
   assert empty.returncode == 2 and "Error: config.pretrain.folder=" in empty.stderr

@@ -1,11 +1,10 @@
-"""The console a person reads, the accelerator installs and the GPU/TPU-scale check.
+"""The console a person reads and the GPU/TPU-scale check.
 
 The launcher tests run the real main job (launch/train.py on configs/default.py,
 fewer epochs) in a subprocess and read its console, stdout and stderr
 interleaved as a terminal shows them.
 """
 
-import configparser
 import importlib.util
 import logging
 import os
@@ -18,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import logging as absl_logging
-from packaging.requirements import Requirement
 
 from dsn_saal_jax import config_lib, console, train
 
@@ -158,20 +156,3 @@ def test_paper_configs_are_gpu_scale_and_the_default_is_not():
   default = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(default)
   assert flops(default.get_config(), 491)[0] < train.CPU_SCALE_FLOPS / 100  # synthetic_ct: 491 train slices
-
-
-def test_setup_cfg_has_the_accelerator_and_tensorboard_extras():
-  cfg = configparser.ConfigParser()
-  cfg.read(os.path.join(ROOT, "setup.cfg"))
-  extras = cfg["options.extras_require"]
-  requirement = lambda name: [Requirement(r) for r in extras[name].strip().splitlines()]
-  (cuda,), (tpu,), (viewer,) = requirement("cuda12"), requirement("tpu"), requirement("tensorboard")
-  assert (cuda.name, cuda.extras) == ("jax", {"cuda12"})
-  assert (tpu.name, tpu.extras) == ("jax", {"tpu"})
-  assert viewer.name == "tensorboard" and not viewer.extras
-
-
-def test_accelerator_launchers_install_their_extra():
-  read = lambda name: open(os.path.join(ROOT, "launch", name)).read()
-  assert re.search(r"""^python -m pip install -q -e "\.\[cuda12\]" """, read("slurm_gpu.sbatch"), re.M)
-  assert re.search(r"""pip install -q -e '\.\[tpu\]'""", read("tpu_pod.sh"))

@@ -1,4 +1,5 @@
-"""Importing dsn_saal_jax sets the fast XLA:CPU flag before JAX starts, and respects the user's own."""
+"""dsn_saal_jax.setup_host() sets the fast XLA:CPU flag before JAX starts and respects the user's own; importing
+the package sets nothing."""
 
 import os
 import shutil
@@ -14,7 +15,9 @@ PROBE = """
 import os, warnings
 warnings.simplefilter("error")
 {before}
-import dsn_saal_jax, jax, jax.numpy as jnp
+import jax, jax.numpy as jnp
+from dsn_saal_jax import host
+host.set_cpu_xla_flag()  # setup_host()'s XLA part, without its TensorFlow import
 hlo = jax.jit(lambda a, b: a @ b).lower(jnp.ones((64, 64)), jnp.ones((64, 64))).compile().as_text()
 print(os.environ["XLA_FLAGS"])
 print("ynn" if "__ynn_fusion" in hlo else "eigen")
@@ -44,10 +47,37 @@ def test_users_own_value_is_kept():
   assert out.stdout.split("\n")[:2] == ["--xla_cpu_experimental_ynn_fusion_type=individual_dot", "ynn"]
 
 
-def test_late_import_warns_that_the_flag_cannot_apply():
+def test_late_setup_warns_that_the_flag_cannot_apply():
   out = _probe(None, before="import jax; jax.devices()")
   assert out.returncode != 0
-  assert "RuntimeWarning" in out.stderr and "imported after JAX started its backends" in out.stderr
+  assert "RuntimeWarning" in out.stderr and "called after JAX started its backends" in out.stderr
+
+
+IMPORT_ONLY = """
+import os, sys
+import tensorflow as tf
+calls = []
+tf.config.set_visible_devices = lambda *args: calls.append(args)
+import dsn_saal_jax, dsn_saal_jax.data, dsn_saal_jax.cli, dsn_saal_jax.models
+print(os.environ.get("XLA_FLAGS"), calls, dsn_saal_jax.models.cpu_kernels._choice)
+dsn_saal_jax.setup_host()
+print(os.environ.get("XLA_FLAGS"), calls, dsn_saal_jax.models.cpu_kernels._choice)
+"""
+
+
+def test_import_changes_nothing_and_setup_host_does_it_all():
+  """XLA_FLAGS, TensorFlow's devices and the kernel choice stay as they were until setup_host() is called."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", DSN_SAAL_CPU_KERNELS="off")
+  out = subprocess.run([sys.executable, "-c", IMPORT_ONLY], env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split("\n")[:2] == [
+      "--xla_force_host_platform_device_count=2 [] auto",
+      f"--xla_force_host_platform_device_count=2 {dsn_saal_jax.CPU_XLA_FLAG} [([], 'GPU')] off"]
+
+
+def test_this_test_process_runs_with_the_flag():
+  """conftest calls setup_host() before JAX starts, so the suite times and compiles what the launchers run."""
+  assert dsn_saal_jax.CPU_XLA_FLAG in os.environ["XLA_FLAGS"].split()
 
 
 def test_cpu_model_and_features_are_what_lscpu_says():

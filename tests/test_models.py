@@ -7,6 +7,7 @@ import pytest
 
 from conftest import init_variables
 from dsn_saal_jax import models
+from dsn_saal_jax.models import cpu_kernels
 
 
 
@@ -252,7 +253,7 @@ def test_batch_norm_train_and_its_vjp_equal_autodiff_of_the_formula(shape):
 @pytest.mark.parametrize("backbone, kwargs", [("vgg16_bn", dict(widths=(4, 8, 8, 8, 8), hidden=16)),
                                               ("mobilenet_v2_tiny", {})])
 def test_cpu_kernels_and_plain_xla_forms_compute_the_same_function_and_gradients(monkeypatch, backbone, kwargs):
-  """GPUs and TPUs run the plain forms (DSN_SAAL_CPU_KERNELS=off): same logits, loss gradients, BN statistics.
+  """GPUs and TPUs run the plain forms (cpu_kernels.use("off")): same logits, loss gradients, BN statistics.
 
   VGG uses every shared kernel (BatchNorm, channel sums, ReLU, 2x2 max-pool, 1x1 convs as dots);
   MobileNet-V2 adds ReLU6. The other families use only shared kernels.
@@ -270,8 +271,9 @@ def test_cpu_kernels_and_plain_xla_forms_compute_the_same_function_and_gradients
     sd = TORCH_MODELS[backbone](3, in_channels=3, **kwargs).state_dict()
     variables = convert.state_dict_to_variables(sd, model)
     variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), variables)
+    monkeypatch.setattr(cpu_kernels, "_choice", cpu_kernels._choice)  # pylint: disable=protected-access
     for choice in ("on", "off"):
-      monkeypatch.setenv("DSN_SAAL_CPU_KERNELS", choice)
+      cpu_kernels.use(choice)
 
       def loss(params):
         heads, updates = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
@@ -283,6 +285,5 @@ def test_cpu_kernels_and_plain_xla_forms_compute_the_same_function_and_gradients
       results[choice] = (value, aux, grads)
   for a, b in zip(jax.tree_util.tree_leaves(results["on"]), jax.tree_util.tree_leaves(results["off"])):
     np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
-  monkeypatch.setenv("DSN_SAAL_CPU_KERNELS", "sometimes")
   with pytest.raises(ValueError, match="DSN_SAAL_CPU_KERNELS must be auto, on or off, got 'sometimes'"):
-    models.relu(jnp.zeros(2))
+    cpu_kernels.use("sometimes")

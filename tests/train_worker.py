@@ -30,6 +30,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+import dsn_saal_jax
 from dsn_saal_jax import config_lib, train
 from dsn_saal_jax.array_dataset import ArrayDataset
 
@@ -280,6 +281,7 @@ def run_train(args) -> None:
 
 
 def main() -> None:
+  dsn_saal_jax.setup_host()  # before JAX starts: as the launchers and the test process (conftest)
   logging.set_verbosity(logging.INFO)  # Tests read the trainer's log lines ("Resumed from ...").
   parser = argparse.ArgumentParser()
   parser.add_argument("mode", choices=("equiv", "meta", "train", "multihost", "evaluate", "launch"))

@@ -1,4 +1,4 @@
-"""Shared layers with PyTorch semantics and fast XLA:CPU forms, used by every backbone.
+"""Shared layers with PyTorch semantics, used by every backbone; on CPU they run the forms in `cpu_kernels`.
 
 Each is the same function as its torch counterpart (BatchNorm2d running
 statistics, AdaptiveAvgPool2d windows, NCHW flattening, MaxPool2d(2, 2) ties),
@@ -8,13 +8,14 @@ so torchvision weights load unchanged and logits match the PyTorch references.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dsn_saal_jax.models import cpu_kernels
 
 SIDE_CHANNELS = 21  # RCF-style side output width
 POOLED_SIZE = 7
@@ -72,61 +73,11 @@ def flatten_nchw(x: jax.Array) -> jax.Array:
   return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
 
 
-def cpu_kernels() -> bool:
-  """Whether the XLA:CPU forms below run (decided when a function is traced).
-
-  They were measured on CPUs only (benchmarks/README.md), so GPUs and TPUs
-  get the plain XLA formulation of the same function. `DSN_SAAL_CPU_KERNELS`
-  = on | off overrides the backend check (tests compare both paths).
-  """
-  choice = os.environ.get("DSN_SAAL_CPU_KERNELS", "auto")
-  if choice not in ("auto", "on", "off"):
-    raise ValueError(f"DSN_SAAL_CPU_KERNELS must be auto, on or off, got {choice!r}.")
-  return choice == "on" or (choice == "auto" and jax.default_backend() == "cpu")
-
-
 def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """MaxPool2d(2, 2), floor mode: on CPU `_max_pool_2x2_cpu`, elsewhere XLA's reduce-window."""
-  if cpu_kernels():
-    return _max_pool_2x2_cpu(x)
+  """MaxPool2d(2, 2), floor mode: on CPU `cpu_kernels.max_pool_2x2`, elsewhere XLA's reduce-window."""
+  if cpu_kernels.enabled():
+    return cpu_kernels.max_pool_2x2(x)
   return nn.max_pool(x, (2, 2), (2, 2), padding="VALID")
-
-
-@jax.custom_vjp
-def _max_pool_2x2_cpu(x: jax.Array) -> jax.Array:
-  """MaxPool2d(2, 2) (floor mode) as a reshape and a max; its gradient goes to each window's first maximum.
-
-  XLA lowers `nn.max_pool`'s gradient to a windowed argmax carrying four int32
-  index arrays of the input's size; on CPU that alone cost ~10% of a train
-  step. Here the forward pass keeps an int8 index of each window's maximum and
-  the backward pass is elementwise. Ties (e.g. all-zero windows after ReLU)
-  resolve as torch does: the first maximum in row-major order takes all.
-  """
-  return _max_pool_fwd(x)[0]
-
-
-def _max_pool_fwd(x):
-  # Comparing x with the pooled value in the backward pass is not enough: XLA
-  # may recompute x there with different rounding (FMA contraction) and then no
-  # element matches. The index is taken from the same values as the maximum.
-  n, h, w, c = x.shape
-  windows = x[:, :h - h % 2, :w - w % 2].reshape(n, h // 2, 2, w // 2, 2, c)
-  best, index = windows[:, :, 0, :, 0], jnp.zeros((n, h // 2, w // 2, c), jnp.int8)
-  for k, (i, j) in enumerate(((0, 1), (1, 0), (1, 1)), start=1):
-    larger = windows[:, :, i, :, j] > best
-    best, index = jnp.where(larger, windows[:, :, i, :, j], best), jnp.where(larger, jnp.int8(k), index)
-  return best, (index, x.shape)
-
-
-def _max_pool_bwd(residuals, dy):
-  index, (n, h, w, c) = residuals
-  zero = jnp.zeros_like(dy)
-  dx = jnp.stack([jnp.where(index == k, dy, zero) for k in range(4)], 3)  # (n, h/2, w/2, i*2+j, c)
-  dx = dx.reshape(n, h // 2, w // 2, 2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h - h % 2, w - w % 2, c)
-  return (jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
-
-
-_max_pool_2x2_cpu.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def conv1x1_as_dot(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -141,33 +92,16 @@ def conv1x1_as_dot(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
       or any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ()))):
     raise ValueError("conv1x1_as_dot only computes stride-1, undilated, ungrouped 1x1 convolutions; got "
                      f"kernel {rhs.shape[:2]}, strides {window_strides}, groups {feature_group_count}.")
-  if not cpu_kernels():
+  if not cpu_kernels.enabled():
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, precision=precision, **kwargs)
   del padding, dimension_numbers, kwargs  # a 1x1 kernel needs no padding; nn.Conv passes NHWC/HWIO
-  return jnp.einsum("nhwc,co->nhwo", lhs, rhs[0, 0], precision=precision)
+  return cpu_kernels.conv1x1_as_dot(lhs, rhs, precision)
 
 
 def relu(x: jax.Array) -> jax.Array:
-  """max(x, 0), NaN-propagating: on CPU `_relu_cpu`, elsewhere `jax.nn.relu` (same values and gradient)."""
-  return _relu_cpu(x) if cpu_kernels() else jax.nn.relu(x)
-
-
-@jax.custom_jvp
-def _relu_cpu(x: jax.Array) -> jax.Array:
-  """max(x, 0), NaN-propagating, written as select(x < 0, 0, x) so that XLA:CPU stores it once.
-
-  XLA duplicates chains of one-operand elementwise ops (BatchNorm's
-  normalisation and max(x, 0)) into every consumer. The conv weight gradients
-  then transpose BatchNorm + ReLU recomputed inside a strided loop instead of
-  transposing the stored activation. A select has two full-size operands,
-  which XLA does not duplicate (conv1_2's forward + backward at 224/b8: 1.14
-  against 1.24 s).
-  """
-  return jnp.where(x < 0, jnp.zeros_like(x), x)
-
-
-_relu_cpu.defjvps(lambda g, ans, x: jnp.where(x > 0, g, jnp.zeros_like(g)))  # torch's and jax.nn.relu's: 0 at 0
+  """max(x, 0), NaN-propagating: on CPU `cpu_kernels.relu`, elsewhere `jax.nn.relu` (same values and gradient)."""
+  return cpu_kernels.relu(x) if cpu_kernels.enabled() else jax.nn.relu(x)
 
 
 def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, axis_name: str | None,
@@ -178,7 +112,7 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, axis_name:
   axis. On CPU the VJP is the closed form (`_batch_norm_train_cpu`); elsewhere
   JAX differentiates the forward pass.
   """
-  if cpu_kernels():
+  if cpu_kernels.enabled():
     return _batch_norm_train_cpu(x, scale, bias, axis_name, epsilon)
   return _batch_norm_fwd(x, scale, bias, axis_name, epsilon)[0]
 
@@ -186,22 +120,14 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, axis_name:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _batch_norm_train_cpu(x: jax.Array, scale: jax.Array, bias: jax.Array, axis_name: str | None,
                           epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """`batch_norm_train` with the closed-form VJP (two channel sums), which XLA cannot derive from the
-  forward's reductions on its own."""
+  """`batch_norm_train` with the closed-form VJP (`cpu_kernels.batch_norm_bwd`: two channel sums), which XLA
+  cannot derive from the forward's reductions on its own."""
   return _batch_norm_fwd(x, scale, bias, axis_name, epsilon)[0]
 
 
 def channel_sum(x: jax.Array) -> jax.Array:
-  """Sum over all but the last axis; on CPU as two reductions whose kept axis is wide.
-
-  XLA:CPU reduces an (N*H*W, C) array over its rows 4-13x slower than it
-  reduces (N*H, W*C) and then (W, C), which also rounds less (measured at
-  8x224x224x64 and 8x28x28x512).
-  """
-  if x.ndim < 3 or not cpu_kernels():
-    return jnp.sum(x, tuple(range(x.ndim - 1)))
-  rows = jnp.sum(x.reshape(-1, x.shape[-2] * x.shape[-1]), 0)
-  return jnp.sum(rows.reshape(x.shape[-2], x.shape[-1]), 0)
+  """Sum over all but the last axis (on CPU `cpu_kernels.channel_sum`)."""
+  return cpu_kernels.channel_sum(x) if cpu_kernels.enabled() else jnp.sum(x, tuple(range(x.ndim - 1)))
 
 
 def _batch_norm_stats(x, axis_name):
@@ -230,22 +156,12 @@ def _batch_norm_fwd(x, scale, bias, axis_name, epsilon):
   return (y, mean, var), (x, mean, inv, scale)
 
 
-def _batch_norm_bwd(axis_name, epsilon, residuals, cotangents):
-  del epsilon
-  x, mean, inv, scale = residuals
-  g = cotangents[0].astype(mean.dtype)  # mean and var only feed the running statistics, not the loss
-  centered = x.astype(mean.dtype) - mean
-  # scale and bias act on this device's slice only: their gradients are local sums (the step
-  # averages them over devices). x also moves the shared statistics: dx needs the global sums.
-  dbias, dscale = channel_sum(g), channel_sum(g * centered) * inv
-  sum_g, sum_gx, count = dbias, dscale, _batch_norm_count(x, axis_name)
-  if axis_name is not None:
-    sum_g, sum_gx = jax.lax.psum(dbias, axis_name), jax.lax.psum(dscale, axis_name)
-  dx = (scale * inv) * (g - sum_g / count - centered * (inv * sum_gx / count))
-  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+def _batch_norm_cpu_fwd(x, scale, bias, axis_name, epsilon):
+  out, residuals = _batch_norm_fwd(x, scale, bias, axis_name, epsilon)
+  return out, (*residuals, _batch_norm_count(x, axis_name))
 
 
-_batch_norm_train_cpu.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+_batch_norm_train_cpu.defvjp(_batch_norm_cpu_fwd, cpu_kernels.batch_norm_bwd)
 
 
 class BatchNorm(nn.Module):

@@ -66,7 +66,8 @@ def prepare(builder: tfds.core.GeneratorBasedBuilder, manual_dir: str | None) ->
   written, so an interrupted or failed build never looks finished. Files are
   ArrayRecord, which the input pipeline reads by index for exact global shuffles.
   `duplicates.json` is then written beside them (or computed now for a build that
-  predates it), and its cross-split groups are logged on every run.
+  predates it), and its cross-split groups are logged on every run (near copies of
+  generated slices, independent draws, only at --verbosity=1).
   """
   if not builder.is_prepared():
     # TFDS prints "Downloading and preparing dataset Unknown size ..." to stdout: one line of ours instead.
@@ -76,7 +77,8 @@ def prepare(builder: tfds.core.GeneratorBasedBuilder, manual_dir: str | None) ->
       builder.download_and_prepare(
           file_format="array_record",
           download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-  duplicates.warn(duplicates.ensure(builder), duplicates.report_path(builder))
+  near_level = logging.DEBUG if isinstance(builder, SyntheticCt) else logging.INFO
+  duplicates.warn(duplicates.ensure(builder), duplicates.report_path(builder), near_level)
 
 
 __all__ = ["BUILDERS", "DatasetError", "default_manual_dir", "make_builder", "prepare"]

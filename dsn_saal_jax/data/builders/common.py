@@ -35,6 +35,16 @@ def image_feature() -> tfds.features.Image:
   return tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png")
 
 
+def dataset_info(builder: tfds.core.DatasetBuilder, description: str, class_names, cases: bool = False,
+                 homepage: str | None = None) -> tfds.core.DatasetInfo:
+  """What every builder stores: a grayscale `image`, its `label` and `id` (and `case`, where slices have one)."""
+  features = {"image": image_feature(), "label": tfds.features.ClassLabel(names=class_names),
+              "id": tfds.features.Text(), **({"case": tfds.features.Text()} if cases else {})}
+  return tfds.core.DatasetInfo(builder=builder, description=description,
+                               features=tfds.features.FeaturesDict(features), supervised_keys=("image", "label"),
+                               homepage=homepage)
+
+
 def manual_dir(dl_manager: tfds.download.DownloadManager, dataset: str,
                instructions: str) -> epath.Path:
   """The manual directory, or a DatasetError that says where it should be and what goes in it."""

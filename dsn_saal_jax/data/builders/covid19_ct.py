@@ -133,17 +133,9 @@ class Covid19Ct(tfds.core.GeneratorBasedBuilder):
   COVID_CLASS = 1
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="COVID-CT: chest CT slices from COVID-19 preprints and controls.",
-        features=tfds.features.FeaturesDict({
-            "image": common.image_feature(),
-            "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-            "id": tfds.features.Text(),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="https://github.com/UCSD-AI4H/COVID-CT",
-    )
+    return common.dataset_info(
+        self, "COVID-CT: chest CT slices from COVID-19 preprints and controls.", CLASS_NAMES,
+        homepage="https://github.com/UCSD-AI4H/COVID-CT")
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = common.manual_dir(dl_manager, self.name, INSTRUCTIONS)

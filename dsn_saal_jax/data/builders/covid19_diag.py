@@ -64,18 +64,9 @@ class Covid19Diag(tfds.core.GeneratorBasedBuilder):
   COVID_CLASS = 2
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="COVID19-Diag clinical CT slices (Hu et al. 2021), split 7:3 by case.",
-        features=tfds.features.FeaturesDict({
-            "image": common.image_feature(),
-            "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-            "id": tfds.features.Text(),
-            "case": tfds.features.Text(),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="https://github.com/MLMIP/COVID19-Diag",
-    )
+    return common.dataset_info(
+        self, "COVID19-Diag clinical CT slices (Hu et al. 2021), split 7:3 by case.", CLASS_NAMES,
+        cases=True, homepage="https://github.com/MLMIP/COVID19-Diag")
 
   def _cases(self, root: epath.Path) -> list[dict[str, list[epath.Path]]]:
     """Per label: case id -> its slice files."""

@@ -80,17 +80,9 @@ class CovidxCt(tfds.core.GeneratorBasedBuilder):
   COVID_CLASS = 2
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="COVIDx-CT chest CT slices, cropped to the given body bounding boxes.",
-        features=tfds.features.FeaturesDict({
-            "image": common.image_feature(),
-            "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-            "id": tfds.features.Text(),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="https://github.com/haydengunraj/COVIDNet-CT",
-    )
+    return common.dataset_info(
+        self, "COVIDx-CT chest CT slices, cropped to the given body bounding boxes.", CLASS_NAMES,
+        homepage="https://github.com/haydengunraj/COVIDNet-CT")
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = common.manual_dir(dl_manager, self.name, INSTRUCTIONS)

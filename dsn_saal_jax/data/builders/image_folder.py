@@ -150,17 +150,9 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
   COVID_CLASS = None  # The input pipeline finds the minority class by name (config.minority_class).
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=f"Labeled CT slices from {self.builder_config.manual_dir}, split by case.",
-        features=tfds.features.FeaturesDict({
-            "image": common.image_feature(),
-            "label": tfds.features.ClassLabel(names=self.builder_config.class_names),
-            "id": tfds.features.Text(),
-            "case": tfds.features.Text(),
-        }),
-        supervised_keys=("image", "label"),
-    )
+    cfg = self.builder_config
+    return common.dataset_info(self, f"Labeled CT slices from {cfg.manual_dir}, split by case.", cfg.class_names,
+                               cases=True)
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # The folder is the config's: its path is part of the config's name.

@@ -83,17 +83,9 @@ class SarsCov2Ct(tfds.core.GeneratorBasedBuilder):
   COVID_CLASS = 1
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="SARS-CoV-2 CT-scan dataset; no official split, 5 deterministic folds.",
-        features=tfds.features.FeaturesDict({
-            "image": common.image_feature(),
-            "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-            "id": tfds.features.Text(),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="https://www.kaggle.com/datasets/plameneduardo/sarscov2-ctscan-dataset",
-    )
+    return common.dataset_info(
+        self, "SARS-CoV-2 CT-scan dataset; no official split, 5 deterministic folds.", CLASS_NAMES,
+        homepage="https://www.kaggle.com/datasets/plameneduardo/sarscov2-ctscan-dataset")
 
   def _class_files(self, root: epath.Path) -> list[list[epath.Path]]:
     folders = {}

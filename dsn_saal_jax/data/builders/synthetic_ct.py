@@ -56,16 +56,8 @@ class SyntheticCt(tfds.core.GeneratorBasedBuilder):
   COVID_CLASS = phantom.COVID
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="Synthetic axial chest CT: normal, lobar consolidation, peripheral GGO.",
-        features=tfds.features.FeaturesDict({
-            "image": common.image_feature(),
-            "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-            "id": tfds.features.Text(),
-        }),
-        supervised_keys=("image", "label"),
-    )
+    return common.dataset_info(
+        self, "Synthetic axial chest CT: normal, lobar consolidation, peripheral GGO.", CLASS_NAMES)
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # Nothing to download.
