@@ -86,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   # r from log10 of the largest class count; see losses.alpha_logit).
   # update_rule: how the loss's own parameters learn. joint (the paper's): with the network, by SGD on the training
   # loss, which can only shrink beta (every DRCE term is >= 0). meta: by Adam(meta_lr) on the balanced CE of a
-  # held-out meta set after a one-step lookahead of the network (train.meta_train_step), every
+  # held-out meta set after a one-step lookahead of the network (steps.meta_train_step), every
   # meta_every_steps steps; meta_learn: which of SAAL's alpha and beta it learns (the other stays fixed).
   # loss=mwn (Meta-Weight-Net) learns only that way.
   # meta_fraction: share of each class's training examples held out as the meta set (drawn after

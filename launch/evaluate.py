@@ -35,7 +35,7 @@ console.setup(sys.argv)  # first: TensorFlow reads its log level once, when it l
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dsn_saal_jax import checkpointing, folder_eval, metrics, predict, reporting, train
+from dsn_saal_jax import checkpointing, folder_eval, metrics, predict, reporting, runtime, train
 
 FILE_ERROR, USAGE_ERROR = 1, 2
 
@@ -92,7 +92,7 @@ def evaluate_data() -> None:
         predictor, FLAGS.data, out, class_map=class_map, split=FLAGS.split,
         gradcam_per_class=FLAGS.gradcam_per_class,
         extra={"checkpoint": FLAGS.checkpoint, "checkpoint_step": int(os.path.basename(predictor.source))})
-  except predict.DamagedCheckpointError as e:
+  except checkpointing.CheckpointDamagedError as e:
     error(str(e), FILE_ERROR)
   except (predict.CheckpointError, folder_eval.DatasetError, reporting.ReportDirError) as e:
     error(str(e))
@@ -114,7 +114,7 @@ def main(argv):
     if FLAGS[name].present:
       error(f"--{name} goes with --data=FOLDER.")
   if FLAGS.distributed:
-    train.initialize_distributed()
+    runtime.initialize_distributed()
   split = FLAGS.split or "test"
   try:
     reporting.check_report_dir(os.path.join(FLAGS.workdir, "report", f"{split}_{FLAGS.checkpoint}"))

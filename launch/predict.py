@@ -30,7 +30,7 @@ console.setup(sys.argv)  # first: TensorFlow reads its log level once, when it l
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dsn_saal_jax import predict
+from dsn_saal_jax import checkpointing, predict
 
 FILE_ERROR, USAGE_ERROR = 1, 2
 
@@ -82,7 +82,7 @@ def main(argv):
       predictor = predict.Predictor.from_workdir(FLAGS.workdir, FLAGS.checkpoint, **options)
     else:
       predictor = predict.Predictor.from_checkpoint(FLAGS.checkpoint, **options)
-  except predict.CheckpointError as e:
+  except (predict.CheckpointError, checkpointing.CheckpointDamagedError) as e:
     usage_error(str(e))
   logging.info("Predicting %d files with %s (%s head).", len(files), predictor.source, predictor.eval_head)
   try:

@@ -21,7 +21,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dsn_saal_jax import checkpointing, config_lib, reporting, train
+from dsn_saal_jax import checkpointing, config_lib, reporting, runtime, train
 from dsn_saal_jax.data.builders import DatasetError
 
 FLAGS = flags.FLAGS
@@ -41,11 +41,11 @@ USAGE_EXIT_CODE = 2  # as predict.py's and evaluate.py's: the run was asked for 
 def main(argv):
   del argv
   if FLAGS.distributed or FLAGS.coordinator_address:
-    train.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    runtime.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   logging.debug("Process %d of %d; config:\n%s", jax.process_index(), jax.process_count(), FLAGS.config)
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except train.Preempted as e:
+  except runtime.Preempted as e:
     logging.warning("%s", e)
     sys.exit(PREEMPTED_EXIT_CODE)
   except checkpointing.CheckpointDamagedError as e:

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dsn_saal_jax import config_lib, train
+from dsn_saal_jax import config_lib, runtime, train
 from dsn_saal_jax.predict import Predictor
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "legacy_run")
@@ -77,13 +77,13 @@ def test_legacy_checkpoints_resume_as_before(legacy):
   config = _run_config(workdir)
   want = EXPECTED[rule]["resume"]
   config.num_train_steps = EXPECTED["resume_steps"]
-  history = os.path.join(workdir, train.HISTORY_FILE)
+  history = os.path.join(workdir, runtime.HISTORY_FILE)
   with open(history) as f:
     before = f.read()
   final = train.train_and_evaluate(config, workdir, dataset=_dataset(config))
   with open(history) as f:  # resumed at step 4: a run from scratch would log steps 1-4 again
     assert all(json.loads(line)["step"] > 4 for line in f.read()[len(before):].splitlines())
-  steps, losses = train.read_history(workdir)["train/loss"]
+  steps, losses = runtime.read_history(workdir)["train/loss"]
   resumed = {str(int(s)): float(v) for s, v in zip(steps, losses) if s > 4}
   assert int(final.step) == want["step"]
   assert sorted(resumed) == sorted(want["loss"])
