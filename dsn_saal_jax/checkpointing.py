@@ -9,7 +9,7 @@ instead of failing deep inside a tree restore. Orbax writes every checkpoint
 to a temporary directory and renames it when complete, so a process killed
 mid-save never leaves a half-written checkpoint that `latest_step` returns;
 a step damaged afterwards (disk or copy faults) is set aside on restore and
-the newest intact one used.
+the newest intact one used (`newest_intact`, which `predict` uses too).
 """
 
 from __future__ import annotations
@@ -116,9 +116,9 @@ def newest_intact(steps: Sequence[_Step], read: Callable[[_Step], _Read]
   ones tried before it); (None, all of them) if none does. The one "newest intact checkpoint" routine: the
   trainer's resume (`Checkpoints.restore`) and prediction (`predict.Predictor.from_checkpoint`) use it.
 
-  A step is damaged when `read` raises orbax's or tensorstore's errors inside `unreadable_as_damaged()` (a truncated
-  array file, missing metadata: a disk or copy fault, since orbax never commits a half-written step); any
-  other error (another model's checkpoint, say) propagates.
+  A step is damaged when `read` raises orbax's or tensorstore's errors inside `unreadable_as_damaged()`
+  (a truncated array file, missing metadata: a disk or copy fault, since orbax never commits a
+  half-written step); any other error (another model's checkpoint, say) propagates.
   """
   damaged = []
   for step in steps:
@@ -136,8 +136,8 @@ def committed_steps(directory: str) -> list[int]:
   temporary name and renames it when complete, so a checkpoint that a
   running job is still writing is never listed.
   """
-  return sorted((int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n))),
-                reverse=True)
+  steps = (int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+  return sorted(steps, reverse=True)
 
 
 def _saved_tree(state: Any) -> Any:
@@ -150,15 +150,17 @@ def _saved_tree(state: Any) -> Any:
   `optim.decay_mask`) becomes its inner state: the mask holds no arrays.
   """
   if dataclasses.is_dataclass(state) and not isinstance(state, type):
-    state = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if getattr(state, f.name) is not None}
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    state = {k: v for k, v in fields.items() if v is not None}
   masked = lambda x: isinstance(x, optax.MaskedState)
   return jax.tree_util.tree_map(lambda x: _saved_tree(x.inner_state) if masked(x) else x, state, is_leaf=masked)
 
 
 def _from_saved_tree(target: Any, restored: Any) -> Any:
-  """`_saved_tree`'s inverse: the arrays of `restored` (shaped as `_saved_tree(target)`) in the tree of `target`."""
+  """`_saved_tree`'s inverse: the arrays of `restored` (the tree `_saved_tree(target)`) in the tree of `target`."""
   treedef = jax.tree_util.tree_structure(target)
-  position = jax.tree_util.tree_leaves(_saved_tree(jax.tree_util.tree_unflatten(treedef, range(treedef.num_leaves))))
+  numbered = jax.tree_util.tree_unflatten(treedef, range(treedef.num_leaves))
+  position = jax.tree_util.tree_leaves(_saved_tree(numbered))  # each saved leaf's index among target's
   leaves = [None] * treedef.num_leaves
   for i, leaf in zip(position, jax.tree_util.tree_leaves(restored), strict=True):
     leaves[i] = leaf

@@ -277,7 +277,8 @@ class Predictor:
     self.model = _model(spec)
     # On the device once: jit arguments given as NumPy would be copied at every call.
     network, _ = losses.split_params(variables["params"])
-    self.variables = jax.tree_util.tree_map(jnp.asarray, {"params": network, "batch_stats": variables["batch_stats"]})
+    self.variables = jax.tree_util.tree_map(jnp.asarray,
+                                            {"params": network, "batch_stats": variables["batch_stats"]})
     model, head = self.model, self.eval_head
     self._probs = jax.jit(lambda v, x: predict_probs(model.apply(v, x, train=False), head))
     self._preprocess = None

@@ -99,7 +99,8 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, imag
   if config.saal.update_rule == "meta":
     network, loss_params = losses.split_params(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
-                      opt_state=optimizer.init(network), meta_opt_state=make_meta_optimizer(config).init(loss_params))
+                      opt_state=optimizer.init(network),
+                      meta_opt_state=make_meta_optimizer(config).init(loss_params))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
                     opt_state=optimizer.init(params))
 

@@ -148,7 +148,9 @@ class _Loop:
     self.run, self.config, self.info, self.ckpt = run, config, info, ckpt
     restored = ckpt.restore(jax.device_get(run.state))
     best_meta = ckpt.meta("best")
-    self.best_value, self.best_step = (best_meta.get("best_value"), best_meta["step"]) if best_meta else (None, None)
+    self.best_value, self.best_step = None, None
+    if best_meta:
+      self.best_value, self.best_step = best_meta.get("best_value"), best_meta["step"]
     self.state = run.state
     if restored is not None:
       self.state = restored[0]
@@ -226,7 +228,7 @@ class _Loop:
     self.t_epoch, self.epoch_from, self.val_value = now, done, None
 
   def test_report(self, rstate: TrainState) -> TrainState:
-    """The test report of the config's `eval_checkpoint` (best or, without one, the final state); the final state."""
+    """Writes the test report of config.eval_checkpoint (best, else the final state); returns the final state."""
     run, config, ckpt = self.run, self.config, self.ckpt
     ckpt.wait()
     final = run.host_state(rstate)

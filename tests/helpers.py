@@ -1,4 +1,4 @@
-"""Helpers the trainer tests share, in process and in tests/train_worker.py's subprocesses: a tiny config and data."""
+"""A tiny config and data for the trainer tests, in process and in tests/train_worker.py's subprocesses."""
 
 from __future__ import annotations
 

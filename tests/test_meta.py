@@ -335,7 +335,8 @@ def test_a_joint_state_saves_without_meta_opt_state_and_a_meta_state_with_it(tmp
     ckpt.save(3, state)
     ckpt.wait()
     saved = set(ckpt.latest.item_metadata(3)["state"])
-    assert saved == {"step", "params", "batch_stats", "opt_state"} | ({"meta_opt_state"} if name == "meta" else set())
+    extra = {"meta_opt_state"} if name == "meta" else set()
+    assert saved == {"step", "params", "batch_stats", "opt_state"} | extra
     restored, _ = ckpt.restore(jax.tree_util.tree_map(np.zeros_like, state))
     ckpt.close()
     for got, want in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state), strict=True):
