@@ -58,7 +58,8 @@ except ImportError:
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import dsn_saal_jax
-from dsn_saal_jax import config_lib, metrics as metrics_lib, train
+from dsn_saal_jax import config_lib, losses, metrics as metrics_lib, models, optim, runtime, train
+from dsn_saal_jax import steps as steps_lib
 from dsn_saal_jax.array_dataset import ArrayDataset
 
 dsn_saal_jax.setup_host()  # the XLA:CPU flag and kernels the trainer runs with, before JAX starts
@@ -119,24 +120,25 @@ def step_result(backbone: str, dtype: str) -> dict:
   device = jax.local_devices()[0]
   c = make_config(backbone, dtype, FLAGS.batch, FLAGS.image_size)
   c.batch_size = FLAGS.batch
-  model, optimizer = train.create_model(c, NUM_CLASSES), train.make_optimizer(c, 100)
-  loss_fn, schedule = train.make_loss_fn(c, CLASS_COUNTS), train.make_lr_schedule(c, 100)
+  model, optimizer = models.create_model(c, NUM_CLASSES), optim.make_optimizer(c, 100)
+  loss_fn, schedule = losses.make_loss_fn(c, CLASS_COUNTS), optim.make_lr_schedule(c, 100)
   shape = (FLAGS.image_size, FLAGS.image_size, c.channels)
-  state = train.create_train_state(c, model, shape, optimizer, jax.random.PRNGKey(0), class_counts=CLASS_COUNTS)
-  step = train.make_train_step(c, None, model, loss_fn, optimizer, schedule)
+  state = steps_lib.create_train_state(c, model, shape, optimizer, jax.random.PRNGKey(0),
+                                       class_counts=CLASS_COUNTS)
+  step = steps_lib.make_train_step(c, None, model, loss_fn, optimizer, schedule)
   rng = jax.random.PRNGKey(1)
   data = np.random.default_rng(0)
   batch = {"image": data.standard_normal((FLAGS.batch, *shape)).astype(np.float32),
            "label": data.integers(0, NUM_CLASSES, FLAGS.batch).astype(np.int32)}
   # XLA's FLOP count of the step body (unmapped: vmap over a 1-element axis of the same name), as train_step.py.
   add = lambda x: jnp.asarray(x)[None]
-  cost = jax.jit(jax.vmap(step, axis_name=train.AXIS, in_axes=(0, 0, None))).lower(
+  cost = jax.jit(jax.vmap(step, axis_name=steps_lib.AXIS, in_axes=(0, 0, None))).lower(
       jax.tree_util.tree_map(add, state), jax.tree_util.tree_map(add, batch), rng).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-  p_step = jax.pmap(step, axis_name=train.AXIS, in_axes=(0, 0, None), donate_argnums=(0,), devices=[device])
-  rstate = train.replicate(state, [device])
-  batch = train.replicate(batch, [device])
+  p_step = jax.pmap(step, axis_name=steps_lib.AXIS, in_axes=(0, 0, None), donate_argnums=(0,), devices=[device])
+  rstate = runtime.replicate(state, [device])
+  batch = runtime.replicate(batch, [device])
   start = time.perf_counter()
   rstate, metrics = p_step(rstate, batch, rng)
   jax.block_until_ready(metrics)
@@ -157,7 +159,7 @@ def step_result(backbone: str, dtype: str) -> dict:
           "gflop_per_step": flops / 1e9, "tflops_per_sec": flops / step_s / 1e12, "peak_tflops": peak,
           "mfu": flops / step_s / (peak * 1e12) if peak and np.isfinite(flops) else None,
           "peak_memory_bytes": peak_memory(device),
-          "loss_finite": bool(np.isfinite(train.unreplicate(metrics)["loss"]))}
+          "loss_finite": bool(np.isfinite(runtime.unreplicate(metrics)["loss"]))}
 
 
 def isolated_step_result(backbone: str, dtype: str) -> dict:
@@ -225,7 +227,7 @@ def end_to_end(backbone: str, dtype: str, bare_images_per_sec: float | None) -> 
       start = time.perf_counter()
       train.train_and_evaluate(c, workdir, dataset=dataset)
       total_s = time.perf_counter() - start
-      steps, rates = train.read_history(workdir)["train/examples_per_sec"]
+      steps, rates = runtime.read_history(workdir)["train/examples_per_sec"]
   finally:
     train.write_report = report
   windows = [float(r) for s, r in zip(steps, rates) if s > c.log_every_steps]

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 
 import dsn_saal_jax
-from dsn_saal_jax import array_dataset, config_lib, train
+from dsn_saal_jax import config_lib, losses, models, optim, runtime, steps as steps_lib
+from dsn_saal_jax.data_info import DataInfo
 
 dsn_saal_jax.setup_host()  # the XLA:CPU flag and kernels the trainer runs with, before JAX starts
 
@@ -23,20 +24,20 @@ COUNTS = np.array([234, 191])  # COVID19-CT's training split
 
 def main() -> None:
   c = config_lib.from_file(CONFIG)
-  info = array_dataset.ArrayInfo(("non_covid", "covid"), COUNTS, 425, {}, (64, 64, 3), 26, {})
-  model = train.create_model(c, 2)
-  opt, sched = train.make_optimizer(c, 26), train.make_lr_schedule(c, 26)
-  loss_fn = train.make_loss_fn(c, COUNTS)
-  state = train.replicate(train.create_train_state(c, model, (64, 64, 3), opt, jax.random.PRNGKey(0),
-                                                   class_counts=COUNTS))
+  info = DataInfo(("non_covid", "covid"), COUNTS, 425, {}, (64, 64, 3), 26, {})
+  model = models.create_model(c, 2)
+  opt, sched = optim.make_optimizer(c, 26), optim.make_lr_schedule(c, 26)
+  loss_fn = losses.make_loss_fn(c, COUNTS)
+  state = runtime.replicate(steps_lib.create_train_state(c, model, (64, 64, 3), opt, jax.random.PRNGKey(0),
+                                                         class_counts=COUNTS))
   rng = np.random.default_rng(0)
   batch = {"image": rng.normal(size=(1, 16, 64, 64, 3)).astype(np.float32),
            "label": rng.integers(0, 2, (1, 16)).astype(np.int32)}
   key, steps = jax.random.PRNGKey(1), {}
   for aug in (False, True):
     c.augment = aug
-    steps[aug] = jax.pmap(train.make_train_step(c, info, model, loss_fn, opt, sched), axis_name=train.AXIS,
-                          in_axes=(0, 0, None))
+    steps[aug] = jax.pmap(steps_lib.make_train_step(c, info.meta_counts, model, loss_fn, opt, sched),
+                          axis_name=steps_lib.AXIS, in_axes=(0, 0, None))
     jax.block_until_ready(steps[aug](state, batch, key))  # compile
   times = {False: [], True: []}
   for _ in range(10):

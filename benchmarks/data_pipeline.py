@@ -32,7 +32,7 @@ import tensorflow_datasets as tfds
 from pydicom.data import get_testdata_file
 
 import dsn_saal_jax
-from dsn_saal_jax import config_lib, models, train
+from dsn_saal_jax import config_lib, losses, models, optim, steps as steps_lib
 from dsn_saal_jax.data import builders, input_pipeline, phantom
 
 dsn_saal_jax.setup_host()  # the XLA:CPU flag and kernels the trainer runs with, before JAX starts
@@ -133,16 +133,16 @@ def train_flops_per_image(backbone: str, image_size: int, channels: int, batch: 
   config = config_lib.base_config()
   config.backbone, config.image_size, config.batch_size, config.channels = backbone, image_size, batch, channels
   counts = np.array([234, 191])
-  model = train.create_model(config, len(counts))
-  optimizer = train.make_optimizer(config, 100)
-  state = train.create_train_state(config, model, (image_size, image_size, channels), optimizer,
-                                   jax.random.PRNGKey(0))
-  step = functools.partial(train.train_step, model=model, loss_fn=train.make_loss_fn(config, counts),
-                           optimizer=optimizer, learning_rate_fn=train.make_lr_schedule(config, 100))
+  model = models.create_model(config, len(counts))
+  optimizer = optim.make_optimizer(config, 100)
+  state = steps_lib.create_train_state(config, model, (image_size, image_size, channels), optimizer,
+                                       jax.random.PRNGKey(0))
+  step = functools.partial(steps_lib.train_step, model=model, loss_fn=losses.make_loss_fn(config, counts),
+                           optimizer=optimizer, learning_rate_fn=optim.make_lr_schedule(config, 100))
   batch_arrays = {"image": np.zeros((batch, image_size, image_size, channels), np.float32),
                   "label": np.zeros(batch, np.int32)}
   add = lambda x: jnp.asarray(x)[None]
-  lowered = jax.jit(jax.vmap(step, axis_name=train.AXIS, in_axes=(0, 0, None))).lower(
+  lowered = jax.jit(jax.vmap(step, axis_name=steps_lib.AXIS, in_axes=(0, 0, None))).lower(
       jax.tree_util.tree_map(add, state), jax.tree_util.tree_map(add, batch_arrays), jax.random.PRNGKey(1))
   analysis = lowered.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis

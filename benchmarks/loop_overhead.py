@@ -28,7 +28,7 @@ import numpy as np
 from absl import app, flags, logging
 
 import dsn_saal_jax
-from dsn_saal_jax import config_lib, train
+from dsn_saal_jax import config_lib, runtime, train
 from dsn_saal_jax.array_dataset import ArrayDataset
 
 dsn_saal_jax.setup_host()  # the XLA:CPU flag and kernels the trainer runs with, before JAX starts
@@ -66,7 +66,7 @@ def trainer_windows(config) -> list[float]:
   """examples/s of each logged window after the first, from the trainer's history.jsonl."""
   with tempfile.TemporaryDirectory() as workdir:
     train.train_and_evaluate(config, workdir, dataset=dataset(config))
-    steps, values = train.read_history(workdir)["train/examples_per_sec"]
+    steps, values = runtime.read_history(workdir)["train/examples_per_sec"]
   return [float(v) for s, v in zip(steps, values) if s > config.log_every_steps]
 
 
@@ -74,12 +74,12 @@ def bare_windows(config) -> list[float]:
   """examples/s of the same windows: the trainer's compiled step, dispatched back to back."""
   with tempfile.TemporaryDirectory() as workdir:
     run = train._Run(config, workdir, dataset(config))  # pylint: disable=protected-access
-    rstate = train.replicate(run.state)
+    rstate = runtime.replicate(run.state)
     batches = flax.jax_utils.prefetch_to_device(run.dataset.train_iter(0), 2)
     rates, t = [], time.time()
     for step in range(config.num_train_steps):
       rstate, metrics = run.step_fn(step)(rstate, next(batches), run.dropout_rng)
-      if train.itstime(step + 1, config.log_every_steps, config.num_train_steps):
+      if runtime.itstime(step + 1, config.log_every_steps, config.num_train_steps):
         jax.block_until_ready(metrics)
         now = time.time()
         if step + 1 > config.log_every_steps:

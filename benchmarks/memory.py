@@ -36,7 +36,7 @@ import numpy as np
 from absl import app, flags, logging
 
 import dsn_saal_jax
-from dsn_saal_jax import config_lib, losses, train
+from dsn_saal_jax import config_lib, losses, models, optim, steps as steps_lib
 
 dsn_saal_jax.setup_host(cpu_kernels=CPU_KERNELS)
 
@@ -51,8 +51,8 @@ flags.DEFINE_string("out", "", "Write the results as JSON here too.")
 NUM_CLASSES, CLASS_COUNTS = 3, np.array([50, 30, 20])
 
 
-def abstract_state(config, model, image_shape, optimizer) -> train.TrainState:
-  """`train.create_train_state`'s shapes and dtypes, traced only (nothing initialized)."""
+def abstract_state(config, model, image_shape, optimizer) -> steps_lib.TrainState:
+  """`steps.create_train_state`'s shapes and dtypes, traced only (nothing initialized)."""
   key = jax.random.PRNGKey(0)
   variables = jax.eval_shape(functools.partial(model.init, train=False), {"params": key},
                              jnp.zeros((1, *image_shape), jnp.float32))
@@ -61,23 +61,23 @@ def abstract_state(config, model, image_shape, optimizer) -> train.TrainState:
     params["saal"] = jax.eval_shape(lambda k: losses.init_saal_params(
         k, model.num_heads, config.loss_kwargs.saal.init_stddev, alpha_param=config.loss_kwargs.saal.alpha_param,
         class_counts=CLASS_COUNTS), key)
-  return train.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                          batch_stats=variables["batch_stats"], opt_state=jax.eval_shape(optimizer.init, params))
+  return steps_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                              batch_stats=variables["batch_stats"], opt_state=jax.eval_shape(optimizer.init, params))
 
 
 def analyse(backbone: str, dtype: str, batch: int) -> dict:
   c = config_lib.base_config()
   c.backbone, c.compute_dtype, c.image_size, c.batch_size = backbone, dtype, FLAGS.image_size, batch
-  model, optimizer = train.create_model(c, NUM_CLASSES), train.make_optimizer(c, 100)
-  loss_fn, schedule = train.make_loss_fn(c, CLASS_COUNTS), train.make_lr_schedule(c, 100)
+  model, optimizer = models.create_model(c, NUM_CLASSES), optim.make_optimizer(c, 100)
+  loss_fn, schedule = losses.make_loss_fn(c, CLASS_COUNTS), optim.make_lr_schedule(c, 100)
   shape = (FLAGS.image_size, FLAGS.image_size, c.channels)
   state = abstract_state(c, model, shape, optimizer)
-  step = train.make_train_step(c, None, model, loss_fn, optimizer, schedule)
+  step = steps_lib.make_train_step(c, None, model, loss_fn, optimizer, schedule)
   one = lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype)  # the 1-device mapped axis
   batch_spec = {"image": jax.ShapeDtypeStruct((1, batch, *shape), jnp.float32),
                 "label": jax.ShapeDtypeStruct((1, batch), jnp.int32)}
   start = time.perf_counter()
-  lowered = jax.jit(jax.vmap(step, axis_name=train.AXIS, in_axes=(0, 0, None)), donate_argnums=(0,)).lower(
+  lowered = jax.jit(jax.vmap(step, axis_name=steps_lib.AXIS, in_axes=(0, 0, None)), donate_argnums=(0,)).lower(
       jax.tree_util.tree_map(one, state), batch_spec, jax.ShapeDtypeStruct((2,), jnp.uint32))
   m = lowered.compile(compiler_options={"xla_backend_optimization_level": 0}).memory_analysis()
   r = {"backbone": backbone, "dtype": dtype, "image_size": FLAGS.image_size, "batch": batch,

@@ -24,7 +24,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 import dsn_saal_jax
-from dsn_saal_jax import config_lib, predict, train
+from dsn_saal_jax import config_lib, models, predict, steps as steps_lib
 from dsn_saal_jax.data import ct, phantom
 
 dsn_saal_jax.setup_host()  # the XLA:CPU flag and kernels the trainer runs with, before JAX starts
@@ -69,8 +69,8 @@ def main() -> None:
   config = config_lib.base_config()  # Full-width DSN-VGG16-BN, SAAL, synthetic_ct's classes.
   config.image_size = args.image_size
   spec = predict.spec_from_config(config)
-  model = train.create_model(config, len(spec["class_names"]), axis_name=None)
-  variables = train.init_variables(config, model, (args.image_size, args.image_size, 1), jax.random.PRNGKey(0))
+  model = models.create_model(config, len(spec["class_names"]), axis_name=None)
+  variables = steps_lib.init_variables(config, model, (args.image_size, args.image_size, 1), jax.random.PRNGKey(0))
   print(f"DSN-VGG16-BN, {sum(x.size for x in jax.tree_util.tree_leaves(variables['params'])):,} params, "
         f"{args.image_size}x{args.image_size}x1, {args.format} sources {args.source_size}x{args.source_size}, "
         f"{jax.devices()[0].platform} x{jax.device_count()}, load average {os.getloadavg()[0]:.1f}")

@@ -29,7 +29,6 @@ import functools
 import resource
 import statistics
 import time
-import types
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +37,7 @@ import torch
 from absl import app, flags
 
 import dsn_saal_jax
-from dsn_saal_jax import config_lib, cpu, models, train
+from dsn_saal_jax import config_lib, cpu, losses, models, optim, runtime, steps as steps_lib
 from dsn_saal_jax.torch_reference import TORCH_MODELS, saal_loss_torch
 
 dsn_saal_jax.setup_host()  # the XLA:CPU flag and kernels the trainer runs with, before JAX starts
@@ -83,19 +82,20 @@ class JaxSide:
   """The trainer's pmapped steps on one device, state donated and fed back as in training."""
 
   def __init__(self, config, batch: dict[str, np.ndarray]):
-    self.model = train.create_model(config, len(CLASS_COUNTS))
-    loss_fn = train.make_loss_fn(config, CLASS_COUNTS)
-    optimizer = train.make_optimizer(config, 100)
+    self.model = models.create_model(config, len(CLASS_COUNTS))
+    loss_fn = losses.make_loss_fn(config, CLASS_COUNTS)
+    optimizer = optim.make_optimizer(config, 100)
     shape = batch["image"].shape[1:]
-    state = train.create_train_state(config, self.model, shape, optimizer, jax.random.PRNGKey(0))
-    self.rstate = train.replicate(state, jax.local_devices()[:1])
-    step = functools.partial(train.train_step, model=self.model, loss_fn=loss_fn, optimizer=optimizer,
-                             learning_rate_fn=train.make_lr_schedule(config, 100))
-    self.p_train = jax.pmap(step, axis_name=train.AXIS, in_axes=(0, 0, None), donate_argnums=(0,),
+    state = steps_lib.create_train_state(config, self.model, shape, optimizer, jax.random.PRNGKey(0))
+    self.rstate = runtime.replicate(state, jax.local_devices()[:1])
+    step = functools.partial(steps_lib.train_step, model=self.model, loss_fn=loss_fn, optimizer=optimizer,
+                             learning_rate_fn=optim.make_lr_schedule(config, 100))
+    self.p_train = jax.pmap(step, axis_name=steps_lib.AXIS, in_axes=(0, 0, None), donate_argnums=(0,),
                             devices=jax.local_devices()[:1])
-    self.p_eval = jax.pmap(functools.partial(train.eval_step, model=self.model, loss_fn=loss_fn, eval_head="final"),
-                           axis_name=train.AXIS, devices=jax.local_devices()[:1])
-    put = lambda x: train.replicate(x, jax.local_devices()[:1])
+    self.p_eval = jax.pmap(
+        functools.partial(steps_lib.eval_step, model=self.model, loss_fn=loss_fn, eval_head="final"),
+        axis_name=steps_lib.AXIS, devices=jax.local_devices()[:1])
+    put = lambda x: runtime.replicate(x, jax.local_devices()[:1])
     self.batch = {"image": put(batch["image"]), "label": put(batch["label"])}
     self.eval_batch = {**self.batch, "mask": put(np.ones(len(batch["label"]), np.float32))}
     self.rng = jax.random.PRNGKey(1)
@@ -103,7 +103,7 @@ class JaxSide:
 
   def _flops(self, config, step, state, batch) -> float:
     """XLA's FLOP count of one train step (unmapped, same program body)."""
-    fn = jax.jit(jax.vmap(step, axis_name=train.AXIS, in_axes=(0, 0, None)))
+    fn = jax.jit(jax.vmap(step, axis_name=steps_lib.AXIS, in_axes=(0, 0, None)))
     add = lambda x: jnp.asarray(x)[None]
     lowered = fn.lower(jax.tree_util.tree_map(add, state), jax.tree_util.tree_map(add, batch), self.rng)
     analysis = lowered.cost_analysis()
@@ -125,24 +125,25 @@ class MetaSide:
     config = self.config = config.copy_and_resolve_references()
     config.meta.update_rule, config.loss_kwargs.saal.alpha_param = "meta", "log10"
     config.meta.every_steps = meta_every_steps
-    model = train.create_model(config, len(CLASS_COUNTS))
-    optimizer = train.make_optimizer(config, 100)
-    state = train.create_train_state(config, model, batch["image"].shape[1:], optimizer, jax.random.PRNGKey(0),
-                                     class_counts=CLASS_COUNTS)
-    info = types.SimpleNamespace(meta_counts=CLASS_COUNTS // 10)
+    model = models.create_model(config, len(CLASS_COUNTS))
+    optimizer = optim.make_optimizer(config, 100)
+    state = steps_lib.create_train_state(config, model, batch["image"].shape[1:], optimizer, jax.random.PRNGKey(0),
+                                         class_counts=CLASS_COUNTS)
+    meta_counts = CLASS_COUNTS // 10
     devices = jax.local_devices()[:1]
-    loss_fn, schedule = train.make_loss_fn(config, CLASS_COUNTS), train.make_lr_schedule(config, 100)
-    step = lambda meta_step: train.make_train_step(config, info, model, loss_fn, optimizer, schedule, meta_step)
-    self.p_steps = {meta_step: jax.pmap(step(meta_step), axis_name=train.AXIS, in_axes=(0, 0, None),
+    loss_fn, schedule = losses.make_loss_fn(config, CLASS_COUNTS), optim.make_lr_schedule(config, 100)
+    step = lambda meta_step: steps_lib.make_train_step(config, meta_counts, model, loss_fn, optimizer, schedule,
+                                                       meta_step)
+    self.p_steps = {meta_step: jax.pmap(step(meta_step), axis_name=steps_lib.AXIS, in_axes=(0, 0, None),
                                         donate_argnums=(0,), devices=devices) for meta_step in (True, False)}
-    self.rstate, self.step = train.replicate(state, devices), 0
-    put = lambda x: train.replicate(x, devices)
+    self.rstate, self.step = runtime.replicate(state, devices), 0
+    put = lambda x: runtime.replicate(x, devices)
     self.batch = {"image": put(batch["image"]), "label": put(batch["label"]), "meta_image": put(batch["image"]),
                   "meta_label": put(batch["label"])}
     self.rng = jax.random.PRNGKey(1)
 
   def train_step(self) -> None:
-    p_step = self.p_steps[train.is_meta_step(self.config, self.step)]
+    p_step = self.p_steps[steps_lib.is_meta_step(self.config, self.step)]
     self.rstate, metrics = p_step(self.rstate, self.batch, self.rng)
     self.step += 1
     jax.block_until_ready(metrics)
@@ -196,7 +197,7 @@ class TorchSide:
     shape = {k: v for k, v in models.config_kwargs(config).items() if k not in ("dropout_rate", "width_scale")}
     self.model = TORCH_MODELS[config.backbone](len(CLASS_COUNTS), in_channels=config.channels, **shape)
     self.alpha = torch.zeros((), requires_grad=True)
-    self.beta = torch.zeros(train.create_model(config, len(CLASS_COUNTS)).num_heads, requires_grad=True)
+    self.beta = torch.zeros(models.create_model(config, len(CLASS_COUNTS)).num_heads, requires_grad=True)
     self.opt = torch.optim.SGD(list(self.model.parameters()) + [self.alpha, self.beta], lr=config.learning_rate,
                                momentum=config.momentum, weight_decay=config.weight_decay)
     self.x = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
@@ -280,18 +281,18 @@ class Phases:
   def __init__(self, config, batch: dict[str, np.ndarray]):
     self.jx, self.tx = JaxSide(config, batch), TorchSide(config, batch)
     # The trainer's model with BatchNorm statistics of this device alone (no pmap axis here).
-    model = train.create_model(config, len(CLASS_COUNTS), axis_name=None)
-    loss_fn = train.make_loss_fn(config, CLASS_COUNTS)
+    model = models.create_model(config, len(CLASS_COUNTS), axis_name=None)
+    loss_fn = losses.make_loss_fn(config, CLASS_COUNTS)
     state = jax.tree_util.tree_map(lambda x: x[0], self.jx.rstate)
     image, label, rng = jnp.asarray(batch["image"]), jnp.asarray(batch["label"]), {"dropout": self.jx.rng}
 
     def forward(params):
-      return model.apply({"params": train.network_params(params), "batch_stats": state.batch_stats}, image,
+      return model.apply({"params": losses.split_params(params)[0], "batch_stats": state.batch_stats}, image,
                          train=True, mutable=["batch_stats"], rngs=rng)
 
     def loss(params):
       heads, _ = forward(params)
-      return loss_fn(heads, label, train.loss_params(params))[0]
+      return loss_fn(heads, label, losses.split_params(params)[1])[0]
 
     jit_forward, jit_grad = jax.jit(forward), jax.jit(jax.grad(loss))
     self.jax_fns = {"forward": lambda: jax.block_until_ready(jit_forward(state.params)),

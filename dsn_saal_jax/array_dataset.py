@@ -11,26 +11,13 @@ batch also carries that step's `meta_image` and `meta_label`.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
 
 from dsn_saal_jax import meta
-
-
-@dataclasses.dataclass(frozen=True)
-class ArrayInfo:
-  class_names: tuple[str, ...]
-  class_counts: np.ndarray
-  num_train: int
-  num_eval: dict[str, int]
-  image_shape: tuple[int, int, int]
-  steps_per_epoch: int
-  normalization: dict
-  duplicates_removed: dict = dataclasses.field(default_factory=dict)  # none: arrays are not deduplicated
-  meta_counts: np.ndarray | None = None  # examples per class of the meta set; None: no meta set
+from dsn_saal_jax.data_info import DataInfo
 
 
 class ArrayDataset:
@@ -51,7 +38,7 @@ class ArrayDataset:
     self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
     if len(self.images) < batch_size:
       raise ValueError(f"{len(self.images)} training examples are fewer than one batch of {batch_size}.")
-    self.info = ArrayInfo(
+    self.info = DataInfo(
         class_names=tuple(class_names),
         class_counts=np.bincount(self.labels, minlength=len(class_names)),
         num_train=len(self.images), num_eval={k: len(v[1]) for k, v in self.evals.items()},

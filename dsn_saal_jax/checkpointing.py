@@ -9,18 +9,21 @@ instead of failing deep inside a tree restore. Orbax writes every checkpoint
 to a temporary directory and renames it when complete, so a process killed
 mid-save never leaves a half-written checkpoint that `latest_step` returns;
 a step damaged afterwards (disk or copy faults) is set aside on restore and
-the newest intact one used.
+the newest intact one used (`newest_intact`, which `predict` uses too).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
@@ -62,6 +65,16 @@ def inference_spec(config: Any, info: Any) -> dict[str, Any]:
   }
 
 
+def model_fingerprint(config: Any, num_classes: int) -> dict[str, Any]:
+  """What a checkpoint must agree on to be restored into this config's state."""
+  shape = {k: (list(v) if isinstance(v, tuple) else v) for k, v in models.config_kwargs(config).items()
+           if k != "dropout_rate"}
+  return {"backbone": config.backbone, "model": "dsn" if config.model.dsn else "baseline",
+          "num_classes": int(num_classes), "channels": int(config.channels), **shape, "fuse_channels": int(config.model.fuse_channels),
+          "loss_params": "mwn" if config.loss == "mwn" else config.loss == "saal",
+          "saal_alpha_param": config.loss_kwargs.saal.alpha_param, "saal_update_rule": config.meta.update_rule}
+
+
 # What checkpoints written before a fingerprint key existed hold for it.
 _LEGACY_FINGERPRINT = {"backbone": models.DEFAULT_BACKBONE, "width_scale": 1.0, "saal_alpha_param": "sigmoid",
                        "saal_update_rule": "joint"}
@@ -74,11 +87,86 @@ def fingerprint_differences(saved: Mapping[str, Any], expected: Mapping[str, Any
 
 
 class CheckpointDamagedError(RuntimeError):
-  """Every checkpoint of a workdir's resume point is unreadable."""
+  """No intact checkpoint where one was asked for: every committed step there is damaged (unreadable)."""
 
 
 class _Unreadable(Exception):
   """A committed step whose files cannot be read back (its cause is orbax's or tensorstore's error)."""
+
+  @property
+  def reason(self) -> str:
+    cause = self.__cause__
+    return (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
+
+
+@contextlib.contextmanager
+def unreadable_as_damaged() -> Iterator[None]:
+  """orbax/tensorstore errors while reading a committed step, as a damaged step for `newest_intact`."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore raise many types)
+    raise _Unreadable(e) from e
+
+
+_Step = TypeVar("_Step")
+_Read = TypeVar("_Read")
+
+
+def newest_intact(steps: Sequence[_Step], read: Callable[[_Step], _Read]
+                  ) -> tuple[_Read | None, list[tuple[_Step, str]]]:
+  """(read(step) of the first of `steps` (newest first) that reads back whole, [(step, reason)] of the damaged
+  ones tried before it); (None, all of them) if none does. The one "newest intact checkpoint" routine: the
+  trainer's resume (`Checkpoints.restore`) and prediction (`predict.Predictor.from_checkpoint`) use it.
+
+  A step is damaged when `read` raises orbax's or tensorstore's errors inside `unreadable_as_damaged()`
+  (a truncated array file, missing metadata: a disk or copy fault, since orbax never commits a
+  half-written step); any other error (another model's checkpoint, say) propagates.
+  """
+  damaged = []
+  for step in steps:
+    try:
+      return read(step), damaged
+    except _Unreadable as e:
+      damaged.append((step, e.reason))
+  return None, damaged
+
+
+def committed_steps(directory: str) -> list[int]:
+  """The committed steps of an orbax manager directory (WORKDIR/best, WORKDIR/checkpoints), newest first.
+
+  Only committed steps have all-digit names: orbax writes a step under a
+  temporary name and renames it when complete, so a checkpoint that a
+  running job is still writing is never listed.
+  """
+  steps = (int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+  return sorted(steps, reverse=True)
+
+
+def _saved_tree(state: Any) -> Any:
+  """The tree a checkpoint holds for `state`: the tree of before issue 28, whatever wrappers the state has since.
+
+  A dataclass state becomes a dict of its fields, less those that are None: so
+  the train state's optional `meta_opt_state` (update_rule='meta' only) adds
+  nothing to other runs' checkpoints (orbax refuses a target with an entry the
+  checkpoint lacks, even None). An `optax.masked` state (the weight-decay mask,
+  `optim.decay_mask`) becomes its inner state: the mask holds no arrays.
+  """
+  if dataclasses.is_dataclass(state) and not isinstance(state, type):
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    state = {k: v for k, v in fields.items() if v is not None}
+  masked = lambda x: isinstance(x, optax.MaskedState)
+  return jax.tree_util.tree_map(lambda x: _saved_tree(x.inner_state) if masked(x) else x, state, is_leaf=masked)
+
+
+def _from_saved_tree(target: Any, restored: Any) -> Any:
+  """`_saved_tree`'s inverse: the arrays of `restored` (the tree `_saved_tree(target)`) in the tree of `target`."""
+  treedef = jax.tree_util.tree_structure(target)
+  numbered = jax.tree_util.tree_unflatten(treedef, range(treedef.num_leaves))
+  position = jax.tree_util.tree_leaves(_saved_tree(numbered))  # each saved leaf's index among target's
+  leaves = [None] * treedef.num_leaves
+  for i, leaf in zip(position, jax.tree_util.tree_leaves(restored), strict=True):
+    leaves[i] = leaf
+  return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def _all_finite(tree: Any) -> bool:
@@ -122,17 +210,14 @@ class Checkpoints:
     """(state or None, meta) of one step. The model check comes before the state is read, so that a
     checkpoint of another model is refused as such, never taken for a damaged one."""
     mgr = self._manager(which)
-    try:
+    with unreadable_as_damaged():
       meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore raise many types)
-      raise _Unreadable(e) from e
     self._check_fingerprint(meta, which)
     if target is None:
       return None, meta
-    try:
-      return mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"], meta
-    except Exception as e:  # pylint: disable=broad-except
-      raise _Unreadable(e) from e
+    with unreadable_as_damaged():
+      restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_saved_tree(target))))
+    return _from_saved_tree(target, restored["state"]), meta
 
   def _newest_intact(self, which: str, target: Any | None) -> tuple[Any, dict[str, Any]] | None:
     """(state, meta) of the newest `which` step that reads back whole; damaged newer steps are set aside.
@@ -143,22 +228,15 @@ class Checkpoints:
     no intact step left the run stops with an error naming every damaged path.
     """
     mgr = self._manager(which)
-    damaged, found = [], None
-    for step in sorted(mgr.all_steps(), reverse=True):
-      try:
-        found = self._read(which, step, target)
-        break
-      except _Unreadable as e:
-        cause = e.__cause__
-        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
-        damaged.append((step, os.path.join(mgr.directory, str(step)), reason))
+    found, damaged = newest_intact(sorted(mgr.all_steps(), reverse=True), lambda s: self._read(which, s, target))
+    path = lambda step: os.path.join(mgr.directory, str(step))
     if found is None and damaged and which == "latest":
-      listing = "; ".join(f"step {s} at {p}: {r}" for s, p, r in damaged)
+      listing = "; ".join(f"step {s} at {path(s)}: {r}" for s, r in damaged)
       raise CheckpointDamagedError(
           f"No intact checkpoint in {mgr.directory}: every step is damaged ({listing}). Move those "
           "directories away to start this run afresh, or use a new --workdir.")
-    for bad_step, path, reason in damaged:  # a damaged best only: the next validation saves a new one
-      self._set_aside(which, bad_step, path, reason)
+    for bad_step, reason in damaged:  # a damaged best only: the next validation saves a new one
+      self._set_aside(which, bad_step, path(bad_step), reason)
     if damaged:
       mgr.reload()
       self._saved[which] = set(mgr.all_steps())
@@ -211,7 +289,7 @@ class Checkpoints:
             **({"inference": self.inference} if self.inference is not None else {}),
             **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in meta.items()}}
     self._manager(which).save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        state=ocp.args.StandardSave(_saved_tree(state)), meta=ocp.args.JsonSave(meta)), force=True)
     self._saved[which].add(int(step))
     return True
 

@@ -87,17 +87,17 @@ def define_multihost_flags() -> None:
 def initialize_multihost() -> None:
   """jax.distributed.initialize() as the multi-host flags ask; nothing for a one-process run."""
   if FLAGS.distributed or FLAGS.coordinator_address:
-    from dsn_saal_jax import train  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-    train.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    from dsn_saal_jax import runtime  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+    runtime.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
 
 def run_job(job: Callable[[], object], *usage_kinds: type[Exception]) -> None:
   """Runs a training-like job (train, pretrain): preempted -> 143, damaged checkpoint -> 1, usage -> 2."""
-  from dsn_saal_jax import checkpointing, train  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  from dsn_saal_jax import checkpointing, runtime  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   try:
     with usage_errors(*usage_kinds):
       job()
-  except train.Preempted as e:
+  except runtime.Preempted as e:
     logging.warning("%s", e)
     sys.exit(PREEMPTED)
   except checkpointing.CheckpointDamagedError as e:

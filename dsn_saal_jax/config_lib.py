@@ -94,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
   # How the loss's own parameters learn (SAAL's alpha, beta; Meta-Weight-Net's MLP). update_rule: joint (the
   # paper's): with the network, by SGD on the training loss, which can only shrink beta (every DRCE term is >= 0).
   # meta: by Adam(lr) on the balanced CE of a held-out meta set after a one-step lookahead of the network
-  # (train.meta_train_step), every every_steps steps; learn: which of SAAL's alpha and beta it learns (the other
+  # (steps.meta_train_step), every every_steps steps; learn: which of SAAL's alpha and beta it learns (the other
   # stays fixed). loss=mwn learns only that way. fraction: share of each class's training examples held out as
   # the meta set (drawn after train_per_class and covid_fraction); balanced: the same total, split evenly over
   # the classes.

@@ -10,11 +10,16 @@ at least float32 whatever the model's compute dtype (float64 when the model runs
 
 `make_loss` validates the class counts k_n once, outside any trace, and
 returns a jit-compiled function with them baked in as constants.
+
+The loss's own parameters live in the model's optax-trained params pytree,
+under one top-level key (`LOSS_PARAM_KEYS`); `split_params` is the one place
+that tells the network's part from the loss's (steps, optimizer masks,
+checkpoints and prediction all use it). It lives here, below all of them.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +27,31 @@ import numpy as np
 
 LossFn = Callable[..., tuple[jax.Array, jax.Array]]
 LOSS_NAMES = ("saal", "ce", "focal", "cb", "sce", "la", "mwn")
+LOSS_PARAM_KEYS = ("saal", "mwn")  # top-level entries of params that belong to the loss, not the network
 ALPHA_PARAMS = ("sigmoid", "log10")
 _LN10 = float(np.log(10.0))
+
+
+def split_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+  """(the network's params, the loss's own: `params['saal']` or `params['mwn']`, None for the fixed losses)."""
+  network = {k: v for k, v in params.items() if k not in LOSS_PARAM_KEYS}
+  return network, next((params[k] for k in LOSS_PARAM_KEYS if k in params), None)
+
+
+def loss_param_key(params: Mapping[str, Any]) -> str | None:
+  """The key of `params` that holds the loss's own parameters ('saal', 'mwn'), None if there is none."""
+  return next((k for k in LOSS_PARAM_KEYS if k in params), None)
+
+
+def merge_params(network: Mapping[str, Any], key: str | None, loss_params: Any) -> dict[str, Any]:
+  """`split_params`'s inverse: the network's params with the loss's under `key` (none when `key` is None)."""
+  return {**network, **({key: loss_params} if key is not None else {})}
+
+
+def param_labels(params: Mapping[str, Any]) -> dict[str, Any]:
+  """'network' or 'loss' for every leaf of `params` (e.g. for optax.masked or optax.multi_transform)."""
+  return {k: jax.tree_util.tree_map(lambda _, label="loss" if k in LOSS_PARAM_KEYS else "network": label, v)
+          for k, v in params.items()}
 
 
 def init_saal_params(rng: jax.Array, num_heads: int, stddev: float = 1.0, *, alpha_param: str = "sigmoid",
@@ -286,3 +314,10 @@ def make_loss(name: str, class_counts: Sequence[float], class_names: Sequence[st
     return fn(heads, labels, saal_params, counts, mask, **options)
 
   return loss
+
+
+def make_loss_fn(config: Any, class_counts: np.ndarray, class_names: Sequence[str] | None = None) -> LossFn:
+  """`make_loss` for a training config: `config.loss` with its options (`config.loss_kwargs[config.loss]`)."""
+  options = dict(config.loss_kwargs.get(config.loss, {}))  # ce and mwn take none
+  options.pop("init_stddev", None)  # SAAL's initialization (steps.create_train_state), not a loss option
+  return make_loss(config.loss, class_counts, class_names, **options)

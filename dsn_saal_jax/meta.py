@@ -5,7 +5,7 @@ run keeps (after `train_per_class` and `covid_fraction`), taken out of what the
 network trains on; never validation (which selects checkpoints) nor test.
 Batches of it are drawn by global step, so a resumed run sees the same ones.
 
-The bilevel step (`train.meta_train_step`) is built from the two pure
+The bilevel step (`steps.meta_train_step`) is built from the two pure
 functions here: `linearize_training_loss` and `hypergradient`.
 """
 

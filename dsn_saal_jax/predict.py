@@ -19,6 +19,11 @@ neither the dataset nor the config, and feeds each file exactly as training did:
 Batches have a fixed size, the last one padded, so one compiled program serves
 every batch. COVIDx-CT runs were trained on slices cropped to the body box:
 crop inputs the same way.
+
+One module (~500 lines) because it is one tool end to end, in the order a
+file goes through it: inputs, the checkpoint, the `Predictor`, the CSV and
+overlays; checkpoints are read through `checkpointing` and models built by
+`models`, nothing of the trainer.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import tensorflow as tf
 from absl import logging
 from PIL import Image
 
-from dsn_saal_jax import checkpointing, config_lib, console, models, train
+from dsn_saal_jax import checkpointing, config_lib, console, losses, models
 from dsn_saal_jax.data import builders, ct, folders, input_pipeline
 from dsn_saal_jax.data.builders import common
 from dsn_saal_jax.models import predict_probs
@@ -58,10 +63,6 @@ class InputError(ValueError):
 
 class CheckpointError(ValueError):
   """A checkpoint that cannot serve predictions; the message names it and the fix."""
-
-
-class DamagedCheckpointError(CheckpointError):
-  """A committed checkpoint step whose files cannot be read back."""
 
 
 class OutputError(ValueError):
@@ -169,19 +170,13 @@ def spec_from_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _step_dirs(path: str) -> list[str]:
-  """A checkpoint step directory, or the committed steps of a manager directory (WORKDIR/best), newest first.
-
-  Only committed steps have all-digit names: orbax writes a step under a
-  temporary name and renames it when complete, so a checkpoint that a
-  running job is still writing is never picked.
-  """
+  """A checkpoint step directory, or the committed steps of a manager directory (WORKDIR/best), newest first."""
   if not os.path.isdir(path):
     raise CheckpointError(f"{path}: no such checkpoint directory. Pass WORKDIR/best/<step> or "
                           "WORKDIR/checkpoints/<step>, or --workdir=WORKDIR.")
   if os.path.isdir(os.path.join(path, "state")) or os.path.isdir(os.path.join(path, "meta")):
     return [path]
-  steps = sorted((int(n) for n in os.listdir(path) if n.isdigit() and os.path.isdir(os.path.join(path, n))),
-                 reverse=True)
+  steps = checkpointing.committed_steps(path)
   if steps:
     return [os.path.join(path, str(s)) for s in steps]
   if any(os.path.isdir(os.path.join(path, d)) for d in CHECKPOINT_DIRS.values()):
@@ -197,7 +192,7 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 def _check_weights(saved: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:
   """Raises CheckpointError unless `saved` (checkpoint metadata) has exactly the model's variables."""
-  params = {k: v for k, v in saved.get("params", {}).items() if k not in train.LOSS_PARAM_KEYS}
+  params, _ = losses.split_params(saved.get("params", {}))
   have = _flat_shapes({"params": params, "batch_stats": saved.get("batch_stats", {})})
   want = _flat_shapes(expected)
   problems = ([f"missing {k}" for k in want if k not in have] + [f"unexpected {k}" for k in have if k not in want]
@@ -209,21 +204,11 @@ def _check_weights(saved: Mapping[str, Any], expected: Mapping[str, Any], where:
         "trained with, or a checkpoint of this model.")
 
 
-@contextlib.contextmanager
-def _unreadable_as_damaged(step_dir: str) -> Iterator[None]:
-  """orbax/tensorstore read errors of a committed step as one clear error naming the directory."""
-  try:
-    yield
-  except CheckpointError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore raise many types)
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-    raise DamagedCheckpointError(f"{step_dir} cannot be read ({reason}): it is damaged (a truncated or "
-                                 "missing file)") from None
-
-
 def _load(step_dir: str, config: ml_collections.ConfigDict | None) -> tuple[dict[str, Any], dict[str, Any]]:
-  """(inference spec, {'params', 'batch_stats'}) of one checkpoint step directory."""
+  """(inference spec, {'params', 'batch_stats'}) of one checkpoint step directory.
+
+  Files that cannot be read make it a damaged step for `checkpointing.newest_intact`.
+  """
   if not (os.path.isdir(os.path.join(step_dir, "state")) and os.path.isdir(os.path.join(step_dir, "meta"))):
     raise CheckpointError(
         f"{step_dir} is not a dsn_saal_jax training checkpoint (no 'state' and 'meta' items). Pass a "
@@ -231,11 +216,11 @@ def _load(step_dir: str, config: ml_collections.ConfigDict | None) -> tuple[dict
         "initializations for training, not classifiers.")
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler(
       state=ocp.PyTreeCheckpointHandler(), meta=ocp.JsonCheckpointHandler())) as checkpointer:
-    with _unreadable_as_damaged(step_dir):
+    with checkpointing.unreadable_as_damaged():
       meta = checkpointer.restore(step_dir, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     if config is not None:
       spec = spec_from_config(config)
-      fingerprint = train.model_fingerprint(config, len(spec["class_names"]))
+      fingerprint = checkpointing.model_fingerprint(config, len(spec["class_names"]))
       diffs = checkpointing.fingerprint_differences(meta.get("fingerprint", {}), fingerprint)
       if diffs:
         raise CheckpointError(f"{step_dir} holds a different model than the config ({'; '.join(diffs)}). "
@@ -255,10 +240,10 @@ def _load(step_dir: str, config: ml_collections.ConfigDict | None) -> tuple[dict
     expected = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)},
                                                  jnp.zeros((1, size, size, channels)), train=False))
     expected = {"params": expected["params"], "batch_stats": expected["batch_stats"]}
-    with _unreadable_as_damaged(step_dir):
+    with checkpointing.unreadable_as_damaged():
       saved = checkpointer.metadata(step_dir).item_metadata["state"]
     _check_weights(saved, expected, step_dir)
-    with _unreadable_as_damaged(step_dir):
+    with checkpointing.unreadable_as_damaged():
       restored = checkpointer.restore(step_dir, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(item=expected, partial_restore=True)))["state"]
   return spec, restored
@@ -268,7 +253,7 @@ def _model(spec: Mapping[str, Any]):
   # Specs written before mixed precision or other backbones existed: float32 VGG16-BN. A spec's model entry
   # keeps the flat keys of the config schema before issue 28 (model: dsn|baseline, widths, ...): upgrade them.
   fields = config_lib.upgrade({"compute_dtype": "float32", "backbone": models.DEFAULT_BACKBONE, **spec["model"]})
-  return train.create_model(ml_collections.ConfigDict(fields), len(spec["class_names"]), axis_name=None)
+  return models.create_model(ml_collections.ConfigDict(fields), len(spec["class_names"]), axis_name=None)
 
 
 # ----------------------------------------------------------------------------- the predictor
@@ -292,8 +277,9 @@ class Predictor:
     self.input_shape = (spec["image_size"], spec["image_size"], spec["channels"])
     self.model = _model(spec)
     # On the device once: jit arguments given as NumPy would be copied at every call.
-    self.variables = jax.tree_util.tree_map(jnp.asarray, {"params": train.network_params(variables["params"]),
-                                                          "batch_stats": variables["batch_stats"]})
+    network, _ = losses.split_params(variables["params"])
+    self.variables = jax.tree_util.tree_map(jnp.asarray,
+                                            {"params": network, "batch_stats": variables["batch_stats"]})
     model, head = self.model, self.eval_head
     self._probs = jax.jit(lambda v, x: predict_probs(model.apply(v, x, train=False), head))
     self._preprocess = None
@@ -306,16 +292,15 @@ class Predictor:
     only for checkpoints saved before specs existed, and must match the weights.
     """
     step_dirs = _step_dirs(os.path.abspath(path))
-    for i, step_dir in enumerate(step_dirs):
-      try:
-        spec, variables = _load(step_dir, config)
-      except DamagedCheckpointError as e:
-        if i + 1 == len(step_dirs):
-          raise
-        logging.warning("%s; using the next older step.", e)
-        continue
-      return cls(spec, variables, source=step_dir, **kwargs)
-    raise AssertionError("unreachable")
+    found, damaged = checkpointing.newest_intact(step_dirs, lambda step_dir: (step_dir, _load(step_dir, config)))
+    damage = [f"{step_dir} cannot be read ({reason}): it is damaged (a truncated or missing file)"
+              for step_dir, reason in damaged]
+    if found is None:
+      raise checkpointing.CheckpointDamagedError("; ".join(damage))
+    for text in damage:
+      logging.warning("%s; using the next older step.", text)
+    step_dir, (spec, variables) = found
+    return cls(spec, variables, source=step_dir, **kwargs)
 
   @classmethod
   def from_workdir(cls, workdir: str, which: str = "best", config: ml_collections.ConfigDict | None = None,
@@ -324,7 +309,7 @@ class Predictor:
     if which not in CHECKPOINT_DIRS:
       raise CheckpointError(f"Checkpoint must be 'best' or 'latest' for a workdir, got {which!r}.")
     folder = os.path.join(workdir, CHECKPOINT_DIRS[which])
-    if not os.path.isdir(folder) or not any(n.isdigit() for n in os.listdir(folder)):
+    if not os.path.isdir(folder) or not checkpointing.committed_steps(folder):
       other = "latest" if which == "best" else "best"
       raise CheckpointError(
           f"No {which} checkpoint in {workdir} ({folder} holds none). Train first with launch/train.py "

@@ -16,6 +16,10 @@ The result, `<workdir>/backbone`, is what `--config.init_checkpoint` takes:
 the backbone's params and BatchNorm statistics only (no classifier, side
 heads or SAAL parameters), and `dsn_saal_pretrain.json` naming its backbone,
 input channels and shape, so a run of another model is refused.
+
+One module (~450 lines) because it is one method end to end: its config
+section, heads, step, unlabeled-folder reader, loop and export. The loop's
+infrastructure is the trainer's (`runtime`), its state `steps.TrainState`.
 """
 
 from __future__ import annotations
@@ -43,9 +47,10 @@ from dsn_saal_jax import checkpointing
 from dsn_saal_jax import config_lib
 from dsn_saal_jax import convert
 from dsn_saal_jax import models
-from dsn_saal_jax import train
+from dsn_saal_jax import runtime
+from dsn_saal_jax import steps
 
-AXIS = train.AXIS
+AXIS = models.AXIS
 METHODS = ("simclr",)
 # SimCLR's negatives for one view are the other 2B - 2 views of the global batch B; below 8 examples
 # (14 negatives) telling the positive apart is too easy to learn features from.
@@ -180,19 +185,19 @@ def backbone_variables(encoder: nn.Module, params: Mapping[str, Any], batch_stat
 
 
 def create_state(config: ml_collections.ConfigDict, encoder: nn.Module, projector_of, image_shape,
-                 optimizer: optax.GradientTransformation, rng: jax.Array) -> train.TrainState:
+                 optimizer: optax.GradientTransformation, rng: jax.Array) -> steps.TrainState:
   """The trainer's TrainState, params {'encoder', 'projection'}; the encoder initialised as for training.
 
   With config.init_checkpoint (ImageNet weights, as Self-Trans starts from) the backbone continues from it.
   """
   enc_rng, proj_rng = jax.random.split(rng)
-  variables = train.init_variables(config, encoder, image_shape, enc_rng)  # init_checkpoint: e.g. ImageNet
+  variables = steps.init_variables(config, encoder, image_shape, enc_rng)  # init_checkpoint: e.g. ImageNet
   x = jnp.zeros((1, *image_shape), jnp.float32)
   feats, _ = pooled_features(encoder.clone(axis_name=None), variables, x, train=False)
   projector = projector_of(feats.shape[-1])
   params = {"encoder": variables["params"],
             "projection": projector.init(proj_rng, feats)["params"]}
-  return train.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
+  return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
                           opt_state=optimizer.init(params))
 
 
@@ -203,9 +208,9 @@ def make_projector(config: ml_collections.ConfigDict, feature_width: int) -> Pro
 # ----------------------------------------------------------------------------- step
 
 
-def pretrain_step(state: train.TrainState, images: jax.Array, *, encoder: nn.Module, projector: ProjectionHead,
+def pretrain_step(state: steps.TrainState, images: jax.Array, *, encoder: nn.Module, projector: ProjectionHead,
                   optimizer: optax.GradientTransformation, learning_rate_fn: optax.Schedule, temperature: float,
-                  seed: int) -> tuple[train.TrainState, dict[str, jax.Array]]:
+                  seed: int) -> tuple[steps.TrainState, dict[str, jax.Array]]:
   """One SimCLR step on this device's slice (n, H, W, C) of the global batch; run under pmap(axis_name='batch')."""
   n = images.shape[0]
   first = jax.lax.axis_index(AXIS) * n
@@ -327,9 +332,9 @@ def pretrain_and_save(config: ml_collections.ConfigDict, workdir: str, dataset=N
 
   `dataset`: anything with `train_iter(start_step)` and the trainer's `info` (an
   ArrayDataset), replacing config.pretrain.folder or config.dataset's training
-  split. SIGTERM: as train.train_and_evaluate, `train.Preempted` after saving.
+  split. SIGTERM: as train.train_and_evaluate, `runtime.Preempted` after saving.
   """
-  with train._Preemption() as preemption:  # pylint: disable=protected-access
+  with runtime.Preemption() as preemption:
     return _pretrain(config, workdir, dataset, preemption)
 
 
@@ -346,7 +351,7 @@ def _open_data(config: ml_collections.ConfigDict, dataset) -> tuple[Any, int, tu
 
 
 def _pretrain(config: ml_collections.ConfigDict, workdir: str, dataset, preemption) -> str:
-  train.log_backend()
+  runtime.log_backend()
   validate(config, jax.device_count())
   dataset, steps_per_epoch, image_shape, num_examples = _open_data(config, dataset)
   if image_shape[-1] != config.channels:
@@ -369,8 +374,8 @@ def _pretrain(config: ml_collections.ConfigDict, workdir: str, dataset, preempti
   p_step = jax.pmap(functools.partial(
       pretrain_step, encoder=encoder, projector=projector, optimizer=optimizer, learning_rate_fn=schedule,
       temperature=float(config.pretrain.temperature), seed=int(config.seed)), axis_name=AXIS, donate_argnums=(0,))
-  rstate = train.replicate(state)
-  writer = train._Writer(workdir, config.tensorboard)  # pylint: disable=protected-access
+  rstate = runtime.replicate(state)
+  writer = runtime.Writer(workdir, config.tensorboard)
   ckpt_every = config.checkpoint_every_steps or steps_per_epoch
   batches = _images_only(dataset.train_iter(start))
   pending, epoch_metrics = [], []
@@ -378,7 +383,7 @@ def _pretrain(config: ml_collections.ConfigDict, workdir: str, dataset, preempti
 
   def fetch() -> None:
     for step, m in pending:
-      m = train.unreplicate(m)
+      m = runtime.unreplicate(m)
       if not np.isfinite(m["loss"]):
         raise FloatingPointError(f"The contrastive loss became {m['loss']} at step {step}; pretraining stopped. "
                                  f"The last good checkpoint in {workdir}/checkpoints is kept; lower "
@@ -388,18 +393,18 @@ def _pretrain(config: ml_collections.ConfigDict, workdir: str, dataset, preempti
 
   def save(done: int) -> None:
     fetch()
-    ckpt.save(done, train.unreplicate(rstate))
+    ckpt.save(done, runtime.unreplicate(rstate))
 
   with preemption.deferred():
     for step in range(start, total):
       rstate, metrics = p_step(rstate, next(batches))
       pending.append((step, metrics))
       done = step + 1
-      if train.itstime(done, config.log_every_steps, total):
+      if runtime.itstime(done, config.log_every_steps, total):
         fetch()
         last = epoch_metrics[-1]
         writer.scalars(done, {f"pretrain/{k}": float(v) for k, v in last.items()})
-      if train.itstime(done, steps_per_epoch, total):
+      if runtime.itstime(done, steps_per_epoch, total):
         fetch()
         now = time.time()
         mean = lambda k: float(np.mean([m[k] for m in epoch_metrics]))
@@ -412,24 +417,24 @@ def _pretrain(config: ml_collections.ConfigDict, workdir: str, dataset, preempti
                      datetime.timedelta(seconds=round(eta)))
         epoch_metrics.clear()
         t_epoch, epoch_from = now, done
-      if train.itstime(done, ckpt_every, total):
+      if runtime.itstime(done, ckpt_every, total):
         save(done)
-      if done < total and train._any_process(preemption.requested):  # pylint: disable=protected-access
+      if done < total and runtime.any_process(preemption.requested):
         save(done)
         ckpt.wait()
         writer.close()
         ckpt.close()
-        raise train.Preempted(f"Preempted (SIGTERM) at pretraining step {done}/{total}; checkpoint saved in "
-                              f"{workdir}/checkpoints. Rerun the same command to resume.")
+        raise runtime.Preempted(f"Preempted (SIGTERM) at pretraining step {done}/{total}; checkpoint saved in "
+                                f"{workdir}/checkpoints. Rerun the same command to resume.")
     ckpt.wait()
-    final = train.unreplicate(rstate)
+    final = runtime.unreplicate(rstate)
     out = export_backbone(config, encoder, final, workdir)
   writer.close()
   ckpt.close()
   return out
 
 
-def export_backbone(config: ml_collections.ConfigDict, encoder: nn.Module, state: train.TrainState,
+def export_backbone(config: ml_collections.ConfigDict, encoder: nn.Module, state: steps.TrainState,
                     workdir: str) -> str:
   """Writes `<workdir>/backbone` whole or not at all: arrays and metadata into a temp dir, then renamed."""
   out = os.path.join(os.path.abspath(workdir), BACKBONE_DIR)

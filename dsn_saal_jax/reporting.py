@@ -260,7 +260,7 @@ def plot_gradcam_overlay(image: np.ndarray, cam: np.ndarray, title: str, path: s
 
 # ----------------------------------------------------------------------------- training curves
 
-History = Mapping[str, tuple[np.ndarray, np.ndarray]]  # scalar name -> (steps, values), as train.read_history
+History = Mapping[str, tuple[np.ndarray, np.ndarray]]  # scalar name -> (steps, values), as runtime.read_history
 
 
 def plot_saal_history(groups: Mapping[str, Sequence[History]], path: str) -> None:

@@ -77,7 +77,7 @@ def evaluate_data() -> None:
         predictor, FLAGS.data, out, class_map=class_map, split=FLAGS.split,
         gradcam_per_class=FLAGS.gradcam_per_class,
         extra={"checkpoint": FLAGS.checkpoint, "checkpoint_step": int(os.path.basename(predictor.source))})
-  except predict.DamagedCheckpointError as e:
+  except checkpointing.CheckpointDamagedError as e:
     error(str(e), cli.FAILED)
   except (predict.CheckpointError, folder_eval.DatasetError, reporting.ReportDirError) as e:
     error(str(e))

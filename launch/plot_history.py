@@ -17,7 +17,7 @@ cli.setup(sys.argv)
 # pylint: disable=wrong-import-position
 from absl import app, flags
 
-from dsn_saal_jax import reporting, train
+from dsn_saal_jax import reporting, runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("group", None, "LABEL=GLOB of run workdirs; repeat for more columns.")
@@ -35,7 +35,7 @@ def main(argv):
     workdirs = sorted(glob.glob(pattern))
     if not workdirs:
       cli.error(f"--group {label!r}: no run workdir matches {pattern!r}.")
-    groups[label] = [train.read_history(w) for w in workdirs]
+    groups[label] = [runtime.read_history(w) for w in workdirs]
   reporting.plot_saal_history(groups, FLAGS.out)
   print(f"Wrote {FLAGS.out}: " + ", ".join(f"{k} ({len(v)} runs)" for k, v in groups.items()))
 

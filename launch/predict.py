@@ -67,7 +67,7 @@ def main(argv):
       predictor = predict.Predictor.from_workdir(FLAGS.workdir, FLAGS.checkpoint, **options)
     else:
       predictor = predict.Predictor.from_checkpoint(FLAGS.checkpoint, **options)
-  except predict.CheckpointError as e:
+  except (predict.CheckpointError, checkpointing.CheckpointDamagedError) as e:
     usage_error(str(e))
   logging.info("Predicting %d files with %s (%s head).", len(files), predictor.source, predictor.eval_head)
   try:

@@ -16,9 +16,9 @@ from PIL import Image
 
 import launch_batch
 from conftest import HERE
-from train_worker import blobs, tiny_config, tiny_dataset
+from helpers import blobs, tiny_config, tiny_dataset
 
-from dsn_saal_jax import models, predict, train
+from dsn_saal_jax import checkpointing, models, predict, runtime, train
 
 ROOT = os.path.dirname(HERE)
 # resnet_tiny trains, reports and predicts through the launchers (the module's last test), the others here.
@@ -32,7 +32,7 @@ def check_run(workdir, backbone: str, num_examples: int):
   metrics = json.loads((report / "metrics.json").read_text())
   assert metrics["backbone"] == backbone and metrics["num_examples"] == num_examples
   assert (report / "gradcam.png").stat().st_size > 0
-  history = train.read_history(str(workdir))
+  history = runtime.read_history(str(workdir))
   assert len([k for k in history if k.startswith("train/loss_side")]) == 5  # five side heads, then final
 
   predictor = predict.Predictor.from_workdir(str(workdir), "best")  # the checkpoint's spec alone
@@ -95,10 +95,10 @@ def jax_key():
 def test_checkpoints_from_before_backbones_existed_load_as_vgg16_bn():
   from dsn_saal_jax import checkpointing, config_lib  # pylint: disable=g-import-not-at-top
   c = config_lib.base_config()
-  old_fingerprint = {k: v for k, v in train.model_fingerprint(c, 3).items() if k != "backbone"}
-  assert checkpointing.fingerprint_differences(old_fingerprint, train.model_fingerprint(c, 3)) == []
+  old_fingerprint = {k: v for k, v in checkpointing.model_fingerprint(c, 3).items() if k != "backbone"}
+  assert checkpointing.fingerprint_differences(old_fingerprint, checkpointing.model_fingerprint(c, 3)) == []
   c.backbone = "resnet50"
-  assert checkpointing.fingerprint_differences(old_fingerprint, train.model_fingerprint(c, 3)) == [
+  assert checkpointing.fingerprint_differences(old_fingerprint, checkpointing.model_fingerprint(c, 3)) == [
       "backbone: checkpoint 'vgg16_bn' vs config 'resnet50'"]
   old_spec = {"class_names": ["a", "b", "c"], "model": {
       "model": "dsn", "widths": [8, 16, 16, 32, 32], "stages": [2, 2, 3, 3, 3], "hidden": 64, "fuse_channels": 1,
@@ -139,12 +139,13 @@ def test_width_scale_narrows_the_backbone_and_is_part_of_the_fingerprint(backbon
   c = config_lib.base_config()
   c.backbone, c.model.width_scale = backbone, 0.25
   config_lib.validate_config(c, 1)
-  model = train.create_model(c, 3)
+  model = models.create_model(c, 3)
   assert {k: getattr(model, k) for k in narrowed} == narrowed
   full_config, narrow_config = config_lib.base_config(), config_lib.base_config()
   full_config.backbone = narrow_config.backbone = backbone
   narrow_config.model.width_scale = 0.25
-  full, narrow = train.model_fingerprint(full_config, 3), train.model_fingerprint(narrow_config, 3)
+  full = checkpointing.model_fingerprint(full_config, 3)
+  narrow = checkpointing.model_fingerprint(narrow_config, 3)
   assert checkpointing.fingerprint_differences(full, narrow) == ["width_scale: checkpoint 1.0 vs config 0.25"]
   legacy = {k: v for k, v in full.items() if k != "width_scale"}  # written before width_scale existed
   assert checkpointing.fingerprint_differences(legacy, full) == []

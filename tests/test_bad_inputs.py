@@ -24,7 +24,7 @@ from pydicom.data import get_testdata_file
 
 import launch_batch
 from conftest import init_variables
-from dsn_saal_jax import checkpointing, config_lib, convert, predict, train
+from dsn_saal_jax import checkpointing, config_lib, convert, models, predict, train
 from dsn_saal_jax.data import ct, folders, input_pipeline
 from dsn_saal_jax.data.builders.common import DatasetError
 
@@ -91,8 +91,8 @@ def workdir(tmp_path_factory):
     config[k] = v
   info = SimpleNamespace(class_names=CLASSES, image_shape=(32, 32, 1),
                          normalization=input_pipeline.normalization_for(config))
-  variables = init_variables(train.create_model(config, len(CLASSES)), (1, 32, 32, 1), train=False)
-  ckpt = checkpointing.Checkpoints(str(workdir), train.model_fingerprint(config, len(CLASSES)),
+  variables = init_variables(models.create_model(config, len(CLASSES)), (1, 32, 32, 1), train=False)
+  ckpt = checkpointing.Checkpoints(str(workdir), checkpointing.model_fingerprint(config, len(CLASSES)),
                                    inference=checkpointing.inference_spec(config, info))
   ckpt.save(1, jax.device_get(dict(variables)))
   ckpt.wait()

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import STEPS, latest_steps
-from train_worker import CLASSES, blobs, tiny_config, tiny_dataset
+from helpers import CLASSES, blobs, tiny_config, tiny_dataset
 
+from dsn_saal_jax import runtime
 from dsn_saal_jax import train as train_lib
 
 
@@ -24,7 +25,7 @@ def test_uninterrupted_run_writes_checkpoints_logs_and_report(reference):
   assert latest_steps(workdir) == [8, 12]  # keep_checkpoints=2, saved every 4 steps
   assert os.listdir(workdir / "best")
   assert not (workdir / "tensorboard").exists()  # tiny_config: tensorboard=False; history.jsonl only
-  history = train_lib.read_history(str(workdir))
+  history = runtime.read_history(str(workdir))
   np.testing.assert_array_equal(history["train/alpha"][0], [4, 8, 12])  # log_every_steps=4
   assert np.all((history["train/alpha"][1] > 0) & (history["train/alpha"][1] < 1))
   assert set(history) >= {f"train/beta_{i}" for i in range(1, 7)} | {"validation/macro_f1", "test/macro_f1"}

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from absl import logging as absl_logging
 
-from dsn_saal_jax import config_lib, console, train
+from dsn_saal_jax import config_lib, console, models, runtime, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_EPOCHS = 15  # configs/default.py's num_epochs
@@ -84,7 +84,7 @@ def tensorboard_scalars(logdir) -> dict[str, tuple[list[int], list[float]]]:
 
 def test_tensorboard_events_hold_the_same_scalars_as_the_history(consoles):
   """The default job (and its resumption) logs every scalar to TensorBoard, as to history.jsonl."""
-  history = train.read_history(str(consoles["workdir"]))
+  history = runtime.read_history(str(consoles["workdir"]))
   events = tensorboard_scalars(consoles["workdir"] / "tensorboard")
   assert set(events) == set(history) and {"train/alpha", "validation/macro_f1", "test/auc"} <= set(events)
   for name, (steps, values) in history.items():
@@ -141,18 +141,18 @@ def test_the_filter_gives_libraries_one_level_less_than_the_project(verbosity, p
 
 def test_paper_configs_are_gpu_scale_and_the_default_is_not():
   def flops(config, num_train):
-    model = train.create_model(config, 3, axis_name=None)
+    model = models.create_model(config, 3, axis_name=None)
     shape = (config.image_size, config.image_size, config.channels)
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
     steps = config.num_epochs * (num_train // config.batch_size)
-    return train.training_flops(config, model, variables, shape, steps), steps * config.batch_size
+    return runtime.training_flops(config, model, variables, shape, steps), steps * config.batch_size
 
   # COVID19-CT's official train split: 191 COVID + 234 non-COVID slices.
   paper, examples = flops(config_lib.paper_config("covid19_ct", channels=3, lung_mask=False, arg=None), 425)
   # Independent count: VGG16-BN at 224 px is 15.5 G multiply-adds (torchvision's table), 2 FLOPs each.
   assert paper / (3 * examples) == pytest.approx(2 * 15.5e9, rel=0.1)
-  assert paper > train.CPU_SCALE_FLOPS
+  assert paper > runtime.CPU_SCALE_FLOPS
   spec = importlib.util.spec_from_file_location("default_config", os.path.join(ROOT, "configs", "default.py"))
   default = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(default)
-  assert flops(default.get_config(), 491)[0] < train.CPU_SCALE_FLOPS / 100  # synthetic_ct: 491 train slices
+  assert flops(default.get_config(), 491)[0] < runtime.CPU_SCALE_FLOPS / 100  # synthetic_ct: 491 train slices

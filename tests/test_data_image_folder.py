@@ -18,7 +18,7 @@ from dsn_saal_jax.data import builders, ct, folders, input_pipeline
 from dsn_saal_jax.data.builders import image_folder
 from dsn_saal_jax.data.builders.common import DatasetError
 from test_data_builders import _assert_failed_build_left_nothing, _examples, _ids, _slice, _write_image
-from train_worker import tiny_config
+from helpers import tiny_config
 
 tfds.disable_progress_bar()
 

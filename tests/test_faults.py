@@ -201,11 +201,11 @@ def test_every_fault_then_a_rerun_ends_exactly_where_the_uninterrupted_run_does(
 
 
 def test_predictor_names_a_damaged_checkpoint_and_falls_back_to_an_intact_one(reference, tmp_path):
-  from dsn_saal_jax import predict  # pylint: disable=g-import-not-at-top
+  from dsn_saal_jax import checkpointing, predict  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / "work"
   shutil.copytree(reference[1], workdir)
   damage(str(workdir / "checkpoints" / "12"), "missing metadata")
-  with pytest.raises(predict.CheckpointError, match=r"checkpoints/12 cannot be read .*damaged"):
+  with pytest.raises(checkpointing.CheckpointDamagedError, match=r"checkpoints/12 cannot be read .*damaged"):
     predict.Predictor.from_checkpoint(str(workdir / "checkpoints" / "12"))
   assert predict.Predictor.from_workdir(str(workdir), "latest").source.endswith(os.path.join("checkpoints", "8"))
 

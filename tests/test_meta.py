@@ -1,6 +1,5 @@
 """Learning the loss's own parameters: alpha's parametrization, the meta set and the bilevel (meta) step."""
 
-import dataclasses
 import json
 from concurrent import futures
 
@@ -11,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from dsn_saal_jax import checkpointing, config_lib, losses, meta, models, train
+from dsn_saal_jax import checkpointing, config_lib, losses, meta, models, runtime, steps as steps_lib, train
 from dsn_saal_jax.array_dataset import ArrayDataset
 
 from conftest import run_worker
@@ -22,14 +21,14 @@ def test_alpha_param_and_update_rule_are_in_the_fingerprint_and_older_checkpoint
   meta optimizer's: resuming across either is refused; checkpoints from before both fields are sigmoid, joint."""
   sigmoid, log10 = config_lib.base_config(), config_lib.base_config()
   log10.loss_kwargs.saal.alpha_param, log10.meta.update_rule = "log10", "meta"
-  old, new = train.model_fingerprint(sigmoid, 3), train.model_fingerprint(log10, 3)
+  old, new = checkpointing.model_fingerprint(sigmoid, 3), checkpointing.model_fingerprint(log10, 3)
   assert checkpointing.fingerprint_differences(old, new) == [
       "saal_alpha_param: checkpoint 'sigmoid' vs config 'log10'",
       "saal_update_rule: checkpoint 'joint' vs config 'meta'"]
   legacy = {k: v for k, v in old.items() if k not in ("saal_alpha_param", "saal_update_rule")}
   assert checkpointing.fingerprint_differences(legacy, old) == []
   sigmoid.loss = "mwn"
-  assert checkpointing.fingerprint_differences(old, train.model_fingerprint(sigmoid, 3)) == [
+  assert checkpointing.fingerprint_differences(old, checkpointing.model_fingerprint(sigmoid, 3)) == [
       "loss_params: checkpoint True vs config 'mwn'"]
   log10.loss_kwargs.saal.alpha_param = "log"
   with pytest.raises(ValueError, match=r"config.loss_kwargs.saal.alpha_param='log' is not one of sigmoid, log10"):
@@ -273,7 +272,7 @@ def test_meta_run_resumed_equals_uninterrupted_and_logs_the_learned_parameters(m
   for k in keys:
     np.testing.assert_array_equal(r[f"resumed:{k}"], r[f"uninterrupted:{k}"], err_msg=k)
   assert "PREEMPTED Preempted (SIGTERM) at step 4/6" in proc.stdout and "at step 4." in proc.stderr
-  history = train.read_history(str(tmp / "out.npz.uninterrupted"))
+  history = runtime.read_history(str(tmp / "out.npz.uninterrupted"))
   assert set(history) >= {"train/meta_loss", "train/alpha", "train/beta_6", "train/saal_weight_covid"}
   np.testing.assert_array_equal(history["train/meta_loss"][0], [2, 4, 6])
   report = json.loads((tmp / "out.npz.uninterrupted" / "report" / "test" / "metrics.json").read_text())
@@ -313,10 +312,10 @@ def test_meta_rule_and_dataset_must_agree_on_a_meta_set():
   with_meta = ArrayDataset((images, labels), {}, NAMES, 16, 16, meta_fraction=0.1).info
   without = ArrayDataset((images, labels), {}, NAMES, 16, 16).info
   with pytest.raises(ValueError, match=r"holds out a meta set, but config.meta.update_rule='joint' would not use it"):
-    train.make_train_step(c, with_meta, None, None, None, None)
+    steps_lib.make_train_step(c, with_meta.meta_counts, None, None, None, None)
   c.meta.update_rule = "meta"
   with pytest.raises(ValueError, match=r"update_rule='meta' learns on a meta set, but the dataset holds none"):
-    train.make_train_step(c, without, None, None, None, None)
+    steps_lib.make_train_step(c, without.meta_counts, None, None, None, None)
 
 
 def test_logged_window_has_the_meta_loss_of_meta_steps_and_mwn_weights_per_class():
@@ -329,8 +328,22 @@ def test_logged_window_has_the_meta_loss_of_meta_steps_and_mwn_weights_per_class
       "train/meta_loss": 0.5, "train/mwn_weight_normal": 3.0 / 8, "train/mwn_weight_covid": 0.75}
 
 
-def test_joint_train_state_keeps_the_tree_older_checkpoints_hold():
-  """update_rule='meta' adds its optimizer state in a subclass: orbax refuses to restore a checkpoint into a
-  target with an entry it lacks (even None), so TrainState itself must keep exactly these fields."""
-  assert [f.name for f in dataclasses.fields(train.TrainState)] == ["step", "params", "batch_stats", "opt_state"]
-  assert [f.name for f in dataclasses.fields(train.MetaTrainState)][-1] == "meta_opt_state"
+def test_a_joint_state_saves_without_meta_opt_state_and_a_meta_state_with_it(tmp_path):
+  """One TrainState: its `meta_opt_state` (update_rule='meta') is None otherwise and then left out of the
+  checkpoint, which keeps the tree of before (orbax refuses a target with an entry the checkpoint lacks, even
+  None; test_legacy_checkpoint restores both kinds written before). Each restores into its own kind."""
+  joint = steps_lib.TrainState(step=np.int32(3), params={"w": np.arange(2.0)}, batch_stats={"m": np.ones(2)},
+                               opt_state=(np.full(2, 0.5),))
+  meta_state = joint.replace(meta_opt_state=(np.full(1, 7.0),))
+  for name, state in (("joint", joint), ("meta", meta_state)):
+    ckpt = checkpointing.Checkpoints(str(tmp_path / name), {"model": name})
+    ckpt.save(3, state)
+    ckpt.wait()
+    saved = set(ckpt.latest.item_metadata(3)["state"])
+    extra = {"meta_opt_state"} if name == "meta" else set()
+    assert saved == {"step", "params", "batch_stats", "opt_state"} | extra
+    restored, _ = ckpt.restore(jax.tree_util.tree_map(np.zeros_like, state))
+    ckpt.close()
+    for got, want in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state), strict=True):
+      np.testing.assert_array_equal(got, want)
+    assert (restored.meta_opt_state is None) == (name == "joint")

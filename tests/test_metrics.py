@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from dsn_saal_jax import metrics, paired_stats, reporting
+from dsn_saal_jax import metrics, paired_stats, reporting, runtime
 from dsn_saal_jax.models import DSNVGG16BN
 
 NAMES = ("normal", "pneumonia", "covid")
@@ -209,7 +209,7 @@ def test_saal_history_plot_from_history_files(tmp_path):
                       "train/saal_weight_covid": 1 / step, "train/saal_weight_non_covid": 0.5 / step,
                       **{f"train/beta_{i}": 0.1 * i for i in range(1, 7)}})
     (work / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    runs.append(train.read_history(str(work)))
+    runs.append(runtime.read_history(str(work)))
   steps, f1 = runs[0]["validation/macro_f1"]
   np.testing.assert_array_equal(steps, [10, 20, 30])
   np.testing.assert_allclose(f1, [0.25, 0.9, 0.75])
@@ -218,4 +218,4 @@ def test_saal_history_plot_from_history_files(tmp_path):
   with pytest.raises(ValueError, match="not a SAAL run"):
     reporting.plot_saal_history({"ce": [{"validation/macro_f1": (steps, f1)}]}, tmp_path / "ce.png")
   with pytest.raises(FileNotFoundError, match="history.jsonl does not exist"):
-    train.read_history(str(tmp_path))
+    runtime.read_history(str(tmp_path))

@@ -21,7 +21,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 import launch_batch
-from dsn_saal_jax import checkpointing, config_lib, train
+from dsn_saal_jax import checkpointing, config_lib, models, optim, runtime, steps as steps_lib, train
 from dsn_saal_jax import predict as predict_lib
 from dsn_saal_jax.data import ct, phantom
 
@@ -94,10 +94,10 @@ def tiny_config(widths=(8, 8, 8, 8, 8), **overrides):
 
 def save_tiny(workdir, config, inference):
   """A checkpoint as train.py writes one (`inference` None: as written before specs existed)."""
-  model = train.create_model(config, 3)
-  optimizer = train.make_optimizer(config, 1)
-  state = train.create_train_state(config, model, (32, 32, 1), optimizer, jax.random.PRNGKey(0))
-  ckpt = checkpointing.Checkpoints(str(workdir), train.model_fingerprint(config, 3), inference=inference)
+  model = models.create_model(config, 3)
+  optimizer = optim.make_optimizer(config, 1)
+  state = steps_lib.create_train_state(config, model, (32, 32, 1), optimizer, jax.random.PRNGKey(0))
+  ckpt = checkpointing.Checkpoints(str(workdir), checkpointing.model_fingerprint(config, 3), inference=inference)
   ckpt.save(1, jax.device_get(state))
   ckpt.wait()
   ckpt.close()
@@ -202,7 +202,7 @@ def evaluation(run):
   workdir, manual, config = run
   r = train._Run(config, str(workdir), None)  # pylint: disable=protected-access
   state, _ = r.checkpoints.restore(jax.device_get(r.state), which="latest")
-  pred = train.predict_split(r.p_eval_step, train.replicate(state), r.dataset, "test")
+  pred = train.predict_split(r.p_eval_step, runtime.replicate(state), r.dataset, "test")
   ids = r.dataset.example_ids("test")
   inputs = {}
   for batch in r.dataset.eval_iter("test"):

@@ -16,10 +16,12 @@ from flax import traverse_util
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from dsn_saal_jax import array_dataset, augment, convert, models, pretrain, train
+from dsn_saal_jax import array_dataset, augment, convert, losses, models, optim, pretrain, runtime
+from dsn_saal_jax import steps as steps_lib
+from dsn_saal_jax.data_info import DataInfo
 from dsn_saal_jax.data import ct, phantom
 import conftest
-from train_worker import tiny_config
+from helpers import tiny_config
 
 SIZE = 32
 
@@ -105,28 +107,28 @@ def test_augmentation_is_a_function_of_seed_step_and_example_and_stays_in_its_ra
 def test_augment_off_compiles_to_the_step_without_augmentation():
   config = tiny_config(loss="ce", backbone="vgg16_bn",
                        **{"model.stages": (1, 1, 1, 1, 1), "model.widths": (4, 4, 4, 4, 4), "model.hidden": 8})
-  model = train.create_model(config, 3)
-  loss_fn = train.make_loss_fn(config, np.array([5, 3, 2]))
-  optimizer, schedule = train.make_optimizer(config, 4), train.make_lr_schedule(config, 4)
-  info = array_dataset.ArrayInfo(("a", "b", "c"), np.array([5, 3, 2]), 10, {}, (SIZE, SIZE, 1), 4, {})
+  model = models.create_model(config, 3)
+  loss_fn = losses.make_loss_fn(config, np.array([5, 3, 2]))
+  optimizer, schedule = optim.make_optimizer(config, 4), optim.make_lr_schedule(config, 4)
+  info = DataInfo(("a", "b", "c"), np.array([5, 3, 2]), 10, {}, (SIZE, SIZE, 1), 4, {})
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 1)), train=False))
-  state = train.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=variables["params"],
-                           batch_stats=variables["batch_stats"],
-                           opt_state=jax.eval_shape(optimizer.init, variables["params"]))
+  state = steps_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=variables["params"],
+                               batch_stats=variables["batch_stats"],
+                               opt_state=jax.eval_shape(optimizer.init, variables["params"]))
   batch = {"image": jax.ShapeDtypeStruct((1, 16, SIZE, SIZE, 1), jnp.float32),
            "label": jax.ShapeDtypeStruct((1, 16), jnp.int32)}
   expand = lambda tree: jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct((1, *s.shape), s.dtype), tree)
 
   def hlo(step):
-    return jax.pmap(step, axis_name=train.AXIS, in_axes=(0, 0, None)).lower(
+    return jax.pmap(step, axis_name=steps_lib.AXIS, in_axes=(0, 0, None)).lower(
         expand(state), batch, jax.ShapeDtypeStruct((2,), jnp.uint32)).as_text()
 
-  plain = functools.partial(train.train_step, model=model, loss_fn=loss_fn, optimizer=optimizer,
+  plain = functools.partial(steps_lib.train_step, model=model, loss_fn=loss_fn, optimizer=optimizer,
                             learning_rate_fn=schedule, alpha_param=config.loss_kwargs.saal.alpha_param)
-  default = hlo(train.make_train_step(config, info, model, loss_fn, optimizer, schedule))
+  default = hlo(steps_lib.make_train_step(config, info.meta_counts, model, loss_fn, optimizer, schedule))
   assert default == hlo(plain)
   config.augment = True
-  assert hlo(train.make_train_step(config, info, model, loss_fn, optimizer, schedule)) != default
+  assert hlo(steps_lib.make_train_step(config, info.meta_counts, model, loss_fn, optimizer, schedule)) != default
 
 
 # ----------------------------------------------------------------------------- pretraining runs
@@ -189,7 +191,7 @@ def preempted_at_step_2(workdir, phantoms, labels=None):
 
   data.train_iter = sigterm_during_step_1
   config = ssl_config(num_train_steps=STEPS, checkpoint_every_steps=8)
-  with pytest.raises(train.Preempted, match=f"step 2/{STEPS}"):
+  with pytest.raises(runtime.Preempted, match=f"step 2/{STEPS}"):
     pretrain.pretrain_and_save(config, str(workdir), dataset=data)
   assert not os.path.exists(workdir / pretrain.BACKBONE_DIR)
   with ocp.CheckpointManager(str(workdir / "checkpoints"), item_names=("state", "meta")) as mgr:
@@ -218,11 +220,11 @@ def test_the_backbone_initialises_a_dsn_run_with_heads_fresh_and_other_models_ar
   one_conv = {"backbone": "vgg16_bn", "model.widths": (8, 16, 16, 32, 32), "model.stages": (1, 1, 1, 1, 1),
               "model.hidden": 64}  # ssl_config's backbone
   config = tiny_config(**one_conv, init_checkpoint=pretrained)
-  model = train.create_model(config, 3)
+  model = models.create_model(config, 3)
   rng = jax.random.PRNGKey(5)
-  got = traverse_util.flatten_dict(train.init_variables(config, model, (SIZE, SIZE, 1), rng))
+  got = traverse_util.flatten_dict(steps_lib.init_variables(config, model, (SIZE, SIZE, 1), rng))
   config.init_checkpoint = ""
-  fresh = traverse_util.flatten_dict(train.init_variables(config, model, (SIZE, SIZE, 1), rng))
+  fresh = traverse_util.flatten_dict(steps_lib.init_variables(config, model, (SIZE, SIZE, 1), rng))
   trunk = backbone_arrays(pretrained)
   assert not any(k[1].startswith(("side", "fc")) for k in trunk)  # backbone only
   for k, v in got.items():
@@ -231,7 +233,7 @@ def test_the_backbone_initialises_a_dsn_run_with_heads_fresh_and_other_models_ar
 
   rgb = tiny_config(**one_conv, init_checkpoint=pretrained, channels=3)
   with pytest.raises(ValueError, match=r"in_channels: checkpoint 1 vs config 3"):
-    train.init_variables(rgb, train.create_model(rgb, 3), (SIZE, SIZE, 3), rng)
+    steps_lib.init_variables(rgb, models.create_model(rgb, 3), (SIZE, SIZE, 3), rng)
   with pytest.raises(ValueError, match=r"backbone: checkpoint 'vgg16_bn' vs config 'resnet50'"):
     convert.load_pretrained(pretrained, backbone="resnet50", in_channels=1)
   with pytest.raises(ValueError, match=r"widths: checkpoint \[8, 16, 16, 32, 32\] vs config \[8, 8, 8, 8, 8\]"):
@@ -264,7 +266,7 @@ def test_a_short_pretrain_gives_a_better_linear_probe_than_random_init(phantoms,
   path = pretrained
   config = ssl_config()
   encoder = pretrain.create_encoder(config, axis_name=None)
-  fresh = train.init_variables(config, encoder, (SIZE, SIZE, 1), jax.random.PRNGKey(0))
+  fresh = steps_lib.init_variables(config, encoder, (SIZE, SIZE, 1), jax.random.PRNGKey(0))
   learned = convert.merge_pretrained(fresh, convert.load_pretrained(path))
   test_x, test_y = phantom_slices(256, 1)
   features = jax.jit(lambda v, x: pretrain.pooled_features(encoder, v, x, train=False)[0])

@@ -9,8 +9,9 @@ import pytest
 from flax import traverse_util
 
 from conftest import init_variables, run_worker
-from dsn_saal_jax import config_lib, convert, models, train
-from train_worker import tiny_config
+from dsn_saal_jax import config_lib, convert, losses, models, optim, runtime, steps as steps_lib
+from dsn_saal_jax.models import DSNVGG16BN
+from helpers import tiny_config
 
 
 def run_eight_devices(tmp):
@@ -39,9 +40,9 @@ def test_train_state_starts_from_the_converted_backbone(eight_devices_started, t
   convert.save_pretrained(tmp_path / "imagenet", pretrained)
 
   c.init_checkpoint = str(tmp_path / "imagenet")
-  model = train.create_model(c, 3)
-  opt = train.make_optimizer(c, 4)
-  state = train.create_train_state(c, model, (32, 32, 1), opt, jax.random.PRNGKey(0))
+  model = models.create_model(c, 3)
+  opt = optim.make_optimizer(c, 4)
+  state = steps_lib.create_train_state(c, model, (32, 32, 1), opt, jax.random.PRNGKey(0))
   got = traverse_util.flatten_dict({"params": state.params, "batch_stats": state.batch_stats})
   want = traverse_util.flatten_dict(pretrained)
   for key, value in want.items():
@@ -52,23 +53,23 @@ def test_train_state_starts_from_the_converted_backbone(eight_devices_started, t
 
   c.backbone, c.model.widths, c.model.hidden = "vgg16_bn", (8, 16, 16, 32, 64), models.VGG16_TINY_HIDDEN
   with pytest.raises(ValueError, match=r"imagenet does not fit the model: .*conv5_1/kernel has shape"):
-    train.create_train_state(c, train.create_model(c, 3), (32, 32, 1), opt, jax.random.PRNGKey(0))
+    steps_lib.create_train_state(c, models.create_model(c, 3), (32, 32, 1), opt, jax.random.PRNGKey(0))
 
 
 def test_train_step_compiles_once(caplog):
-  """`train.replicate` lays the state out as the step's outputs are, so step 2 reuses step 1's program."""
+  """`runtime.replicate` lays the state out as the step's outputs are, so step 2 reuses step 1's program."""
   import functools
   c = tiny_config()
-  model = train.create_model(c, 3)
-  opt = train.make_optimizer(c, 4)
-  state = train.create_train_state(c, model, (32, 32, 1), opt, jax.random.PRNGKey(0))
-  loss_fn = train.make_loss_fn(c, np.array([8, 5, 3]))
-  p_step = jax.pmap(functools.partial(train.train_step, model=model, loss_fn=loss_fn, optimizer=opt,
-                                      learning_rate_fn=train.make_lr_schedule(c, 4)),
-                    axis_name=train.AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
+  model = models.create_model(c, 3)
+  opt = optim.make_optimizer(c, 4)
+  state = steps_lib.create_train_state(c, model, (32, 32, 1), opt, jax.random.PRNGKey(0))
+  loss_fn = losses.make_loss_fn(c, np.array([8, 5, 3]))
+  p_step = jax.pmap(functools.partial(steps_lib.train_step, model=model, loss_fn=loss_fn, optimizer=opt,
+                                      learning_rate_fn=optim.make_lr_schedule(c, 4)),
+                    axis_name=steps_lib.AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
   n = jax.local_device_count()
   batch = {"image": np.zeros((n, 4, 32, 32, 1), np.float32), "label": np.zeros((n, 4), np.int32)}
-  rstate = train.replicate(state)
+  rstate = runtime.replicate(state)
   with jax.log_compiles(True), caplog.at_level("WARNING"):
     for _ in range(3):
       rstate, metrics = p_step(rstate, batch, jax.random.PRNGKey(1))
@@ -83,20 +84,20 @@ def test_bfloat16_compute_keeps_float32_state_and_follows_float32():
   """Mixed precision: bf16 convs and matmuls, float32 parameters, BN statistics, loss and update."""
   import functools
   c = tiny_config()
-  opt = train.make_optimizer(c, 4)
-  loss_fn = train.make_loss_fn(c, np.array([8, 5, 3]))
-  state = train.create_train_state(c, train.create_model(c, 3), (32, 32, 1), opt, jax.random.PRNGKey(0))
+  opt = optim.make_optimizer(c, 4)
+  loss_fn = losses.make_loss_fn(c, np.array([8, 5, 3]))
+  state = steps_lib.create_train_state(c, models.create_model(c, 3), (32, 32, 1), opt, jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
   batch = {"image": rng.standard_normal((1, 8, 32, 32, 1)).astype(np.float32),
            "label": rng.integers(0, 3, (1, 8)).astype(np.int32)}
   results = {}
   for dtype in ("float32", "bfloat16"):
     c.compute_dtype = dtype
-    step = jax.pmap(functools.partial(train.train_step, model=train.create_model(c, 3), loss_fn=loss_fn,
-                                      optimizer=opt, learning_rate_fn=train.make_lr_schedule(c, 4)),
-                    axis_name=train.AXIS, in_axes=(0, 0, None))
-    new_state, metrics = step(train.replicate(state), batch, jax.random.PRNGKey(1))
-    results[dtype] = (train.unreplicate(new_state), train.unreplicate(metrics))
+    step = jax.pmap(functools.partial(steps_lib.train_step, model=models.create_model(c, 3), loss_fn=loss_fn,
+                                      optimizer=opt, learning_rate_fn=optim.make_lr_schedule(c, 4)),
+                    axis_name=steps_lib.AXIS, in_axes=(0, 0, None))
+    new_state, metrics = step(runtime.replicate(state), batch, jax.random.PRNGKey(1))
+    results[dtype] = (runtime.unreplicate(new_state), runtime.unreplicate(metrics))
   (s32, m32), (s16, m16) = results["float32"], results["bfloat16"]
   for leaf in jax.tree_util.tree_leaves((s16.params, s16.batch_stats, s16.opt_state, m16["loss"])):
     assert np.asarray(leaf).dtype in (np.float32, np.int32)

@@ -11,7 +11,7 @@ Modes:
   evaluate   train.evaluate of a trained workdir (restores a checkpoint, writes the report).
   launch     runs a launch/ script (the arguments after `--`) as `python SCRIPT ...` would.
 Every mode takes `--fault=PHASE:AT:SIGNAL`: this process sends itself SIGNAL
-at a chosen moment (see `install_fault`).
+at a chosen moment (see `install_fault`). The tiny config and data it trains on are tests/helpers.py's.
 """
 
 from __future__ import annotations
@@ -31,58 +31,16 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 import dsn_saal_jax
-from dsn_saal_jax import config_lib, train
-from dsn_saal_jax.array_dataset import ArrayDataset
+from dsn_saal_jax import losses, models, optim, runtime, steps as steps_lib, train
+from helpers import tiny_config, tiny_dataset
 
-CLASSES = ("normal", "pneumonia", "covid")
 PREEMPTED_EXIT_CODE = 143  # as launch/train.py
-
-
-def tiny_config(**overrides) -> config_lib.ml_collections.ConfigDict:
-  """The tiny test config (models' vgg16_bn_tiny); a dotted override key 'meta.update_rule' sets a nested field.
-
-  A VGG shape of its own (model.widths, model.stages, model.hidden) needs backbone='vgg16_bn': the tiny
-  variant takes none.
-  """
-  c = config_lib.base_config()
-  c.backbone, c.image_size = "vgg16_bn_tiny", 32
-  c.batch_size = c.eval_batch_size = 16
-  c.learning_rate, c.num_train_steps, c.log_every_steps = 0.02, 12, 4
-  c.checkpoint_every_steps, c.gradcam_per_class = 4, 2
-  c.tensorboard = False  # in-memory data: TensorFlow is not loaded otherwise (+4 s a process); test_console checks it
-  for k, v in overrides.items():
-    *parents, leaf = k.split(".")
-    node = c
-    for name in parents:
-      node = node[name]
-    node[leaf] = v
-  shape = {"model.widths", "model.stages", "model.hidden"} & set(overrides)
-  assert not shape or c.backbone != "vgg16_bn_tiny", f"{shape} need backbone='vgg16_bn'"
-  return c
-
 
 # update_rule='meta' on a tinier VGG (one conv per stage): log10 alpha, a meta step every other step (both
 # branches of its cond run), no dropout (its masks depend on the device count), equiv's learning rate.
 META = {"meta.update_rule": "meta", "loss_kwargs.saal.alpha_param": "log10", "meta.every_steps": 2, "meta.lr": 0.05,
         "backbone": "vgg16_bn", "model.stages": (1, 1, 1, 1, 1), "model.widths": (4, 8, 8, 8, 8), "model.hidden": 16,
         "model.dropout_rate": 0.0, "learning_rate": 0.05}
-
-
-def blobs(n: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-  """Images whose mean brightness and a bright square encode the class; imbalanced 3:2:1."""
-  rng = np.random.default_rng(seed)
-  y = rng.choice(3, size=n, p=[0.5, 1 / 3, 1 / 6])
-  x = rng.normal(0, 0.5, size=(n, size, size, 1)).astype(np.float32)
-  for i, label in enumerate(y):
-    x[i, 4 + 8 * label:12 + 8 * label, 8:16] += 2.0
-  return x, y.astype(np.int32)
-
-
-def tiny_dataset(config) -> ArrayDataset:
-  meta = config.meta.update_rule == "meta"
-  return ArrayDataset(blobs(64, 0), {"validation": blobs(24, 1), "test": blobs(29, 2)}, CLASSES,
-                      config.batch_size, config.eval_batch_size, seed=config.seed,
-                      meta_fraction=config.meta.fraction if meta else 0.0, meta_balanced=config.meta.balanced)
 
 
 def flat(tree) -> dict[str, np.ndarray]:
@@ -93,26 +51,26 @@ def flat(tree) -> dict[str, np.ndarray]:
 def equiv(out: str, **overrides) -> None:
   c = tiny_config(**{"model.dropout_rate": 0.0, "learning_rate": 0.05, **overrides})
   ds = tiny_dataset(c)
-  model = train.create_model(c, 3)
-  opt = train.make_optimizer(c, ds.info.steps_per_epoch)
-  loss_fn = train.make_loss_fn(c, ds.info.class_counts)
-  state = train.create_train_state(c, model, ds.info.image_shape, opt, jax.random.PRNGKey(0),
-                                   class_counts=ds.info.class_counts)
-  schedule = train.make_lr_schedule(c, ds.info.steps_per_epoch)
-  steps = {meta_step: train.make_train_step(c, ds.info, model, loss_fn, opt, schedule, meta_step)
+  model = models.create_model(c, 3)
+  opt = optim.make_optimizer(c, ds.info.steps_per_epoch)
+  loss_fn = losses.make_loss_fn(c, ds.info.class_counts)
+  state = steps_lib.create_train_state(c, model, ds.info.image_shape, opt, jax.random.PRNGKey(0),
+                                       class_counts=ds.info.class_counts)
+  schedule = optim.make_lr_schedule(c, ds.info.steps_per_epoch)
+  steps = {meta_step: steps_lib.make_train_step(c, ds.info.meta_counts, model, loss_fn, opt, schedule, meta_step)
            for meta_step in (True, False)}  # update_rule='meta': with and without the meta update
   results = {}
   for name, devices in (("many", jax.local_devices()), ("one", jax.local_devices()[:1])):
-    p_steps = {k: jax.pmap(step, axis_name=train.AXIS, in_axes=(0, 0, None), devices=devices, donate_argnums=(0,))
-               for k, step in steps.items()}
-    rstate = train.replicate(state, devices)
+    p_steps = {k: jax.pmap(step, axis_name=steps_lib.AXIS, in_axes=(0, 0, None), devices=devices,
+                           donate_argnums=(0,)) for k, step in steps.items()}
+    rstate = runtime.replicate(state, devices)
     it = ds.train_iter(0)
     for step in range(3):
       batch = next(it)  # (local_devices, per_device, ...) -> regroup for `devices`.
       batch = {k: v.reshape(len(devices), -1, *v.shape[2:]) for k, v in batch.items()}
-      rstate, metrics = p_steps[train.is_meta_step(c, step) or c.meta.update_rule == "joint"](
+      rstate, metrics = p_steps[steps_lib.is_meta_step(c, step) or c.meta.update_rule == "joint"](
           rstate, batch, jax.random.PRNGKey(1))
-    results[name] = flat(train.unreplicate(rstate))
+    results[name] = flat(runtime.unreplicate(rstate))
   np.savez(out, **{f"{n}:{k}": v for n, r in results.items() for k, v in r.items()},
            **{f"init:{k}": v for k, v in flat(jax.device_get(state)).items()})
   print(json.dumps({"devices": jax.local_device_count()}))
@@ -230,7 +188,7 @@ def meta_run(out: str) -> None:
   try:  # SIGTERM when the loop asks for batch 4 (two ahead of the step): saves step 3, then Preempted
     train.train_and_evaluate(c, out + ".resumed", dataset=KillingDataset(tiny_dataset(c), 4, signal.SIGTERM))
     raise AssertionError("the run was not preempted")
-  except train.Preempted as e:
+  except runtime.Preempted as e:
     print("PREEMPTED", e, flush=True)
   finals["resumed"] = train.train_and_evaluate(c, out + ".resumed", dataset=tiny_dataset(c))
   np.savez(out, **{f"{name}:{k}": v for name, state in finals.items() for k, v in flat(state).items()})
@@ -256,7 +214,7 @@ def record_syncs() -> list[list]:
   train._Run.step_fn = recording_step_fn
   for name in ("process_allgather", "sync_global_devices", "broadcast_one_to_all"):
     setattr(multihost_utils, name, recording(name, getattr(multihost_utils, name)))
-  train._any_process = recording("preemption_flag", train._any_process)
+  runtime.any_process = recording("preemption_flag", runtime.any_process)
   return events
 
 
@@ -270,7 +228,7 @@ def run_train(args) -> None:
     ds = KillingDataset(ds, args.kill_at, getattr(signal, args.signal), wait_for)
   try:
     state = train.train_and_evaluate(c, args.workdir, dataset=ds)
-  except train.Preempted as e:
+  except runtime.Preempted as e:
     print(f"PREEMPTED {e}", flush=True)
     sys.exit(PREEMPTED_EXIT_CODE)
   if args.out:  # Every process writes its copy, so tests can check that all processes agree.
@@ -318,7 +276,7 @@ def main() -> None:
     print("EVALUATED", json.dumps({"accuracy": result["accuracy"], "step": result["checkpoint_step"]}))
     return
   if args.mode == "multihost":
-    train.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    runtime.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   run_train(args)
 
 

@@ -14,7 +14,6 @@ carries that step's `meta_image` and `meta_label`.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 import re
@@ -29,6 +28,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from dsn_saal_jax import config_lib, meta, prepared
+from dsn_saal_jax.data_info import DataInfo
 from dsn_saal_jax.data import builders
 
 # ImageNet statistics (torchvision), because the backbone starts from ImageNet weights.
@@ -41,21 +41,6 @@ _SHUFFLE_STREAM = 1
 _PER_CLASS_STREAM = 2
 _SCAN_CHUNK = 1024
 RESIZE = "bilinear_antialias"
-
-
-@dataclasses.dataclass(frozen=True)
-class DataInfo:
-  """What the trainer, the loss and inference need to know about the data."""
-  class_names: tuple[str, ...]
-  class_counts: np.ndarray  # k_n the network trains on (train_per_class, covid_fraction, less the meta set), int64 (C,)
-  num_train: int
-  num_eval: dict[str, int]  # examples each eval split evaluates (after config.dedup)
-  image_shape: tuple[int, int, int]
-  steps_per_epoch: int
-  normalization: dict[str, Any]  # JSON-serializable, see `preprocess`
-  # Copies of earlier splits' slices left out of each eval split by config.dedup.
-  duplicates_removed: dict[str, int] = dataclasses.field(default_factory=dict)
-  meta_counts: np.ndarray | None = None  # examples per class of the meta set; None: no meta set
 
 
 def normalization_for(config: Any) -> dict[str, Any]:

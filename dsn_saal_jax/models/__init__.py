@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from dsn_saal_jax.models.heads import SideHead, predict_probs, side_head_torch_layers
 from dsn_saal_jax.models.layers import (POOLED_SIZE, SIDE_CHANNELS, BatchNorm, adaptive_avg_pool,
@@ -25,6 +26,7 @@ from dsn_saal_jax.models.densenet import DenseNet, _densenet_tiny, densenet169
 from dsn_saal_jax.models.mobilenet_v2 import MobileNetV2, _mobilenet_v2_tiny, mobilenet_v2
 from dsn_saal_jax.models.resnet import ResNet, _resnet_tiny, resnet50, resnext50_32x4d
 
+AXIS = "batch"  # the pmap axis over which BatchNorm averages its batch statistics in training
 DEFAULT_BACKBONE = "vgg16_bn"  # what configs, checkpoints and specs from before other backbones existed hold
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _CONFIG_FIELDS: dict[str, tuple[str, ...]] = {}
@@ -69,6 +71,18 @@ def list_models() -> list[str]:
 def get_model(name: str, **kwargs: Any) -> nn.Module:
   """The backbone `name` (see `list_models()`) built with `kwargs`."""
   return get_model_builder(name)(**kwargs)
+
+
+def create_model(config: Any, num_classes: int, axis_name: str | None = AXIS) -> nn.Module:
+  """The model a training config (or a checkpoint's inference spec, whose `model` has the same fields) names.
+
+  `config.backbone` (default VGG16-BN), with side heads when `config.model.dsn`;
+  `axis_name=None` outside pmap (prediction, reports).
+  """
+  return get_model(
+      config.get("backbone", DEFAULT_BACKBONE), num_classes=num_classes, dsn=config.model.dsn,
+      fuse_channels=config.model.fuse_channels, axis_name=axis_name, dtype=jnp.dtype(config.compute_dtype),
+      **config_kwargs(config))
 
 
 register("vgg16_bn", DSNVGG16BN, config_fields=("widths", "stages", "hidden", "dropout_rate"))

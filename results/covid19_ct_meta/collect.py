@@ -22,7 +22,7 @@ import shutil
 import numpy as np
 from absl import app, flags
 
-from dsn_saal_jax import paired_stats, reporting, train
+from dsn_saal_jax import paired_stats, reporting, runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("runs", "/tmp/dsn_saal_meta", "run_study.sh's RUNS directory (skipped if absent).")
@@ -117,7 +117,7 @@ def learned_table(fraction: str) -> str:
   lines = ["| Arm | alpha | w_covid / w_non-covid | mean beta_i | MW-Net weight covid / non-covid |",
            "|---|---|---|---|---|"]
   for label, method_dir, _ in ARMS[3:]:
-    hists = [train.read_history(r) for r in finished(method_dir, fraction)]
+    hists = [runtime.read_history(r) for r in finished(method_dir, fraction)]
     if not hists:
       continue
     cols = []
@@ -145,7 +145,7 @@ def main(argv):
     parts += [f"## {title}: test metrics\n", results_table(fraction),
               f"## {title}: paired differences of the test metrics\n", paired,
               f"## {title}: where the learned weights ended (last logged step)\n", learned_table(fraction)]
-    groups = {label.replace("DSN-SAAL ", ""): [train.read_history(r) for r in finished(d, fraction)]
+    groups = {label.replace("DSN-SAAL ", ""): [runtime.read_history(r) for r in finished(d, fraction)]
               for label, d, _ in ARMS[3:7]}
     groups = {k: v for k, v in groups.items() if v}
     if groups:

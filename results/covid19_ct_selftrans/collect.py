@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app, flags  # pylint: disable=wrong-import-position
 
-from dsn_saal_jax import paired_stats, reporting, train  # pylint: disable=wrong-import-position
+from dsn_saal_jax import paired_stats, reporting, runtime  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("runs", "/work/studies/selftrans", "run_study.sh's RUNS directory (skipped if absent).")
@@ -117,7 +117,7 @@ def plot(metrics: dict[str, dict[int, dict]], path: str) -> None:
   for seed, colour in zip(SEEDS, ("C0", "C1", "C2")):
     run = os.path.join(RUNS, "ssl", f"seed{seed}")
     if os.path.exists(os.path.join(run, "history.jsonl")):
-      steps, loss = train.read_history(run)["pretrain/loss"]
+      steps, loss = runtime.read_history(run)["pretrain/loss"]
       axes[2].plot(steps, loss, color=colour, label=f"seed {seed}")
   axes[2].set_xlabel("pretraining step")
   axes[2].set_ylabel("SimCLR loss (NT-Xent)")
