@@ -1,6 +1,6 @@
 """`DataInfo`: what the trainer, the loss and inference know about a dataset, whatever its source.
 
-One interface for the TFDS input pipeline (`data.input_pipeline.CTDataset`) and
+One interface for the prepared-data reader (`prepared_dataset.Dataset`) and
 the in-memory `array_dataset.ArrayDataset`; here, apart from both, so that
 neither (nor a reader of `info`) imports the other or TensorFlow for it.
 """

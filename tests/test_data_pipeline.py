@@ -324,3 +324,59 @@ def test_prepared_variants_read_without_tensorflow(data_dir):
   out = subprocess.run([sys.executable, "-c", code, input_pipeline.variants_root(builder), json.dumps(key)],
                        check=True, capture_output=True, text=True).stdout
   assert out.split() == ["(42,", "40,", "40,", "1)", "42"]
+
+
+def test_a_copied_prepared_directory_trains_without_tensorflow(data_dir, tmp_path):
+  """What an accelerator without TensorFlow reads: the same batches, ids and info as the TFDS side's."""
+  overrides = dict(covid_fraction=0.5, saal=dict(update_rule="meta", meta_fraction=0.2, meta_balanced=False))
+  ds = create(data_dir, local_device_count=2, **overrides)
+  copy = tmp_path / "prepared"
+  shutil.copytree(input_pipeline.variants_root(builders.make_builder(make_config(data_dir))), copy)
+  code = """if True:
+    import json, sys, itertools
+    sys.modules['tensorflow'] = None
+    import ml_collections, numpy as np
+    from dsn_saal_jax import prepared_dataset
+    config = ml_collections.ConfigDict(json.loads(sys.argv[2]))
+    ds = prepared_dataset.open_prepared(config, sys.argv[1], process_index=0, process_count=1, local_device_count=2)
+    train = list(itertools.islice(ds.train_iter(start_step=11), 3))
+    test = list(ds.eval_iter('test'))
+    np.savez(sys.argv[3], **{f'train{i}_{k}': v for i, b in enumerate(train) for k, v in b.items()},
+             **{f'test{i}_{k}': v for i, b in enumerate(test) for k, v in b.items()},
+             counts=ds.info.class_counts, meta=ds.info.meta_counts)
+    print(json.dumps(ds.example_ids('meta')))
+  """
+  out = tmp_path / "batches.npz"
+  meta_ids = subprocess.run([sys.executable, "-c", code, str(copy), make_config(data_dir, **overrides).to_json(),
+                             str(out)], check=True, capture_output=True, text=True).stdout
+  assert json.loads(meta_ids) == ds.example_ids("meta")
+  got = np.load(out)
+  np.testing.assert_array_equal(got["counts"], ds.info.class_counts)
+  np.testing.assert_array_equal(got["meta"], ds.info.meta_counts)
+  for i, batch in enumerate(take(ds.train_iter(start_step=11), 3)):
+    assert set(batch) == {"image", "label", "meta_image", "meta_label"}
+    for k, v in batch.items():
+      np.testing.assert_array_equal(got[f"train{i}_{k}"], v)
+  for i, batch in enumerate(ds.eval_iter("test")):
+    for k, v in batch.items():
+      np.testing.assert_array_equal(got[f"test{i}_{k}"], v)
+
+
+def test_a_prepared_directory_is_only_read_for_its_size_and_preprocessing(data_dir, tmp_path):
+  from dsn_saal_jax import prepared_dataset  # pylint: disable=g-import-not-at-top
+  create(data_dir)
+  root = input_pipeline.variants_root(builders.make_builder(make_config(data_dir)))
+  with pytest.raises(FileNotFoundError, match=r"catalog_px56.json does not exist.*holds no data prepared at 56 px"):
+    prepared_dataset.open_prepared(make_config(data_dir, image_size=56), root, process_index=0, process_count=1,
+                                   local_device_count=1)
+  copy = tmp_path / "prepared"
+  shutil.copytree(root, copy)
+  catalog = json.loads((copy / "catalog_px40.json").read_text())
+  catalog["keys"]["test"]["resize"] = "nearest"
+  (copy / "catalog_px40.json").write_text(json.dumps(catalog))
+  with pytest.raises(prepared.VariantError, match=r"\['resize'\] preprocessing.*resize bilinear_antialias"):
+    prepared_dataset.open_prepared(make_config(data_dir), copy, process_index=0, process_count=1,
+                                   local_device_count=1)
+  with pytest.raises(prepared.VariantError, match=r"'dataset': 'synthetic_ct'.* needs .*'dataset': 'covid19_ct'"):
+    prepared_dataset.open_prepared(make_config(data_dir, dataset="covid19_ct"), root, process_index=0,
+                                   process_count=1, local_device_count=1)

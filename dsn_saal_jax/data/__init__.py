@@ -4,6 +4,6 @@ TensorFlow (used only to decode and resize, once per prepared variant) should se
 it never claims memory that JAX needs: `dsn_saal_jax.setup_host()` hides them, before TF starts.
 """
 
-from dsn_saal_jax.data.input_pipeline import DataInfo, Dataset, create_dataset, preprocess
+from dsn_saal_jax.data.input_pipeline import DataInfo, Dataset, create_dataset, preprocess  # DataInfo: data_info's
 
 __all__ = ["DataInfo", "Dataset", "create_dataset", "preprocess"]
