@@ -65,7 +65,7 @@ from dsn_saal_jax import config_lib, losses, metrics as metrics_lib, models, opt
 from dsn_saal_jax import train
 from dsn_saal_jax import steps as steps_lib
 
-dsn_saal_jax.setup_host()  # the XLA:CPU flag and kernels the trainer runs with, before JAX starts
+dsn_saal_jax.setup_host(tensorflow=False)  # the trainer's XLA:CPU flag and kernels, before JAX starts
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("backbones", ["vgg16_bn", "resnet50"], "Backbones (each with its side heads).")

@@ -24,7 +24,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # CPU kernels are what this compa
 import dsn_saal_jax  # noqa: E402
 from dsn_saal_jax import cpu, models  # noqa: E402
 
-dsn_saal_jax.setup_host()  # the XLA:CPU flag and kernels the trainer runs with, before JAX starts
+dsn_saal_jax.setup_host(tensorflow=False)  # the trainer's XLA:CPU flag and kernels, before JAX starts
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-order
 import jax.numpy as jnp  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-order

@@ -31,7 +31,7 @@ import dsn_saal_jax
 from dsn_saal_jax import config_lib, runtime, train
 from dsn_saal_jax.array_dataset import ArrayDataset
 
-dsn_saal_jax.setup_host()  # the XLA:CPU flag and kernels the trainer runs with, before JAX starts
+dsn_saal_jax.setup_host(tensorflow=False)  # the trainer's XLA:CPU flag and kernels, before JAX starts
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 200, "Training steps per run.")

@@ -38,7 +38,7 @@ from absl import app, flags, logging
 import dsn_saal_jax
 from dsn_saal_jax import config_lib, losses, models, optim, steps as steps_lib
 
-dsn_saal_jax.setup_host(cpu_kernels=CPU_KERNELS)
+dsn_saal_jax.setup_host(cpu_kernels=CPU_KERNELS, tensorflow=False)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("backbones", ["vgg16_bn", "resnet50"], "Backbones (each with its side heads).")

@@ -40,7 +40,7 @@ import dsn_saal_jax
 from dsn_saal_jax import config_lib, cpu, losses, models, optim, runtime, steps as steps_lib
 from dsn_saal_jax.torch_reference import TORCH_MODELS, saal_loss_torch
 
-dsn_saal_jax.setup_host()  # the XLA:CPU flag and kernels the trainer runs with, before JAX starts
+dsn_saal_jax.setup_host(tensorflow=False)  # the trainer's XLA:CPU flag and kernels, before JAX starts
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", ["224:8", "112:32"], "image_size:batch pairs.")

@@ -27,10 +27,14 @@ CPU_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 CPU_KERNELS_ENV = "DSN_SAAL_CPU_KERNELS"
 
 
-def setup(cpu_kernels: str | None = None) -> None:
-  """All of the above; `cpu_kernels` overrides DSN_SAAL_CPU_KERNELS. Calling it again changes nothing more."""
+def setup(cpu_kernels: str | None = None, tensorflow: bool = True) -> None:
+  """All of the above; `cpu_kernels` overrides DSN_SAAL_CPU_KERNELS. Calling it again changes nothing more.
+
+  `tensorflow=False`: a process that never uses TensorFlow (in-memory data) does not import it (~4 s).
+  """
   set_cpu_xla_flag()
-  hide_accelerators_from_tensorflow()
+  if tensorflow:
+    hide_accelerators_from_tensorflow()
   from dsn_saal_jax.models import cpu_kernels as kernels  # pylint: disable=import-outside-toplevel
   kernels.use(cpu_kernels if cpu_kernels is not None else os.environ.get(CPU_KERNELS_ENV, "auto"))
 
@@ -51,8 +55,11 @@ def set_cpu_xla_flag() -> None:
 
 
 def hide_accelerators_from_tensorflow() -> None:
-  """TensorFlow sees no GPU (a no-op once TF has initialised its devices: too late to hide them)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  """TensorFlow sees no GPU (a no-op once TF has initialised its devices, or where TF is not installed)."""
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  except ImportError:  # an accelerator image without TensorFlow: nothing to hide
+    return
   try:
     tf.config.set_visible_devices([], "GPU")
   except RuntimeError:

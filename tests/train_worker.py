@@ -239,7 +239,7 @@ def run_train(args) -> None:
 
 
 def main() -> None:
-  dsn_saal_jax.setup_host()  # before JAX starts: as the launchers and the test process (conftest)
+  dsn_saal_jax.setup_host(tensorflow=False)  # before JAX starts, as the launchers do; in-memory data: no TF
   logging.set_verbosity(logging.INFO)  # Tests read the trainer's log lines ("Resumed from ...").
   parser = argparse.ArgumentParser()
   parser.add_argument("mode", choices=("equiv", "meta", "train", "multihost", "evaluate", "launch"))
