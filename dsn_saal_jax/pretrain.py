@@ -46,6 +46,7 @@ from dsn_saal_jax import augment
 from dsn_saal_jax import checkpointing
 from dsn_saal_jax import config_lib
 from dsn_saal_jax import convert
+from dsn_saal_jax import host
 from dsn_saal_jax import models
 from dsn_saal_jax import runtime
 from dsn_saal_jax import steps
@@ -340,6 +341,8 @@ def pretrain_and_save(config: ml_collections.ConfigDict, workdir: str, dataset=N
 
 def _open_data(config: ml_collections.ConfigDict, dataset) -> tuple[Any, int, tuple[int, ...], int]:
   """(dataset, steps per epoch, image shape, examples) of the configured source."""
+  if dataset is None:
+    host.hide_accelerators_from_tensorflow()  # both sources decode with TF: it must not claim accelerator memory
   if dataset is None and config.pretrain.folder:
     dataset = SliceFolder(config)
     return dataset, dataset.steps_per_epoch, dataset.image_shape, dataset.num_train

@@ -24,6 +24,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from dsn_saal_jax import host
 from dsn_saal_jax.models import AXIS
 
 HISTORY_FILE = "history.jsonl"
@@ -243,7 +244,7 @@ class Writer:
     self._history = None
     if jax.process_index() == 0:
       if tensorboard:
-        import dsn_saal_jax.data  # pylint: disable=g-import-not-at-top,unused-import  (TF without accelerators)
+        host.hide_accelerators_from_tensorflow()  # before TF starts: it must not claim accelerator memory
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
         from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
         self._tf = tf

@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 
 from dsn_saal_jax import checkpointing
 from dsn_saal_jax import config_lib
+from dsn_saal_jax import host
 from dsn_saal_jax import losses
 from dsn_saal_jax import metrics as metrics_lib
 from dsn_saal_jax import models
@@ -47,7 +48,7 @@ class _Run:
     config_lib.validate_config(config, jax.device_count())
     self.config, self.workdir = config, workdir
     if dataset is None:
-      # Importing the data package first hides accelerators from TensorFlow.
+      host.hide_accelerators_from_tensorflow()  # before TF starts: it must not claim accelerator memory
       from dsn_saal_jax import data  # pylint: disable=g-import-not-at-top
       dataset = data.create_dataset(config)
     self.dataset = dataset

@@ -29,7 +29,7 @@ cli.setup(sys.argv)  # first: TensorFlow reads its log level once, when it loads
 # pylint: disable=wrong-import-position
 from absl import app, flags, logging
 
-from dsn_saal_jax import predict
+from dsn_saal_jax import checkpointing, predict
 from dsn_saal_jax.cli import error as usage_error
 
 FLAGS = flags.FLAGS

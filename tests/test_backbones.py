@@ -93,7 +93,7 @@ def jax_key():
 
 
 def test_checkpoints_from_before_backbones_existed_load_as_vgg16_bn():
-  from dsn_saal_jax import checkpointing, config_lib  # pylint: disable=g-import-not-at-top
+  from dsn_saal_jax import config_lib  # pylint: disable=g-import-not-at-top
   c = config_lib.base_config()
   old_fingerprint = {k: v for k, v in checkpointing.model_fingerprint(c, 3).items() if k != "backbone"}
   assert checkpointing.fingerprint_differences(old_fingerprint, checkpointing.model_fingerprint(c, 3)) == []
@@ -135,7 +135,7 @@ def test_weights_of_another_architecture_are_refused_naming_the_right_one():
     ("densenet169", dict(growth_rate=8, num_init_features=16)), ("mobilenet_v2", dict(width_mult=0.25))])
 def test_width_scale_narrows_the_backbone_and_is_part_of_the_fingerprint(backbone, narrowed):
   """config.model.width_scale (for CPU-budget studies) reaches the builder; a checkpoint of another width is refused."""
-  from dsn_saal_jax import checkpointing, config_lib  # pylint: disable=g-import-not-at-top
+  from dsn_saal_jax import config_lib  # pylint: disable=g-import-not-at-top
   c = config_lib.base_config()
   c.backbone, c.model.width_scale = backbone, 0.25
   config_lib.validate_config(c, 1)

@@ -24,7 +24,7 @@ from pydicom.data import get_testdata_file
 
 import launch_batch
 from conftest import init_variables
-from dsn_saal_jax import checkpointing, config_lib, convert, models, predict, train
+from dsn_saal_jax import checkpointing, config_lib, convert, models, predict
 from dsn_saal_jax.data import ct, folders, input_pipeline
 from dsn_saal_jax.data.builders.common import DatasetError
 
@@ -193,7 +193,7 @@ ROWS = {
     "7_wide_evaluate": ("evaluate_fine", 0, [FINE[2]], {}),
     "7_wide_predict": ("predict_fine", 0, [FINE[2]], {}),
     "init_foreign_backbone": ("train_foreign_init", 2, ["ssl holds a backbone pretrained for another model "
-                                                        "(backbone: checkpoint 'resnet50' vs config 'vgg16_bn')"], {}),
+                                                        "(backbone: checkpoint 'resnet50' vs config 'vgg16_bn_tiny')"], {}),
     "7_quiet_build": ("train_batch_too_large", 2, ["Using custom data configuration: image_folder/original_"], {}),
 }
 

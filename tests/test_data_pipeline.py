@@ -328,7 +328,7 @@ def test_prepared_variants_read_without_tensorflow(data_dir):
 
 def test_a_copied_prepared_directory_trains_without_tensorflow(data_dir, tmp_path):
   """What an accelerator without TensorFlow reads: the same batches, ids and info as the TFDS side's."""
-  overrides = dict(covid_fraction=0.5, saal=dict(update_rule="meta", meta_fraction=0.2, meta_balanced=False))
+  overrides = dict(covid_fraction=0.5, meta=dict(update_rule="meta", fraction=0.2, balanced=False))
   ds = create(data_dir, local_device_count=2, **overrides)
   copy = tmp_path / "prepared"
   shutil.copytree(input_pipeline.variants_root(builders.make_builder(make_config(data_dir))), copy)

@@ -10,7 +10,6 @@ from flax import traverse_util
 
 from conftest import init_variables, run_worker
 from dsn_saal_jax import config_lib, convert, losses, models, optim, runtime, steps as steps_lib
-from dsn_saal_jax.models import DSNVGG16BN
 from helpers import tiny_config
 
 
