@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import ml_collections
 from absl import logging
 
-from dsn_saal_jax import reporting
+from dsn_saal_jax import tables
 
 _BACKBONES = ("vgg16_bn", "resnet50", "densenet169", "resnext50_32x4d")  # Table 4's, in its order
 
@@ -100,4 +100,4 @@ def run_sweep(base: ml_collections.ConfigDict, root: str, runs: Sequence[Run], t
   for run in runs:
     with open(metrics_path(root, run)) as f:
       records.append({**dataclasses.asdict(run), "backbone": run.backbone or base.backbone, "metrics": json.load(f)})
-  return reporting.write_table(reporting.aggregate(records, table), root)
+  return tables.write_table(tables.aggregate(records, table), root)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from dsn_saal_jax import metrics, paired_stats, reporting, runtime
+from dsn_saal_jax import metrics, paired_stats, reporting, runtime, tables
 from dsn_saal_jax.models import DSNVGG16BN
 
 NAMES = ("normal", "pneumonia", "covid")
@@ -109,13 +109,13 @@ def test_table6_layout_mean_std_and_sensitivity_change(tmp_path):
   runs = [run("dsn", "saal", 1.0, 0, 0.90, 0.90), run("dsn", "saal", 1.0, 1, 0.92, 0.92),
           run("dsn", "saal", 0.25, 0, 0.80, 0.80), run("dsn", "saal", 0.25, 1, 0.84, 0.82),
           run("baseline", "ce", 1.0, 0, 0.80, 0.82), run("baseline", "ce", 0.25, 0, 0.70, 0.70)]
-  table = reporting.aggregate(runs, "table6")
+  table = tables.aggregate(runs, "table6")
   assert list(table["rows"]) == ["1", "0.25"]
   cell = table["rows"]["0.25"]["DSN-SAAL"]
   assert cell["ACC"]["mean"] == pytest.approx(0.82) and cell["ACC"]["std"] == pytest.approx(np.std([0.8, 0.84], ddof=1))
   assert cell["SEN"]["delta"] == pytest.approx(0.81 - 0.91)
   assert table["rows"]["0.25"]["VGG-16 + CE"]["SEN"]["delta"] == pytest.approx(-0.12)
-  md, js = reporting.write_table(table, tmp_path)
+  md, js = tables.write_table(table, tmp_path)
   text = open(md).read()
   assert "| 25% of COVID-19 |" in text and "0.820 ± 0.028 " in text and "(-0.100)" in text
   assert "| Stand. split |" in text
@@ -152,22 +152,22 @@ def test_tables_pair_runs_by_seed():
   # give differences of +0.05, +0.01, -0.03.
   base = [run("baseline", "ce", 1.0, s, 0.70 + 0.02 * s, 0.8) for s in range(3)]
   dsn = [run("dsn", "ce", 1.0, s, 0.71 + 0.02 * s, 0.8) for s in (2, 1, 0)]
-  (pair,) = reporting.aggregate(base + dsn, "table8")["paired"]
+  (pair,) = tables.aggregate(base + dsn, "table8")["paired"]
   assert pair["label"] == "DSN + CE minus VGG-16 + CE" and pair["columns"]["ACC"]["wins"] == 3
   assert pair["columns"]["ACC"]["mean"] == pytest.approx(0.01) and pair["columns"]["ACC"]["ci"] is None
-  assert "| DSN + CE minus VGG-16 + CE | +0.010 p -, 3/3 ahead |" in reporting.to_markdown(
-      reporting.aggregate(base + dsn, "table8"))
+  assert "| DSN + CE minus VGG-16 + CE | +0.010 p -, 3/3 ahead |" in tables.to_markdown(
+      tables.aggregate(base + dsn, "table8"))
   # Table 6 compares within each fraction; Table 4 within each backbone, never across.
   # Table 6 also pairs the sensitivities' drop from the full set: DSN's 0.8 -> 0.7 minus the baseline's 0.8 -> 0.6.
   quarter = [run("baseline", "ce", 0.25, 0, 0.6, 0.6), run("dsn", "ce", 0.25, 0, 0.5, 0.7)]
-  t6 = reporting.aggregate(base + dsn + quarter, "table6")
+  t6 = tables.aggregate(base + dsn + quarter, "table6")
   assert [p["label"] for p in t6["paired"]] == [
       "Stand. split: DSN + CE minus VGG-16 + CE", "25% of COVID-19: DSN + CE minus VGG-16 + CE",
       "25% of COVID-19: change from the stand. split, DSN + CE minus VGG-16 + CE"]
   assert t6["paired"][1]["columns"]["ACC"]["mean"] == pytest.approx(-0.1)
   drop = t6["paired"][2]["columns"]
   assert drop["COVID SEN"]["mean"] == pytest.approx(0.1) and "ACC" not in drop
-  t4 = reporting.aggregate(base + dsn + [dict(r, backbone="resnet50") for r in base + dsn], "table4")
+  t4 = tables.aggregate(base + dsn + [dict(r, backbone="resnet50") for r in base + dsn], "table4")
   assert [p["label"] for p in t4["paired"]] == ["VGG-16 DSN minus VGG-16 Baseline",
                                                "ResNet-50 DSN minus ResNet-50 Baseline"]
   assert "Params" not in t4["paired"][0]["columns"]
@@ -175,29 +175,28 @@ def test_tables_pair_runs_by_seed():
 
 def test_table5_and_table9_rows_are_methods():
   runs = [run("baseline", loss, 1.0, s, 0.8 + 0.01 * s, 0.8) for loss in ("ce", "focal") for s in range(3)]
-  t5 = reporting.aggregate(runs, "table5")
+  t5 = tables.aggregate(runs, "table5")
   assert set(t5["rows"]) == {"VGG-16 + CE", "VGG-16 + FOCAL"}
   assert t5["rows"]["VGG-16 + CE"][""]["ACC"]["n"] == 3
-  t9 = reporting.aggregate([run("dsn", "saal", 1.0, 0, 0.99, 0.99)], "table9")
+  t9 = tables.aggregate([run("dsn", "saal", 1.0, 0, 0.99, 0.99)], "table9")
   assert t9["columns"] == ["ACC", "F1-score", "AUC", "PRE", "SEN"]
   assert t9["rows"]["DSN-SAAL"][""]["AUC"]["mean"] == pytest.approx(0.95)
-  t8 = reporting.aggregate(runs + [run("dsn", "saal", 1.0, 0, 0.9, 0.9)], "table8")
+  t8 = tables.aggregate(runs + [run("dsn", "saal", 1.0, 0, 0.9, 0.9)], "table8")
   assert t8["columns"] == ["ACC", "F1-score", "AUC", "COVID SEN", "COVID SPE"]
   assert t8["rows"]["DSN-SAAL"][""]["COVID SEN"]["mean"] == pytest.approx(0.8)
   spe = t8["rows"]["VGG-16 + CE"][""]["COVID SPE"]
   assert spe["mean"] == pytest.approx(0.97) and spe["std"] == pytest.approx(0.0) and spe["n"] == 3
   no_per_class = dict(runs[0], metrics={k: v for k, v in runs[0]["metrics"].items() if k != "per_class"})
-  assert reporting.aggregate([no_per_class], "table8")["rows"]["VGG-16 + CE"][""]["COVID SEN"]["n"] == 0
+  assert tables.aggregate([no_per_class], "table8")["rows"]["VGG-16 + CE"][""]["COVID SEN"]["n"] == 0
   # Reports older than num_params: the Params column is "-" and the footer counts the runs that are there.
-  t4 = reporting.to_markdown(reporting.aggregate(runs[:3], "table4"))
+  t4 = tables.to_markdown(tables.aggregate(runs[:3], "table4"))
   assert "| VGG-16 Baseline |" in t4 and t4.count(" - |") == 1
   assert t4.rstrip().endswith("Mean ± sample std over 3 runs per cell.")
   with pytest.raises(ValueError, match="Unknown table"):
-    reporting.aggregate(runs, "table7")
+    tables.aggregate(runs, "table7")
 
 
 def test_saal_history_plot_from_history_files(tmp_path):
-  from dsn_saal_jax import train
   runs = []
   for seed in range(2):
     work = tmp_path / f"seed{seed}"

@@ -22,7 +22,7 @@ import shutil
 import numpy as np
 from absl import app, flags
 
-from dsn_saal_jax import paired_stats, reporting, runtime
+from dsn_saal_jax import paired_stats, reporting, runtime, tables
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("runs", "/tmp/dsn_saal_meta", "run_study.sh's RUNS directory (skipped if absent).")
@@ -76,10 +76,10 @@ def results_table(fraction: str) -> str:
                  metrics=read_json(os.path.join(r, SMALL_FILES[2]))) for r in finished(method_dir, fraction)]
     if not runs:
       continue
-    table = reporting.aggregate(runs, "table8")
+    table = tables.aggregate(runs, "table8")
     columns = table["columns"]
     rows[label + (" *" if meta_set else "")] = next(iter(table["rows"].values()))
-  return reporting.to_markdown({"table": "table8", "columns": columns, "rows": rows}) if rows else ""
+  return tables.to_markdown({"table": "table8", "columns": columns, "rows": rows}) if rows else ""
 
 
 def paired_table(fraction: str) -> str:
@@ -89,7 +89,7 @@ def paired_table(fraction: str) -> str:
     runs = finished(method_dir, fraction)
     metrics[label] = {int(r.rsplit("_seed", 1)[1].split("_")[0]): read_json(os.path.join(r, SMALL_FILES[2]))
                       for r in runs}
-  columns = reporting.TABLE_COLUMNS["table8"]
+  columns = tables.TABLE_COLUMNS["table8"]
   value = lambda arm, s, key: functools.reduce(lambda d, k: (d or {}).get(k), key.split("/"), metrics[arm][s])
   entries = []
   for i, (ref, _, _) in enumerate(ARMS[:4]):

@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app, flags  # pylint: disable=wrong-import-position
 
-from dsn_saal_jax import paired_stats, reporting, runtime  # pylint: disable=wrong-import-position
+from dsn_saal_jax import paired_stats, runtime, tables  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("runs", "/work/studies/selftrans", "run_study.sh's RUNS directory (skipped if absent).")
@@ -81,14 +81,14 @@ def results_table(metrics: dict[str, dict[int, dict]]) -> str:
     runs = [dict(model="dsn", loss="ce", covid_fraction=1.0, seed=s, fold=0, metrics=m)
             for s, m in metrics[label].items()]
     if runs:
-      table = reporting.aggregate(runs, "table8")
+      table = tables.aggregate(runs, "table8")
       columns = table["columns"]
       rows[f"{label} (n={len(runs)})"] = next(iter(table["rows"].values()))
-  return reporting.to_markdown({"table": "table8", "columns": columns, "rows": rows}) if rows else ""
+  return tables.to_markdown({"table": "table8", "columns": columns, "rows": rows}) if rows else ""
 
 
 def paired_table(metrics: dict[str, dict[int, dict]]) -> str:
-  columns = reporting.TABLE_COLUMNS["table8"]
+  columns = tables.TABLE_COLUMNS["table8"]
   value = lambda m, key: functools.reduce(lambda d, k: (d or {}).get(k), key.split("/"), m)
   entries = []
   for i, j in COMPARISONS:
