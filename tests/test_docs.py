@@ -207,3 +207,17 @@ def test_a_link_to_a_file_git_ignores_is_a_problem(tmp_path):
   (tmp_path / "runs" / "table.md").write_text("# Table\n")
   (tmp_path / "README.md").write_text("# Tool\n\n[table](runs/table.md) [self](README.md)\n")
   assert link_problems(tmp_path) == ["README.md: runs/table.md is ignored by git, so a clone lacks it"]
+
+
+def test_the_layout_table_names_every_module_and_nothing_gone():
+  """docs/design.md's Layout table is the map of the package: every module on it, no module it names missing."""
+  layout = (ROOT / "docs" / "design.md").read_text().split("## Layout", 1)[1]
+  package = ROOT / "dsn_saal_jax"
+  modules = {p.name for p in package.glob("*.py") if p.name != "__init__.py"}
+  modules |= {p.name + "/" for p in package.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+  named = set(re.findall(r"`(?:dsn_saal_jax/)?([a-z_0-9]+(?:\.py|/))`", layout))
+  assert modules - named == set(), "modules missing from docs/design.md's Layout table"
+  top_level = {n for n in named if n.endswith(".py") and (package / n).exists() or n.endswith("/")}
+  gone = {n for n in named if n.endswith(".py") and n not in top_level
+          and not any(package.glob(f"**/{n}")) and not (ROOT / "launch" / n).exists()}
+  assert gone == set(), "the Layout table names modules that do not exist"
