@@ -2,6 +2,7 @@
 
   taskset -c 0 nice python benchmarks/loop_overhead.py    # 500 steps, log every 50, 8 rounds, one core
   taskset -c 0 python benchmarks/loop_overhead.py --steps=800 --rounds=12
+  taskset -c 0 python benchmarks/loop_overhead.py --control     # the bare loop against itself: the noise
 
 What the loop adds to the step: the metric buffer (device metrics fetched at
 log and epoch boundaries only), the log windows' summaries and history
@@ -14,7 +15,7 @@ the end of each log window.
 Both sides are timed by the same code over the same windows: `train._Run.step_fn`
 (the hook tests/test_multihost.py records steps by) is wrapped to stamp the wall
 clock and this process's CPU time before dispatching each step that starts a
-log window. A window is from one stamp to the next, so it holds its 50 steps
+log window. A window is from one stamp to the next, so it holds its steps
 and everything the loop did at the window's end (fetch, summaries, writes,
 SIGTERM check). Windows from step 2 x log_every on: the first holds the compile,
 the second the first log's one-time work (compiling the SAAL weights' summary);
@@ -25,13 +26,14 @@ machine's load falls on both sides alike. Per round, the speed ratio
 trainer/bare over its windows; then their median and spread, and the ratio
 pooled over all windows. Two clocks:
 - CPU time (`time.process_time`, all this process's threads) counts the work
-  the loop does per step and not what other processes on a shared machine do.
-  Any Python the loop adds per step or per window adds to it. **The claim is
-  the pooled CPU-time ratio**; it cannot flatter the trainer with the process
-  pinned to one core (`taskset -c 0`), where the host work cannot hide behind
-  the step's compute either.
-- Wall time is shown beside it: it would show waits (a host round trip per
-  step) that CPU time does not, but on a shared machine it carries the others'
+  the loop does, per step or per window, and not the time other processes
+  take from the core. **The claim is the pooled CPU-time ratio**, the process
+  pinned to one core (`taskset -c 0`), where the host's work cannot hide
+  behind the step's compute either. It is not blind to load: a busy sibling
+  hyperthread or shared cache slows this process's own instructions too,
+  which the alternation spreads over both sides.
+- Wall time is shown beside it: it would show a wait that costs no CPU (a
+  host round trip per step), but on a shared machine it carries the others'
   load, hence the spread printed.
 A tiny model makes the loop's share of a step as large as it gets.
 """
@@ -59,6 +61,8 @@ flags.DEFINE_integer("log_every", 50, "config.log_every_steps (the trainer's win
 flags.DEFINE_integer("rounds", 8, "Rounds of one trainer run and one bare run, the order alternating.")
 flags.DEFINE_integer("image_size", 32, "Image side.")
 flags.DEFINE_integer("batch_size", 16, "Global batch.")
+flags.DEFINE_bool("control", False, "Time the bare loop against itself (an A/A run): the spread identical sides show "
+                  "on this machine, the smallest trainer/bare difference it can resolve.")
 
 
 def tiny_config():
@@ -146,13 +150,14 @@ def main(argv):
         flush=True)
   rounds = []  # per round: (trainer windows, bare windows), each (windows, [wall, cpu])
   for r in range(FLAGS.rounds):
-    sides = (trainer, bare) if r % 2 == 0 else (bare, trainer)
-    got = {side.__name__: side(config) for side in sides}
+    sides = [("trainer", bare if FLAGS.control else trainer), ("bare", bare)]
+    sides = sides if r % 2 == 0 else sides[::-1]
+    got = {name: side(config) for name, side in sides}
     rounds.append((got["trainer"], got["bare"]))
     # Speed ratio trainer/bare = bare seconds / trainer seconds over the same windows.
     wall, cpu = (got["bare"].sum(0) / got["trainer"].sum(0)).tolist()
     ms = {k: v.mean(0) / FLAGS.log_every * 1e3 for k, v in got.items()}
-    print(f"round {r + 1} ({sides[0].__name__} first): trainer/bare wall {wall:.3f}, CPU {cpu:.3f} (ms per step, "
+    print(f"round {r + 1} ({sides[0][0]} first): trainer/bare wall {wall:.3f}, CPU {cpu:.3f} (ms per step, "
           f"wall/CPU: trainer {ms['trainer'][0]:.2f}/{ms['trainer'][1]:.2f}, bare {ms['bare'][0]:.2f}/"
           f"{ms['bare'][1]:.2f})", flush=True)
   ratios = np.asarray([b.sum(0) / t.sum(0) for t, b in rounds])  # (rounds, [wall, cpu])
@@ -161,7 +166,7 @@ def main(argv):
   result = {"device": jax.devices()[0].device_kind, "cpu": cpu_model(), "cores": cores,
             "load_average_end": os.getloadavg()[0], "steps": FLAGS.steps, "log_every_steps": FLAGS.log_every,
             "image_size": FLAGS.image_size, "batch_size": FLAGS.batch_size, "rounds": FLAGS.rounds,
-            "timed_steps_per_side": steps}
+            "timed_steps_per_side": steps, "control": FLAGS.control}
   for i, clock in enumerate(("wall_time", "cpu_time")):
     result[clock] = {"pooled": float(pooled[i]), "median_round": float(statistics.median(ratios[:, i])),
                      "min_round": float(ratios[:, i].min()), "max_round": float(ratios[:, i].max()),
@@ -174,6 +179,8 @@ def main(argv):
     print(f"trainer/bare speed, {name}: {r['pooled']:.3f} pooled over {steps} steps a side "
           f"({r['trainer_ms_per_step']:.2f} against {r['bare_ms_per_step']:.2f} ms per step), rounds "
           f"{r['min_round']:.3f}-{r['max_round']:.3f}, median {r['median_round']:.3f}")
+  if FLAGS.control:
+    print("--control: the 'trainer' side was a second bare loop; its ratios are this machine's noise")
   print(f"claim (CPU time, pooled): {result['cpu_time']['pooled']:.3f}; {cores} core(s); {result['device']}, "
         f"{result['cpu']}")
 
