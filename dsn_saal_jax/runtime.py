@@ -201,7 +201,7 @@ class MetricBuffer:
 
   def fetch(self, last_good: int | None) -> None:
     # Device 0's replica of every buffered step in one device_get: its copies overlap, one wait in all.
-    first = [jax.tree_util.tree_map(lambda x: x.addressable_shards[0].data, m) for _, m in self._device]
+    first = [jax.tree_util.tree_map(lambda x: x.addressable_data(0), m) for _, m in self._device]
     fetched = [(s, jax.tree_util.tree_map(lambda x: np.asarray(x).reshape(x.shape[1:]), m))
                for (s, _), m in zip(self._device, jax.device_get(first))]
     self._device = []
