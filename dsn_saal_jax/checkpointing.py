@@ -70,7 +70,8 @@ def model_fingerprint(config: Any, num_classes: int) -> dict[str, Any]:
   shape = {k: (list(v) if isinstance(v, tuple) else v) for k, v in models.config_kwargs(config).items()
            if k != "dropout_rate"}
   return {"backbone": config.backbone, "model": "dsn" if config.model.dsn else "baseline",
-          "num_classes": int(num_classes), "channels": int(config.channels), **shape, "fuse_channels": int(config.model.fuse_channels),
+          "num_classes": int(num_classes), "channels": int(config.channels), **shape,
+          "fuse_channels": int(config.model.fuse_channels),
           "loss_params": "mwn" if config.loss == "mwn" else config.loss == "saal",
           "saal_alpha_param": config.loss_kwargs.saal.alpha_param, "saal_update_rule": config.meta.update_rule}
 

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import ml_collections
 
 from dsn_saal_jax import meta
-from dsn_saal_jax.losses import ALPHA_PARAMS, LOSS_NAMES
+from dsn_saal_jax.losses import ALPHA_PARAMS, LOSS_NAMES, LOSS_PARAM_KEYS
 
 MODELS = ("dsn", "baseline")
 DATASETS = ("synthetic_ct", "covid19_diag", "covidx_ct", "covid19_ct", "sars_cov2_ct", "image_folder")
@@ -303,7 +303,6 @@ def check_split_fractions(fractions: Iterable[float]) -> None:
 
 UPDATE_RULES = ("joint", "meta")  # not `update`: that name is ConfigDict.update, unreachable as config.meta.update
 META_LEARN = ("alpha_beta", "alpha", "beta")
-META_LOSSES = ("saal", "mwn")  # the losses with parameters of their own
 
 
 def _validate_meta(config: ml_collections.ConfigDict) -> None:
@@ -317,9 +316,9 @@ def _validate_meta(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.meta.every_steps must be a positive integer, got {m.every_steps!r}.")
   if not m.lr > 0:
     raise ConfigError(f"config.meta.lr must be positive, got {m.lr!r}.")
-  if m.update_rule == "meta" and config.loss not in META_LOSSES:
+  if m.update_rule == "meta" and config.loss not in LOSS_PARAM_KEYS:
     raise ConfigError(f"config.meta.update_rule='meta' meta-learns the loss's own parameters, but config.loss="
-                     f"{config.loss!r} has none; use loss={' or '.join(META_LOSSES)}, or update_rule='joint'.")
+                     f"{config.loss!r} has none; use loss={' or '.join(LOSS_PARAM_KEYS)}, or update_rule='joint'.")
   if m.update_rule == "meta" and config.loss == "saal" and not config.loss_kwargs.saal.learn_alpha_beta:
     raise ConfigError("config.meta.update_rule='meta' with config.loss_kwargs.saal.learn_alpha_beta=False: alpha "
                      "and beta are fixed, so there is nothing to meta-learn; set learn_alpha_beta=True or "

@@ -34,8 +34,8 @@ _LN10 = float(np.log(10.0))
 
 def split_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
   """(the network's params, the loss's own: `params['saal']` or `params['mwn']`, None for the fixed losses)."""
-  network = {k: v for k, v in params.items() if k not in LOSS_PARAM_KEYS}
-  return network, next((params[k] for k in LOSS_PARAM_KEYS if k in params), None)
+  key = loss_param_key(params)
+  return {k: v for k, v in params.items() if k not in LOSS_PARAM_KEYS}, (params[key] if key else None)
 
 
 def loss_param_key(params: Mapping[str, Any]) -> str | None:

@@ -167,7 +167,7 @@ def open_rows(root: str | os.PathLike, keys: Sequence[dict[str, Any]]) -> prepar
   return prepared.Rows(parts)
 
 
-def open_prepared(config: Any, root: str | os.PathLike, **shard: int) -> Dataset:
+def open_prepared(config: Any, root: str | os.PathLike, **shard: int | None) -> Dataset:
   """The Dataset of a prepared directory (`<build>/prepared`, or a copy of it), without TensorFlow.
 
   The catalog must be for config.dataset at config.image_size with this code's
@@ -208,15 +208,16 @@ def open_prepared(config: Any, root: str | os.PathLike, **shard: int) -> Dataset
   splits = PreparedSplits(class_names=tuple(catalog["class_names"]), covid_class=catalog["covid_class"],
                           train=rows(train_spec), evals={name: rows(spec) for name, spec in eval_specs.items()},
                           removed={name: np.zeros(0, np.int64) for name in eval_specs})
-  return Dataset(config, splits, **_local_shard(shard))
+  return Dataset(config, splits, **local_shard(**shard))
 
 
-def _local_shard(shard: Mapping[str, int]) -> dict[str, int]:
-  """process_index, process_count and local_device_count: JAX's unless given (tests shard in one process)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  return {"process_index": shard.get("process_index", jax.process_index()),
-          "process_count": shard.get("process_count", jax.process_count()),
-          "local_device_count": shard.get("local_device_count", jax.local_device_count())}
+def local_shard(process_index: int | None = None, process_count: int | None = None,
+                local_device_count: int | None = None) -> dict[str, int]:
+  """Dataset's shard keywords: JAX's process and local devices, unless given (tests shard in one process)."""
+  import jax  # pylint: disable=g-import-not-at-top  (only where no shard is given)
+  return {"process_index": jax.process_index() if process_index is None else process_index,
+          "process_count": jax.process_count() if process_count is None else process_count,
+          "local_device_count": jax.local_device_count() if local_device_count is None else local_device_count}
 
 
 class Dataset:

@@ -205,11 +205,9 @@ def create_dataset(config: Any, *, process_index: int | None = None,
 
   The keyword overrides exist to test multi-process sharding in one process.
   """
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  local_device_count = jax.local_device_count() if local_device_count is None else local_device_count
+  shard = prepared_dataset.local_shard(process_index, process_count, local_device_count)
   manual_dir = config.get("manual_dir") or builders.default_manual_dir(config.dataset)
-  if process_index == 0:
+  if shard["process_index"] == 0:
     builder = builders.make_builder(config)
     builders.prepare(builder, manual_dir)
     prepare_variants(builder, int(config.image_size))
@@ -220,5 +218,4 @@ def create_dataset(config: Any, *, process_index: int | None = None,
     raise FileNotFoundError(
         f"{builder.data_path} is not prepared. Process 0 builds datasets; give every process the "
         "same (shared) config.data_dir, or build it once beforehand.")
-  return Dataset(config, prepared_splits(config, builder), process_index=process_index,
-                 process_count=process_count, local_device_count=local_device_count)
+  return Dataset(config, prepared_splits(config, builder), **shard)
