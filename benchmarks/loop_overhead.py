@@ -1,51 +1,52 @@
 """The trainer's loop against a bare loop over the same compiled train step, on a tiny model.
 
-  taskset -c 0 nice python benchmarks/loop_overhead.py    # 500 steps, log every 50, 8 rounds, one core
-  taskset -c 0 python benchmarks/loop_overhead.py --steps=800 --rounds=12
-  taskset -c 0 python benchmarks/loop_overhead.py --control     # the bare loop against itself: the noise
+  taskset -c 0 python benchmarks/loop_overhead.py               # 4 runs of 1,000 steps, log every 50, one core
+  taskset -c 0 python benchmarks/loop_overhead.py --runs=8
+  taskset -c 0 python benchmarks/loop_overhead.py --control     # the bare loop against itself: the noise floor
 
 What the loop adds to the step: the metric buffer (device metrics fetched at
 log and epoch boundaries only), the log windows' summaries and history
 writes, the SIGTERM check (with several processes an allgather at
-log/checkpoint boundaries only). Both sides run the trainer's pmapped step
-(`train._Run`) on the same in-memory batches through the same device
-prefetch; the bare loop only dispatches steps and waits for the last one at
-the end of each log window.
+log/checkpoint boundaries only). The bare loop only dispatches steps and
+waits for the last one at the end of each log window.
 
-Both sides are timed by the same code over the same windows: `train._Run.step_fn`
-(the hook tests/test_multihost.py records steps by) is wrapped to stamp the wall
-clock and this process's CPU time before dispatching each step that starts a
-log window. A window is from one stamp to the next, so it holds its steps
-and everything the loop did at the window's end (fetch, summaries, writes,
-SIGTERM check). Windows from step 2 x log_every on: the first holds the compile,
-the second the first log's one-time work (compiling the SAAL weights' summary);
-the last window is left out (the trainer's end holds the checkpoint and report).
+Interleaved, window by window, in one thread. `train._Run.step_fn` (the hook
+tests/test_multihost.py records steps by) is wrapped: at each step that starts a
+log window, the trainer's window that just ended is stamped (wall clock and
+this process's CPU time), then one window of the bare loop runs, then the
+trainer's next window starts. The bare loop runs the trainer's own compiled
+step (`run.p_train_step`, one executable for both) on its own state and
+batches from the same dataset. So each trainer window is paired with a bare
+window run right after it, on the same machine state: this machine's slow
+drifts (the same program runs 10% faster or slower from one minute to the
+next here, in one process) fall on both alike, which timing whole runs one
+after the other could not separate from a few percent of overhead.
 
-Rounds alternate the order (trainer first, then bare first) so drift in the
-machine's load falls on both sides alike. Per round, the speed ratio
-trainer/bare over its windows; then their median and spread, and the ratio
-pooled over all windows. Two clocks:
-- CPU time (`time.process_time`, all this process's threads) counts the work
-  the loop does, per step or per window, and not the time other processes
-  take from the core. **The claim is the pooled CPU-time ratio**, the process
-  pinned to one core (`taskset -c 0`), where the host's work cannot hide
-  behind the step's compute either. It is not blind to load: a busy sibling
-  hyperthread or shared cache slows this process's own instructions too,
-  which the alternation spreads over both sides.
-- Wall time is shown beside it: it would show a wait that costs no CPU (a
-  host round trip per step), but on a shared machine it carries the others'
-  load, hence the spread printed.
-A tiny model makes the loop's share of a step as large as it gets.
+Windows from the third log window on: the first holds the compile, the second
+the first log's one-time work (compiling the SAAL weights' summary); the
+trainer's last window is never stamped (its end holds the checkpoint and the
+report). A window ends after the trainer's log-boundary work (fetch,
+summaries, writes, SIGTERM check) and after the bare loop's wait for its last
+step, so both end with the device idle.
+
+The claim is the pooled CPU-time speed ratio, bare seconds / trainer seconds
+over all pairs, with a 95% bootstrap interval over the pairs, the process
+pinned to one core (`taskset -c 0`) so the host's work cannot hide behind the
+step's compute. Wall time is shown beside it: it would show a wait that costs
+no CPU (a host round trip per step). `--control` pairs the bare loop with a
+second bare loop the same way: its interval is the smallest difference this
+design resolves on this machine. A tiny model makes the loop's share of a step
+as large as it gets.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import tempfile
 import time
+from typing import Callable, Iterator
 
 import flax.jax_utils
 import jax
@@ -59,13 +60,13 @@ from dsn_saal_jax.array_dataset import ArrayDataset
 dsn_saal_jax.setup_host(tensorflow=False)  # the trainer's XLA:CPU flag and kernels, before JAX starts
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("steps", 500, "Training steps per run (one epoch).")
+flags.DEFINE_integer("steps", 1000, "Training steps per trainer run (one epoch).")
 flags.DEFINE_integer("log_every", 50, "config.log_every_steps (the trainer's window).")
-flags.DEFINE_integer("rounds", 8, "Rounds of one trainer run and one bare run, the order alternating.")
+flags.DEFINE_integer("runs", 4, "Trainer runs, each paired window by window with a bare loop.")
 flags.DEFINE_integer("image_size", 32, "Image side.")
 flags.DEFINE_integer("batch_size", 16, "Global batch.")
-flags.DEFINE_bool("control", False, "Time the bare loop against itself (an A/A run): the spread identical sides show "
-                  "on this machine, the smallest trainer/bare difference it can resolve.")
+flags.DEFINE_integer("seed", 0, "Seed of the bootstrap interval.")
+flags.DEFINE_bool("control", False, "Pair the bare loop with a second bare loop (an A/A run): the noise floor.")
 
 
 def tiny_config():
@@ -89,49 +90,83 @@ def dataset(config) -> ArrayDataset:
                       config.batch_size, config.eval_batch_size)
 
 
-class Stamps:
-  """(wall, CPU) seconds before dispatching each step that starts a timed window, through `_Run.step_fn`."""
+def clocks() -> np.ndarray:
+  """(wall, CPU) seconds: CPU time of all this process's threads, XLA's included."""
+  return np.array([time.perf_counter(), time.process_time()])
+
+
+def bare_windows(run, step_fn: Callable) -> Iterator[np.ndarray]:
+  """The bare loop over `run`'s compiled step, one log window per `next()`: (wall, CPU) seconds of the window."""
+  every = run.config.log_every_steps
+  rstate = runtime.replicate(run.state)
+  batches = flax.jax_utils.prefetch_to_device(run.dataset.train_iter(0), 2)
+  step = 0
+  while True:
+    t0 = clocks()
+    for _ in range(every):
+      rstate, metrics = step_fn(run, step)(rstate, next(batches), run.dropout_rng)
+      step += 1
+    jax.block_until_ready(metrics)
+    yield clocks() - t0
+
+
+class Interleaved:
+  """Hooks `train._Run.step_fn` so a bare window runs at each of the trainer's log boundaries (module doc)."""
 
   def __init__(self, config):
-    self.every, self.first, self.times = config.log_every_steps, 2 * config.log_every_steps, []
+    self.every, self.first = config.log_every_steps, 3 * config.log_every_steps
+    self.pairs: list[tuple[np.ndarray, np.ndarray]] = []  # (trainer window, bare window), each (wall, CPU)
 
   def __enter__(self):
     self._step_fn = step_fn = train._Run.step_fn  # pylint: disable=protected-access
+    resumed, bare = None, None
 
-    def stamped(run, step):
-      if step >= self.first and step % self.every == 0:
-        self.times.append((time.perf_counter(), time.process_time()))
+    def hooked(run, step):
+      nonlocal resumed, bare
+      if step % self.every == 0 and step >= self.every:
+        ended = clocks() - resumed if step >= self.first else None  # the trainer's window that ends here
+        bare = bare or bare_windows(run, step_fn)
+        window = next(bare)  # the bare loop's first window (its start-up) is a warm-up, like the trainer's
+        if ended is not None:
+          self.pairs.append((ended, window))
+        resumed = clocks()
       return step_fn(run, step)
 
-    train._Run.step_fn = stamped  # pylint: disable=protected-access
+    train._Run.step_fn = hooked  # pylint: disable=protected-access
     return self
 
   def __exit__(self, *exc):
     train._Run.step_fn = self._step_fn  # pylint: disable=protected-access
 
-  def windows(self) -> np.ndarray:
-    """(windows, 2): wall and CPU seconds of each window."""
-    return np.diff(np.asarray(self.times), axis=0)
 
-
-def trainer(config) -> np.ndarray:
-  with tempfile.TemporaryDirectory() as workdir, Stamps(config) as stamps:
+def trainer_pairs(config) -> list[tuple[np.ndarray, np.ndarray]]:
+  with tempfile.TemporaryDirectory() as workdir, Interleaved(config) as hook:
     train.train_and_evaluate(config, workdir, dataset=dataset(config))
-  return stamps.windows()
+  return hook.pairs
 
 
-def bare(config) -> np.ndarray:
-  """The trainer's compiled step, dispatched back to back, waiting at the end of each window."""
-  with tempfile.TemporaryDirectory() as workdir, Stamps(config) as stamps:
+def control_pairs(config) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Two bare loops over one compiled step, window by window, paired as the trainer run pairs them."""
+  with tempfile.TemporaryDirectory() as workdir:
     run = train._Run(config, workdir, dataset(config))  # pylint: disable=protected-access
-    rstate = runtime.replicate(run.state)
-    batches = flax.jax_utils.prefetch_to_device(run.dataset.train_iter(0), 2)
-    for step in range(config.num_train_steps):
-      rstate, metrics = run.step_fn(step)(rstate, next(batches), run.dropout_rng)
-      if runtime.itstime(step + 1, config.log_every_steps, config.num_train_steps):
-        jax.block_until_ready(metrics)
+    step_fn = train._Run.step_fn  # pylint: disable=protected-access
+    a, b = bare_windows(run, step_fn), bare_windows(run, step_fn)
+    windows = config.num_train_steps // config.log_every_steps
+    pairs = [(next(a), next(b)) for _ in range(windows - 1)][2:]  # the same windows the trainer run times
     run.checkpoints.close()
-  return stamps.windows()
+  return pairs
+
+
+def pooled_ratio(pairs: np.ndarray) -> np.ndarray:
+  """Speed ratio trainer/bare (bare seconds / trainer seconds) over `pairs` (pairs, 2, clocks), per clock."""
+  return pairs[:, 1].sum(0) / pairs[:, 0].sum(0)
+
+
+def bootstrap_interval(pairs: np.ndarray, seed: int, samples: int = 4000) -> np.ndarray:
+  """95% percentile interval of the pooled ratio, pairs resampled with replacement: (2 bounds, clocks)."""
+  idx = np.random.default_rng(seed).integers(0, len(pairs), (samples, len(pairs)))
+  ratios = pairs[idx, 1].sum(1) / pairs[idx, 0].sum(1)  # (samples, clocks)
+  return np.percentile(ratios, [2.5, 97.5], axis=0)
 
 
 def cpu_model() -> str:
@@ -146,46 +181,45 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   config = tiny_config()
-  if config.num_train_steps < 4 * config.log_every_steps:
-    raise app.UsageError(f"Error: --steps={FLAGS.steps} leaves no timed window; give at least 4 x --log_every.")
+  if config.num_train_steps < 5 * config.log_every_steps:
+    raise app.UsageError(f"Error: --steps={FLAGS.steps} leaves no timed window; give at least 5 x --log_every.")
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   print(f"{cores} core(s) allowed (run under `taskset -c 0` for the claim); load average {os.getloadavg()[0]:.1f}",
         flush=True)
-  rounds = []  # per round: (trainer windows, bare windows), each (windows, [wall, cpu])
-  for r in range(FLAGS.rounds):
-    sides = [("trainer", bare if FLAGS.control else trainer), ("bare", bare)]
-    sides = sides if r % 2 == 0 else sides[::-1]
-    got = {name: side(config) for name, side in sides}
-    rounds.append((got["trainer"], got["bare"]))
-    # Speed ratio trainer/bare = bare seconds / trainer seconds over the same windows.
-    wall, cpu = (got["bare"].sum(0) / got["trainer"].sum(0)).tolist()
-    ms = {k: v.mean(0) / FLAGS.log_every * 1e3 for k, v in got.items()}
-    print(f"round {r + 1} ({sides[0][0]} first): trainer/bare wall {wall:.3f}, CPU {cpu:.3f} (ms per step, "
-          f"wall/CPU: trainer {ms['trainer'][0]:.2f}/{ms['trainer'][1]:.2f}, bare {ms['bare'][0]:.2f}/"
-          f"{ms['bare'][1]:.2f})", flush=True)
-  ratios = np.asarray([b.sum(0) / t.sum(0) for t, b in rounds])  # (rounds, [wall, cpu])
-  pooled = sum(b.sum(0) for _, b in rounds) / sum(t.sum(0) for t, _ in rounds)
-  steps = sum(t.shape[0] for t, _ in rounds) * FLAGS.log_every
+  side = "bare (control)" if FLAGS.control else "trainer"
+  all_pairs = []
+  for r in range(FLAGS.runs):
+    pairs = np.asarray(control_pairs(config) if FLAGS.control else trainer_pairs(config))  # (pairs, 2, clocks)
+    all_pairs.append(pairs)
+    wall, cpu = pooled_ratio(pairs)
+    ms = pairs.mean(0) / FLAGS.log_every * 1e3
+    print(f"run {r + 1}: {len(pairs)} window pairs, {side}/bare wall {wall:.3f}, CPU {cpu:.3f} (ms per step, "
+          f"wall/CPU: {side} {ms[0, 0]:.2f}/{ms[0, 1]:.2f}, bare {ms[1, 0]:.2f}/{ms[1, 1]:.2f})", flush=True)
+  pairs = np.concatenate(all_pairs)
+  pooled, interval = pooled_ratio(pairs), bootstrap_interval(pairs, FLAGS.seed)
+  per_pair = pairs[:, 1] / pairs[:, 0]  # (pairs, clocks)
+  steps = len(pairs) * FLAGS.log_every
   result = {"device": jax.devices()[0].device_kind, "cpu": cpu_model(), "cores": cores,
             "load_average_end": os.getloadavg()[0], "steps": FLAGS.steps, "log_every_steps": FLAGS.log_every,
-            "image_size": FLAGS.image_size, "batch_size": FLAGS.batch_size, "rounds": FLAGS.rounds,
-            "timed_steps_per_side": steps, "control": FLAGS.control}
+            "image_size": FLAGS.image_size, "batch_size": FLAGS.batch_size, "runs": FLAGS.runs,
+            "window_pairs": len(pairs), "timed_steps_per_side": steps, "control": FLAGS.control}
   for i, clock in enumerate(("wall_time", "cpu_time")):
-    result[clock] = {"pooled": float(pooled[i]), "median_round": float(statistics.median(ratios[:, i])),
-                     "min_round": float(ratios[:, i].min()), "max_round": float(ratios[:, i].max()),
-                     "rounds": [round(float(v), 4) for v in ratios[:, i]],
-                     "trainer_ms_per_step": float(sum(t[:, i].sum() for t, _ in rounds) / steps * 1e3),
-                     "bare_ms_per_step": float(sum(b[:, i].sum() for _, b in rounds) / steps * 1e3)}
+    result[clock] = {"pooled": float(pooled[i]), "interval_95": [float(interval[0, i]), float(interval[1, i])],
+                     "median_pair": float(np.median(per_pair[:, i])),
+                     "runs": [round(float(pooled_ratio(p)[i]), 4) for p in all_pairs],
+                     "side_ms_per_step": float(pairs[:, 0, i].sum() / steps * 1e3),
+                     "bare_ms_per_step": float(pairs[:, 1, i].sum() / steps * 1e3)}
   print(json.dumps(result))
   for clock, name in (("cpu_time", "CPU time"), ("wall_time", "wall time")):
     r = result[clock]
-    print(f"trainer/bare speed, {name}: {r['pooled']:.3f} pooled over {steps} steps a side "
-          f"({r['trainer_ms_per_step']:.2f} against {r['bare_ms_per_step']:.2f} ms per step), rounds "
-          f"{r['min_round']:.3f}-{r['max_round']:.3f}, median {r['median_round']:.3f}")
+    print(f"{side}/bare speed, {name}: {r['pooled']:.3f} pooled over {len(pairs)} window pairs ({steps} steps a "
+          f"side), 95% interval {r['interval_95'][0]:.3f}-{r['interval_95'][1]:.3f}; {r['side_ms_per_step']:.2f} "
+          f"against {r['bare_ms_per_step']:.2f} ms per step; runs {r['runs']}")
   if FLAGS.control:
-    print("--control: the 'trainer' side was a second bare loop; its ratios are this machine's noise")
-  print(f"claim (CPU time, pooled): {result['cpu_time']['pooled']:.3f}; {cores} core(s); {result['device']}, "
-        f"{result['cpu']}")
+    print("--control: the first side was a second bare loop; its ratio and interval are this machine's noise")
+  print(f"claim (CPU time, pooled): {result['cpu_time']['pooled']:.3f} "
+        f"[{result['cpu_time']['interval_95'][0]:.3f}, {result['cpu_time']['interval_95'][1]:.3f}]; "
+        f"{cores} core(s); {result['device']}, {result['cpu']}")
 
 
 if __name__ == "__main__":
