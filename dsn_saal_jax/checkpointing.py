@@ -9,7 +9,10 @@ instead of failing deep inside a tree restore. Orbax writes every checkpoint
 to a temporary directory and renames it when complete, so a process killed
 mid-save never leaves a half-written checkpoint that `latest_step` returns;
 a step damaged afterwards (disk or copy faults) is set aside on restore and
-the newest intact one used (`newest_intact`, which `predict` uses too).
+the newest intact one used (`newest_intact`, which `predict` uses too). An
+intact step whose stored tree does not fit the state to restore (another
+optimizer, loss or update rule) is refused from orbax's metadata before any
+array is read (`CheckpointMismatchError`), never taken for a damaged one.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from dsn_saal_jax import models
+from dsn_saal_jax import config_lib, models
 
 
 # Version of the `inference` meta item; dsn_saal_jax.predict refuses specs newer than it reads.
@@ -87,6 +90,51 @@ def fingerprint_differences(saved: Mapping[str, Any], expected: Mapping[str, Any
           for k, v in expected.items() if saved.get(k, _LEGACY_FINGERPRINT.get(k)) != v]
 
 
+class CheckpointMismatchError(config_lib.ConfigError):
+  """An intact checkpoint that this config's state cannot be restored from (another model or state tree).
+
+  A ConfigError: launchers print it as one `Error:` line (exit status 2); the workdir is left as it is.
+  """
+
+
+# What differences under a state's top-level key most likely mean, for CheckpointMismatchError.
+_TREE_CAUSES = {
+    "opt_state": "another optimizer or optimizer settings (optim.make_optimizer)",
+    "meta_opt_state": "another config.meta.update_rule (joint vs meta) or meta optimizer",
+    "params": "another model shape or loss parameters (config.loss, config.model, config.loss_kwargs)",
+    "batch_stats": "another model shape (config.model)",
+}
+
+
+def _flat_tree(tree: Any) -> dict[str, str]:
+  """{'a/0/b': 'float32(3, 3)' or 'empty'} of a state tree or orbax's stored metadata of one.
+
+  Paths are the keys as strings (a namedtuple's field and a dict key alike, as orbax stores them); an empty
+  node (optax's EmptyState, stored as None) is a leaf 'empty', so that a state with one more or one fewer
+  stateless transform differs too.
+  """
+  empty = lambda x: x is None or (isinstance(x, (tuple, list, dict)) and not x)
+  name = lambda k: str(next((getattr(k, a) for a in ("key", "idx", "name") if hasattr(k, a)), k))
+
+  def leaf(x: Any) -> str:  # an array, orbax's ArrayMetadata or ScalarMetadata, or a Python scalar
+    if empty(x):
+      return "empty"
+    x = x if hasattr(x, "dtype") and hasattr(x, "shape") else np.asarray(x)
+    return f"{np.dtype(x.dtype).name}{tuple(x.shape)}"
+
+  return {"/".join(name(k) for k in path): leaf(x) for path, x in jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=empty)[0]}
+
+
+def tree_differences(saved: Any, expected: Any) -> list[str]:
+  """'path: missing in checkpoint' | 'path: only in checkpoint' | 'path: checkpoint X vs config Y' for each leaf
+  where `saved` (orbax's metadata of a stored tree) and `expected` (the tree to restore into) differ."""
+  have, want = _flat_tree(saved), _flat_tree(expected)
+  return ([f"{k}: missing in checkpoint" for k in want if k not in have]
+          + [f"{k}: only in checkpoint" for k in have if k not in want]
+          + [f"{k}: checkpoint {have[k]} vs config {want[k]}" for k in want if k in have and have[k] != want[k]])
+
+
 class CheckpointDamagedError(RuntimeError):
   """No intact checkpoint where one was asked for: every committed step there is damaged (unreadable)."""
 
@@ -121,7 +169,7 @@ def newest_intact(steps: Sequence[_Step], read: Callable[[_Step], _Read]
 
   A step is damaged when `read` raises orbax's or tensorstore's errors inside `unreadable_as_damaged()`
   (a truncated array file, missing metadata: a disk or copy fault, since orbax never commits a
-  half-written step); any other error (another model's checkpoint, say) propagates.
+  half-written step); any other error (another model's checkpoint or state tree, say) propagates.
   """
   damaged = []
   for step in steps:
@@ -193,7 +241,9 @@ class Checkpoints:
           max_to_keep=None if read_only else max_to_keep, save_interval_steps=0 if read_only else 1,
           create=not read_only, cleanup_tmp_directories=not read_only, read_only=read_only,
           multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
-      return ocp.CheckpointManager(os.path.join(self.workdir, name), options=options, item_names=("state", "meta"))
+      # Handlers named up front: a fresh manager's item_metadata (the tree check in `_read`) needs them.
+      return ocp.CheckpointManager(os.path.join(self.workdir, name), options=options, item_handlers={
+          "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
     self.latest = manager("checkpoints", keep)
     self.best = manager("best", 1)
@@ -207,29 +257,42 @@ class Checkpoints:
   def latest_step(self, which: str = "latest") -> int | None:
     return self._manager(which).latest_step()
 
-  def _read(self, which: str, step: int, target: Any | None) -> tuple[Any, dict[str, Any]]:
-    """(state or None, meta) of one step. The model check comes before the state is read, so that a
-    checkpoint of another model is refused as such, never taken for a damaged one."""
+  def _read(self, which: str, step: int, target: Any | None, arrays: bool = True) -> tuple[Any, dict[str, Any]]:
+    """(state or None, meta) of one step; `arrays=False` checks `target` against the stored tree only.
+
+    The model and tree checks come before any array is read, so that a checkpoint of another model or
+    state tree is refused as such (CheckpointMismatchError), never taken for a damaged one.
+    """
     mgr = self._manager(which)
     with unreadable_as_damaged():
       meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     self._check_fingerprint(meta, which)
     if target is None:
       return None, meta
+    saved_tree = _saved_tree(target)
     with unreadable_as_damaged():
-      restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_saved_tree(target))))
+      stored = mgr.item_metadata(step)["state"]
+    if stored is not None:  # None: no tree metadata to check against; the restore below says what it is
+      self._check_tree(stored, saved_tree, os.path.join(mgr.directory, str(step)), which)
+    if not arrays:
+      return None, meta
+    with unreadable_as_damaged():
+      restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(saved_tree)))
     return _from_saved_tree(target, restored["state"]), meta
 
-  def _newest_intact(self, which: str, target: Any | None) -> tuple[Any, dict[str, Any]] | None:
+  def _newest_intact(self, which: str, target: Any | None, arrays: bool = True
+                     ) -> tuple[Any, dict[str, Any]] | None:
     """(state, meta) of the newest `which` step that reads back whole; damaged newer steps are set aside.
 
     A damaged step (truncated array file, missing metadata: a disk or copy
     fault, since orbax never commits a half-written step) is moved to
     `<workdir>/damaged/<which>/<step>`, not deleted, and named in the log. With
     no intact step left the run stops with an error naming every damaged path.
+    An intact step of another model or state tree stops it too, and is left in place.
     """
     mgr = self._manager(which)
-    found, damaged = newest_intact(sorted(mgr.all_steps(), reverse=True), lambda s: self._read(which, s, target))
+    found, damaged = newest_intact(sorted(mgr.all_steps(), reverse=True),
+                                   lambda s: self._read(which, s, target, arrays))
     path = lambda step: os.path.join(mgr.directory, str(step))
     if found is None and damaged and which == "latest":
       listing = "; ".join(f"step {s} at {path(s)}: {r}" for s, r in damaged)
@@ -257,17 +320,37 @@ class Checkpoints:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"dsn_saal_jax: set aside {which} {step}")
 
-  def meta(self, which: str = "latest") -> dict[str, Any] | None:
-    """The meta item of the newest intact `which` checkpoint, or None if there is none."""
-    found = self._newest_intact(which, None)
+  def meta(self, which: str = "latest", target: Any | None = None) -> dict[str, Any] | None:
+    """The meta item of the newest intact `which` checkpoint, or None if there is none.
+
+    With `target`, the checkpoint must also hold its tree (checked from orbax's metadata; no array is
+    read), so that a run learns at its start, not at its test report, that it cannot restore it.
+    """
+    found = self._newest_intact(which, target, arrays=False)
     return None if found is None else found[1]
 
   def _check_fingerprint(self, meta: Mapping[str, Any], which: str) -> None:
     diffs = fingerprint_differences(meta.get("fingerprint", {}), self.fingerprint)
     if diffs:
-      raise ValueError(
+      raise CheckpointMismatchError(
           f"The workdir {self.workdir} holds a {which} checkpoint of a different model ({'; '.join(diffs)}). "
           "Use a new --workdir for this config, or set the config to match the checkpoint.")
+
+  def _check_tree(self, stored: Any, expected: Any, path: str, which: str) -> None:
+    """Refuses an intact step whose stored tree (orbax's metadata) is not `expected`'s, naming a few entries."""
+    diffs = tree_differences(stored, expected)
+    if not diffs:
+      return
+    kinds = ("missing in checkpoint", "only in checkpoint", " vs config ")
+    examples = [d for kind in kinds for d in [d for d in diffs if kind in d][:2]]
+    causes = sorted({_TREE_CAUSES.get(d.split("/")[0].split(":")[0], "another version of this code")
+                     for d in diffs})
+    raise CheckpointMismatchError(
+        f"The workdir {self.workdir} holds a {which} checkpoint ({path}) of another state tree than this "
+        f"config's ({len(diffs)} entries "
+        f"differ, e.g. {'; '.join(examples)}); the same model, so likely {' or '.join(causes)}. It is intact "
+        "and left in place. Use a new --workdir for this config, or set the config back to the checkpoint's "
+        "(e.g. the optimizer, config.loss, config.meta.update_rule).")
 
   def restore(self, target: Any, which: str = "latest") -> tuple[Any, dict[str, Any]] | None:
     """(state, meta) of the newest intact `which` checkpoint shaped like `target`, or None if there is none."""

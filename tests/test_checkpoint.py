@@ -1,4 +1,4 @@
-"""What an uninterrupted run writes, evaluation from its checkpoints, and the different-model guard.
+"""What an uninterrupted run writes, evaluation from its checkpoints, and the different-model and state-tree guards.
 
 The reference run is a subprocess (tests/train_worker.py, conftest.py) on a tiny
 in-memory problem; evaluating it and refusing to resume it with another model
@@ -6,16 +6,19 @@ run here, in the test process, with the same config and data as the worker's.
 Faults (signals, damage, NaN) are in test_faults.py.
 """
 
+import glob
 import json
 import os
+import shutil
 
 import numpy as np
+import optax
 import pytest
 
 from conftest import STEPS, latest_steps
 from helpers import CLASSES, blobs, tiny_config, tiny_dataset
 
-from dsn_saal_jax import runtime
+from dsn_saal_jax import checkpointing, runtime
 from dsn_saal_jax import train as train_lib
 
 
@@ -66,3 +69,64 @@ def test_workdir_of_a_different_model_is_refused(reference):
   assert "model: checkpoint 'dsn' vs config 'baseline'" in str(refused.value)
   assert "new --workdir" in str(refused.value)
   assert latest_steps(workdir) == before
+
+
+def tree_bytes(directory):
+  """{relative path: bytes} of every file under `directory`: what 'left in place, byte for byte' compares."""
+  paths = glob.glob(os.path.join(directory, "**"), recursive=True)
+  return {os.path.relpath(p, directory): open(p, "rb").read() for p in paths if os.path.isfile(p)}
+
+
+def test_an_intact_checkpoint_of_another_optimizer_is_refused_by_the_trainer_and_left_in_place(
+    reference, tmp_path, monkeypatch):
+  """The same model trained with another optimizer (here Adam: what a code change would do): the resume, and with
+  no latest the best/ check at the start, refuse it naming the differences, and never call it damaged nor move it."""
+  workdir = tmp_path / "work"
+  shutil.copytree(reference[1], workdir)
+  before = tree_bytes(workdir)
+  monkeypatch.setattr(train_lib, "make_optimizer", lambda config, steps_per_epoch: optax.adam(1e-3))
+  c = tiny_config()
+  with pytest.raises(checkpointing.CheckpointMismatchError) as refused:
+    train_lib.train_and_evaluate(c, str(workdir), dataset=tiny_dataset(c))
+  message = str(refused.value)
+  assert f"holds a latest checkpoint ({workdir / 'checkpoints' / '12'}) of another state tree" in message
+  assert "opt_state/0/mu/" in message and "missing in checkpoint" in message and "only in checkpoint" in message
+  assert "another optimizer" in message and "new --workdir" in message and "damaged" not in message
+  # No latest: the best/ checkpoint is checked before training, not at the test report, and stays where it is.
+  shutil.rmtree(workdir / "checkpoints")
+  best = glob.glob(str(workdir / "best" / "[0-9]*"))
+  with pytest.raises(checkpointing.CheckpointMismatchError, match=rf"holds a best checkpoint \({best[0]}\) of another"):
+    train_lib.train_and_evaluate(c, str(workdir), dataset=tiny_dataset(c))
+  assert tree_bytes(workdir) == {k: v for k, v in before.items() if not k.startswith("checkpoints")}
+  assert not (workdir / "damaged").exists()
+
+
+def test_a_checkpoint_of_another_tree_is_refused_from_its_metadata_and_real_damage_is_still_set_aside(tmp_path):
+  """Checkpoints alone on a toy state: a tree or shape that differs is refused before any array is read, the
+  step left whole in best/ and checkpoints/; a truncated array file is damage, moved to damaged/best/."""
+  params = {"w": np.ones((3, 3), np.float32)}
+  sgd_state = {"step": np.array(4, np.int32), "params": params, "opt_state": optax.sgd(0.1, momentum=0.9).init(params)}
+  ckpt = checkpointing.Checkpoints(str(tmp_path), {"model": "toy"})
+  ckpt.save(4, sgd_state, which="best", best_value=0.5)
+  ckpt.save(4, sgd_state)
+  ckpt.wait()
+  before = tree_bytes(tmp_path)
+  adam_state = {**sgd_state, "opt_state": optax.adam(0.1).init(params)}
+  for which, folder in (("best", "best"), ("latest", "checkpoints")):
+    with pytest.raises(checkpointing.CheckpointMismatchError, match=rf"holds a {which} checkpoint \({tmp_path / folder / '4'}\)"
+                       r" of another state tree than this config's \(4 entries differ, e.g. opt_state/0/count: "
+                       r"missing in checkpoint; opt_state/0/mu/w: missing in checkpoint; opt_state/0/trace/w: only"):
+      ckpt.restore(adam_state, which)
+  with pytest.raises(checkpointing.CheckpointMismatchError, match=r"params/w: checkpoint float32\(3, 3\) vs config "
+                     r"float32\(5, 5\)"):
+    ckpt.meta("best", {**sgd_state, "params": {"w": np.ones((5, 5), np.float32)}})
+  assert tree_bytes(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["best", "checkpoints"]
+  np.testing.assert_array_equal(ckpt.restore(sgd_state, "best")[0]["opt_state"][0].trace["w"], 0)
+  # Real damage: a truncated array file (here it holds the arrays' zarr metadata too).
+  array_file = max(glob.glob(str(tmp_path / "best" / "4" / "state" / "**" / "d" / "*"), recursive=True),
+                   key=os.path.getsize)
+  with open(array_file, "r+b") as f:
+    f.truncate(os.path.getsize(array_file) // 2)
+  assert ckpt.restore(sgd_state, "best") is None
+  assert [n.split("-")[0] for n in os.listdir(tmp_path / "damaged" / "best")] == ["4"]
+  assert not os.listdir(tmp_path / "best")
