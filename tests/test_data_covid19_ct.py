@@ -1,5 +1,6 @@
 """The real UCSD COVID-CT (../shared/data/covid19_ct, or $DSN_SAAL_COVID19_CT): official split."""
 
+import json
 from collections import Counter
 
 import ml_collections
@@ -8,6 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from dsn_saal_jax.data import builders, input_pipeline
+from dsn_saal_jax.data.builders import duplicates
 
 tfds.disable_progress_bar()
 
@@ -56,3 +58,16 @@ def test_pipeline_k_n_and_imbalance_on_real_data(builder, covid19_ct_tfds):
   config.covid_fraction = 0.1
   ds = input_pipeline.create_dataset(config, process_index=0, process_count=1, local_device_count=1)
   np.testing.assert_array_equal(ds.info.class_counts, [234, round(0.1 * 191)])
+
+
+def test_duplicates_report_finds_the_rescaled_copy_across_train_and_test(builder):
+  """The duplicates.json the build wrote (docs/design.md, "Duplicates across splits"): no identical slices; one
+  near group across splits, a non-COVID training slice that is a COVID test slice at another size (a person
+  looked); the other near groups are neighbouring slices of one scan, within a split and a class."""
+  report = json.loads(duplicates.report_path(builder).read_text())
+  assert report["format"] == duplicates.FORMAT and report["exact"]["groups"] == []
+  near = report["near"]["groups"]
+  assert [[(m["split"], m["id"], m["label"]) for m in g["members"]] for g in near if g["cross_split"]] == [
+      [("train", "CT_NonCOVID/71%0.jpg", "non_covid"), ("test", "CT_COVID/kjr-21-e24-p5-29.png", "covid")]]
+  assert report["near"]["label_conflicts"] == 1 and len(near) == 3
+  assert all(len({(m["split"], m["label"]) for m in g["members"]}) == 1 for g in near if not g["cross_split"])

@@ -5,7 +5,7 @@ slices; some reappear in other collections), so a split can put one slice in tra
 test and inflate every metric. `ensure` writes `duplicates.json` beside the built data:
 every group of identical slices (split, index, id and label of each member), the groups
 that cross split boundaries or disagree on the label, and the same for near-duplicates
-(equal difference hash and a close thumbnail: see `NEAR`).
+(close contrast-normalised thumbnails: see `NEAR`).
 
 Hashes are taken from the built splits in `prepare()`, not while generating, because
 - the stored slice is exactly what the model sees (grayscale, cropped, lung-masked):
@@ -35,21 +35,30 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 from PIL import Image
+from scipy import spatial
 
 FILENAME = "duplicates.json"
-FORMAT = 2  # 2: near groups also need close thumbnails (format 1 grouped by the difference hash alone)
+# 3: near = contrast-normalised thumbnails within NEAR_MAX_DIFFERENCE, over all pairs (2: an equal difference hash
+# and 16x16 thumbnails within 1.5 grey levels; 1: the difference hash alone).
+FORMAT = 3
 EXACT = "blake2b-128 of the dtype, shape and pixels of the decoded stored slice"
-# A 9x8 difference hash of a lung-masked slice mostly encodes the lung outline, which every chest
-# slice shares (913 generated slices gave 204 hashes, one shared by 105 slices of all three classes).
-# So an equal hash only proposes a pair, and the box-filtered 16x16 thumbnails (less their mean, so
-# that an intensity shift does not count) must also differ by at most NEAR_MAX_DIFFERENCE grey levels
-# on average. Measured on synthetic_ct (scale 0.1, 64 px): a JPEG (quality 75) or 64->48->64 px copy
-# differs by 1.0 or less; different slices with equal hashes by 1.2 or more, of different labels by 2.0.
+# Validated on the real COVID19-CT (docs/design.md, "Duplicates across splits"; results/covid19_ct_duplicates).
+# Format 2's grey-level distance called the nearly empty slices a failed lung mask leaves copies of one another
+# (3 groups of different scans) and missed a rescaled copy (2.46 grey levels, beyond a neighbouring slice's 2.03);
+# its equal-difference-hash gate kept 48-90% of JPEG copies of real slices. So thumbnails are divided by their
+# mean absolute deviation, and every pair within the limit is found. The limit keeps what a copy keeps: on real
+# slices a JPEG (quality 75, 0.027), re-windowed (0.008) or 0.5x-1.7x rescaled copy (0.05 for 95%, 0.10 at most);
+# on 64-px generated ones a JPEG (0.076); different generated slices differ by 0.075 or more (two classes 0.10).
+# The real copy is at 0.043-0.048, neighbouring slices of one scan from 0.053 (flagged too: a thumbnail cannot tell
+# them apart), different scans from 0.24.
 THUMBNAIL = 16
-NEAR_MAX_DIFFERENCE = 1.5
-NEAR = (f"64-bit difference hash of the slice box-filtered to 9x8, and mean absolute difference at most "
-        f"{NEAR_MAX_DIFFERENCE} grey levels between {THUMBNAIL}x{THUMBNAIL} box-filtered thumbnails less their "
-        f"mean, from the group's first slice; different pixels")
+NEAR_MAX_DIFFERENCE = 0.08
+NEAR = (f"mean absolute difference at most {NEAR_MAX_DIFFERENCE} between {THUMBNAIL}x{THUMBNAIL} box-filtered "
+        "thumbnails less their mean and divided by their mean absolute deviation, from the group's first slice; "
+        "different pixels (the same slice rescaled, re-encoded or re-windowed, or a neighbouring slice of one "
+        "scan)")
+_COARSE = 4  # the k-d tree proposes pairs by the thumbnails' _COARSE x _COARSE block means
+_PAIRS_CHUNK = 1 << 14  # proposed pairs compared at once (2 x 16 MiB of thumbnails)
 _CHUNK = 256
 _SHOWN = 3  # example ids per warning
 
@@ -62,25 +71,19 @@ def slice_hash(image: np.ndarray) -> str:
   return h.hexdigest()
 
 
-def difference_hash(image: np.ndarray) -> str:
-  """dHash: whether each pixel of the 9x8 box-filtered slice is brighter than its left neighbour.
+def thumbnail(image: np.ndarray) -> np.ndarray:
+  """The slice box-filtered to THUMBNAIL x THUMBNAIL, less its mean, over its mean absolute deviation.
 
-  Usually unchanged by rescaling, lossy re-encoding and small intensity shifts, so it
-  groups copies that exact hashing misses; the mean over channels makes RGB and gray
-  copies equal.
+  So a re-windowed copy (grey levels shifted or scaled) keeps its thumbnail, and the nearly empty slices
+  a failed lung mask leaves (one blob each) are far apart rather than all within a grey level. A flat
+  slice gives zeros. The mean over channels makes RGB and gray copies equal.
   """
   channels = np.asarray(image).reshape(image.shape[0], image.shape[1], -1)
   gray = channels[:, :, 0] if channels.shape[2] == 1 else channels.mean(-1)
-  small = np.asarray(Image.fromarray(gray.astype(np.float32)).resize((9, 8), Image.Resampling.BOX))
-  return np.packbits(small[:, 1:] > small[:, :-1]).tobytes().hex()
-
-
-def thumbnail(image: np.ndarray) -> np.ndarray:
-  """The slice box-filtered to THUMBNAIL x THUMBNAIL, less its mean: what confirms a difference-hash match."""
-  channels = np.asarray(image).reshape(image.shape[0], image.shape[1], -1)
-  gray = channels[:, :, 0] if channels.shape[2] == 1 else channels.mean(-1)
   small = np.asarray(Image.fromarray(gray.astype(np.float32)).resize((THUMBNAIL,) * 2, Image.Resampling.BOX))
-  return small - small.mean()
+  small = small - small.mean()
+  spread = np.abs(small).mean()
+  return small / spread if spread > 1e-3 else np.zeros_like(small)
 
 
 def report_path(builder: tfds.core.DatasetBuilder) -> epath.Path:
@@ -93,62 +96,94 @@ def split_order(splits: Iterable[str]) -> list[str]:
   return sorted(splits, key=lambda s: (rank.get(s, 3), s))
 
 
-def _decode_and_hash(data: bytes) -> tuple[str, str, np.ndarray]:
+def _decode_and_hash(data: bytes) -> tuple[str, np.ndarray]:
   with Image.open(io.BytesIO(data)) as im:
     image = np.asarray(im)
   if image.ndim == 2:
     image = image[:, :, None]  # what the (H, W, 1) image feature decodes to
-  return slice_hash(image), difference_hash(image), thumbnail(image)
+  return slice_hash(image), thumbnail(image)
 
 
 def _members(builder: tfds.core.DatasetBuilder, split: str,
              pool: concurrent.futures.Executor) -> list[dict[str, Any]]:
-  """One record per stored example of `split`, in storage order, with both hashes."""
+  """One record per stored example of `split`, in storage order, with its hash and thumbnail."""
   source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
   label = builder.info.features["label"]
   out = []
   for start in range(0, len(source), _CHUNK):
     examples = source.__getitems__(range(start, min(start + _CHUNK, len(source))))
     hashes = pool.map(_decode_and_hash, [ex["image"] for ex in examples])
-    for index, (ex, (exact, near, thumb)) in enumerate(zip(examples, hashes), start=start):
+    for index, (ex, (exact, thumb)) in enumerate(zip(examples, hashes), start=start):
       out.append({"split": split, "index": index, "id": ex["id"].decode(),
-                  "label": label.int2str(int(ex["label"])), "exact": exact, "near": near, "thumbnail": thumb})
+                  "label": label.int2str(int(ex["label"])), "exact": exact, "thumbnail": thumb})
   return out
 
 
-def _close_thumbnails(members: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-  """`members` (one difference hash) in groups within NEAR_MAX_DIFFERENCE of each group's first slice.
+def near_pairs(thumbnails: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(i, j), i < j, and the distance of every pair of `thumbnails` (n, THUMBNAIL, THUMBNAIL) within the limit.
 
-  Against the first slice only, so a group never drifts along a chain of small steps; exact copies
-  share a thumbnail and so a group.
+  A k-d tree over the _COARSE x _COARSE block means proposes pairs: their summed absolute difference is
+  at most (_COARSE / THUMBNAIL)^2 times the thumbnails', so no pair within the limit is missed, and only
+  the few proposed per slice (mostly neighbouring slices) are compared in full, not all n^2 / 2.
   """
-  groups: list[list[dict[str, Any]]] = []
-  firsts: list[np.ndarray] = []
+  n, block = len(thumbnails), THUMBNAIL // _COARSE
+  flat = thumbnails.reshape(n, -1).astype(np.float32)
+  coarse = thumbnails.reshape(n, _COARSE, block, _COARSE, block).mean((2, 4)).reshape(n, -1)
+  radius = _COARSE**2 * NEAR_MAX_DIFFERENCE * (1 + 1e-5)
+  candidates = spatial.KDTree(coarse, leafsize=64).query_pairs(radius, p=1, output_type="ndarray").reshape(-1, 2)
+  distance = np.concatenate([np.abs(flat[chunk[:, 0]] - flat[chunk[:, 1]]).mean(1) for chunk in np.split(
+      candidates, range(_PAIRS_CHUNK, len(candidates), _PAIRS_CHUNK))])
+  close = distance <= NEAR_MAX_DIFFERENCE
+  return candidates[close], distance[close]
+
+
+def _near_groups(members: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+  """`members` (storage order) in groups within NEAR_MAX_DIFFERENCE of each group's first slice.
+
+  Against the first slice only, so a group never drifts along a chain of neighbouring slices; a slice
+  close to several firsts joins the closest. Exact copies are placed once, as one slice, so they always
+  share a group.
+  """
+  by_pixels: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
   for m in members:
-    if firsts:
-      difference = np.abs(np.stack(firsts) - m["thumbnail"]).mean((1, 2))
-      if difference.min() <= NEAR_MAX_DIFFERENCE:
-        groups[int(difference.argmin())].append(m)
-        continue
-    groups.append([m])
-    firsts.append(m["thumbnail"])
+    by_pixels[m["exact"]].append(m)
+  unique = list(by_pixels.values())
+  if not unique:
+    return []
+  pairs, distance = near_pairs(np.stack([same[0]["thumbnail"] for same in unique]))
+  earlier: list[list[int]] = [[] for _ in unique]  # each slice's close earlier slices, closest first
+  for i, j in pairs[np.lexsort((pairs[:, 0], distance, pairs[:, 1]))].tolist():
+    earlier[j].append(i)
+  groups: list[list[dict[str, Any]]] = []
+  group_of_first: dict[int, int] = {}
+  for k, same in enumerate(unique):
+    first = next((i for i in earlier[k] if i in group_of_first), None)
+    if first is None:
+      group_of_first[k] = len(groups)
+      groups.append(list(same))
+    else:
+      groups[group_of_first[first]].extend(same)
   return groups
 
 
 def _group_report(members: list[dict[str, Any]], key: str, order: Sequence[str]) -> dict[str, Any]:
-  """Groups of members sharing `key`, flagged, plus counts per pair of splits and per split."""
-  by_hash: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
-  for m in members:
-    by_hash[m[key]].append(m)
-  candidates = [(digest, group) for digest, same_hash in by_hash.items()
-                for group in (_close_thumbnails(same_hash) if key == "near" else [same_hash])]
+  """Groups of identical (`key` "exact") or near-identical ("near") members, flagged, plus counts per pair of
+  splits and per split."""
+  if key == "near":
+    candidates = _near_groups(members)
+  else:
+    by_hash: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    for m in members:
+      by_hash[m["exact"]].append(m)
+    candidates = list(by_hash.values())
   groups = []
-  for digest, group in candidates:
+  for group in candidates:
     if len(group) < 2 or (key == "near" and len({m["exact"] for m in group}) < 2):
       continue  # a near group is only news when its pixels differ
     splits = [s for s in order if any(m["split"] == s for m in group)]
     groups.append({
-        "hash": digest, "splits": splits, "cross_split": len(splits) > 1,
+        **({"hash": group[0]["exact"]} if key == "exact" else {}),
+        "splits": splits, "cross_split": len(splits) > 1,
         "label_conflict": len({m["label"] for m in group}) > 1,
         "members": [{k: m[k] for k in ("split", "index", "id", "label")}
                     for m in sorted(group, key=lambda m: (order.index(m["split"]), m["id"]))]})
@@ -178,7 +213,7 @@ def compute(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL decodes without the GIL
     members = [m for split in order for m in _members(builder, split, pool)]
   return {
-      "format": FORMAT, "dataset": builder.info.full_name, "exact_hash": EXACT, "near_hash": NEAR,
+      "format": FORMAT, "dataset": builder.info.full_name, "exact_hash": EXACT, "near_criterion": NEAR,
       "splits": {s: sum(m["split"] == s for m in members) for s in order},
       "exact": _group_report(members, "exact", order),
       "near": _group_report(members, "near", order),
