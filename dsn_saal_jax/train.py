@@ -146,8 +146,9 @@ class _Loop:
   def __init__(self, run: _Run):
     config, workdir, info, ckpt = run.config, run.workdir, run.dataset.info, run.checkpoints
     self.run, self.config, self.info, self.ckpt = run, config, info, ckpt
-    restored = ckpt.restore(jax.device_get(run.state))
-    best_meta = ckpt.meta("best", jax.device_get(run.state))  # refuses a best/ it could not restore, now
+    target = jax.device_get(run.state)
+    restored = ckpt.restore(target)
+    best_meta = ckpt.meta("best", target)  # refuses a best/ it could not restore, now
     self.best_value, self.best_step = None, None
     if best_meta:
       self.best_value, self.best_step = best_meta.get("best_value"), best_meta["step"]
